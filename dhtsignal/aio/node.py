@@ -1,0 +1,764 @@
+"""A DHT node on an asyncio datagram transport.
+
+Theory of operation
+-------------------
+:class:`DhtNode` is the only DHT class that owns a socket, timers and tasks. It
+is an ``asyncio.DatagramProtocol``: the same object runs on a real UDP socket
+(:meth:`DhtNode.listen_udp`) and inside :mod:`dhtsignal.testing.simnet`, where a
+virtual-clock event loop delivers datagrams in memory.
+
+Receive path: every datagram goes through :meth:`datagram_received`, which
+decodes (:mod:`dhtsignal.wire.codec`), rate-limits per source, and hands requests
+to the I/O-free :class:`~dhtsignal.dht.rpc.RequestHandler`, sending its reply in
+the same call (no task per request). Responses resolve the future of the
+matching outstanding request. Nothing raises out of the handler: every refusal
+is counted in :attr:`stats` by reason and logged at debug level.
+
+Client path: :meth:`request` sends an RPC and returns a future; a timer resends
+it ``rpc_retries`` times before failing it with :class:`RpcTimeout`. Lookups are
+:class:`~dhtsignal.dht.lookup.Lookup` state machines driven by
+:meth:`_run_lookup`. ``put``/``get``/``listen`` build on lookups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dhtsignal.dht import records
+from dhtsignal.dht.lookup import Finished, Lookup, Query
+from dhtsignal.dht.params import NodeConfig
+from dhtsignal.dht.records import Record
+from dhtsignal.dht.routing import KIND_DS, KIND_STOCK, Contact, RoutingTable
+from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
+from dhtsignal.dht.storage import Addr, LegacyStore, RecordStore, Subscriptions
+from dhtsignal.errors import (
+    DhtTimeout,
+    LimitExceeded,
+    NodeIdTaken,
+    PutFailed,
+    RecordRejected,
+    UsageError,
+)
+from dhtsignal.wire import codec
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.msgpack"
+_MAX_RATE_ENTRIES = 10_000
+_MAX_PAGES = 16
+
+
+class RpcTimeout(DhtTimeout):
+    """An RPC got no reply after all its tries."""
+
+    def __init__(self, name: str, addr: Addr, seconds: float) -> None:
+        super().__init__(f"{name} to {addr[0]}:{addr[1]}", seconds)
+        self.addr = addr
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """Outcome of an iterative lookup."""
+
+    closest: list[Contact]
+    hops: int
+    queried: int
+    records: list[Record] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """How a ``put`` went: storing nodes that accepted, and refusals by reason."""
+
+    stored: int
+    refused: dict[str, int]
+    hops: int
+
+
+def routing_id(public_key: bytes) -> bytes:
+    """A node's 20-byte routing ID, derived from its identity key (stable across restarts)."""
+    return hashlib.sha256(b"dhtsignal/routing/" + public_key).digest()[:20]
+
+
+def parse_addr(text: str) -> Addr:
+    """``"HOST:PORT"`` (``"[v6]:PORT"`` for IPv6) to ``(host, port)``; ValueError if invalid."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    p = int(port)
+    if not 0 <= p < 65536:
+        raise ValueError(f"port {p} out of range in {text!r}")
+    return (host, p)
+
+
+class _Pending:
+    __slots__ = ("future", "data", "addr", "name", "tries", "timer", "started")
+
+    def __init__(
+        self, future: asyncio.Future[Any], data: bytes, addr: Addr, name: str, started: float
+    ) -> None:
+        self.future = future
+        self.data = data
+        self.addr = addr
+        self.name = name
+        self.tries = 1
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = started
+
+
+class DhtNode(asyncio.DatagramProtocol):
+    """One DHT node.
+
+    :param node_id: 20-byte routing ID (see :func:`routing_id`).
+    :param config: protocol parameters.
+    :param wallclock: wall-clock UNIX time (record expiry); the simulator passes a virtual one.
+    """
+
+    def __init__(
+        self,
+        node_id: bytes,
+        config: NodeConfig | None = None,
+        *,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = cfg = config or NodeConfig()
+        self.id = node_id
+        self.wallclock = wallclock
+        self.table = RoutingTable(node_id, cfg.ksize, cfg.max_failures)
+        self.store = RecordStore(cfg.limits)
+        self.legacy = LegacyStore(cfg.limits)
+        self.subs = Subscriptions(cfg.limits)
+        self.handler = RequestHandler(
+            node_id,
+            cfg.network,
+            self.table,
+            self.store,
+            self.legacy,
+            self.subs,
+            wallclock,
+            accept_stock=cfg.accept_stock,
+        )
+        self.handler.on_notify = self._on_notify
+        self.stats: Counter[str] = self.handler.stats
+        self.transport: asyncio.DatagramTransport | None = None
+        self.address: Addr | None = None
+        self.observed: Counter[Addr] = Counter()
+        self._flags = FLAG_CLIENT if cfg.client_mode else 0
+        self._pending: dict[bytes, _Pending] = {}
+        self._rate: OrderedDict[Addr, list[float]] = OrderedDict()
+        self._listeners: dict[bytes, list[asyncio.Queue[Record]]] = {}
+        self._lookup_cache: OrderedDict[bytes, tuple[float, list[Contact]]] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._maint: asyncio.TimerHandle | None = None
+        self.log = logging.LoggerAdapter(log, {"node": node_id.hex()[:8]})
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop."""
+        return asyncio.get_running_loop()
+
+    async def listen_udp(self, host: str = "127.0.0.1", port: int = 0) -> Addr:
+        """Bind a UDP socket and start serving; returns the bound address."""
+        await self.loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        assert self.address is not None
+        return self.address
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("sockname")
+        if sock is not None:
+            self.address = (sock[0], sock[1])
+        self._schedule_maintenance()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and friends: the RPC timer deals with the consequence.
+        self.stats["socket-error"] += 1
+
+    def spawn(self, coro: Any, name: str = "") -> asyncio.Task[Any]:
+        """Start a task owned by this node; cancelled by :meth:`close`."""
+        task: asyncio.Task[Any] = self.loop.create_task(coro, name=name or None)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.stats["task-error"] += 1
+            self.log.debug("task %s failed: %r", task.get_name(), task.exception())
+
+    async def close(self) -> None:
+        """Cancel every task and timer, fail outstanding RPCs, close the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._maint is not None:
+            self._maint.cancel()
+        for p in list(self._pending.values()):
+            if p.timer is not None:
+                p.timer.cancel()
+            if not p.future.done():
+                p.future.cancel()
+        self._pending.clear()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- receive path -------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        src: Addr = (addr[0], addr[1])
+        try:
+            self._receive(data, src)
+        except Exception as exc:  # the guarantee: nothing escapes the handler
+            self.stats["drop:internal"] += 1
+            self.log.debug("internal error on datagram from %s: %r", src, exc)
+
+    def _receive(self, data: bytes, src: Addr) -> None:
+        if codec.is_stun(data):
+            self.stats["drop:stun"] += 1
+            return
+        try:
+            msg = codec.decode(data)
+        except codec.MalformedDatagram as exc:
+            self.stats["drop:" + exc.reason] += 1
+            self.log.debug("dropped datagram from %s: %s", src, exc.reason)
+            return
+        if isinstance(msg, codec.Response):
+            self._on_response(msg, src)
+            return
+        if not self._admit(src):
+            self.stats["drop:rate-limited"] += 1
+            return
+        out = self.handler.handle(msg, src, self.loop.time())
+        if out.has_reply and self.transport is not None:
+            self.transport.sendto(codec.encode_response(msg.msg_id, out.reply), src)
+        if out.ping is not None:
+            self._ping_head(out.ping)
+        for listener, key, raws in out.notify:
+            self._send_notify(listener, key, raws)
+
+    def _admit(self, src: Addr) -> bool:
+        rate = self.config.rate_per_source
+        if rate <= 0:
+            return True
+        now = self.loop.time()
+        bucket = self._rate.get(src)
+        if bucket is None:
+            bucket = [self.config.rate_burst, now]
+            self._rate[src] = bucket
+            if len(self._rate) > _MAX_RATE_ENTRIES:
+                self._rate.popitem(last=False)
+        else:
+            bucket[0] = min(self.config.rate_burst, bucket[0] + (now - bucket[1]) * rate)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True
+
+    def _on_response(self, msg: codec.Response, src: Addr) -> None:
+        p = self._pending.get(msg.msg_id)
+        if p is None:
+            self.stats["drop:unexpected-response"] += 1
+            return
+        if p.addr != src:
+            self.stats["drop:response-from-wrong-address"] += 1
+            return
+        del self._pending[msg.msg_id]
+        if p.timer is not None:
+            p.timer.cancel()
+        if not p.future.done():
+            p.future.set_result(msg.result)
+
+    # -- client path --------------------------------------------------------------------
+
+    def request(self, addr: Addr, name: str, args: list[Any]) -> asyncio.Future[Any]:
+        """Send an RPC; the future resolves with the reply or fails with :class:`RpcTimeout`.
+
+        :raises LimitExceeded: too many RPCs outstanding.
+        """
+        if len(self._pending) >= self.config.max_inflight:
+            raise LimitExceeded(f"{self.config.max_inflight} RPCs already outstanding")
+        loop = self.loop
+        msg_id = os.urandom(codec.MSG_ID_BYTES)
+        data = codec.encode_request(msg_id, name, args)
+        if len(data) > codec.MAX_DATAGRAM:
+            raise LimitExceeded(f"{name} request is {len(data)} bytes, over {codec.MAX_DATAGRAM}")
+        fut: asyncio.Future[Any] = loop.create_future()
+        p = _Pending(fut, data, addr, name, loop.time())
+        self._pending[msg_id] = p
+        self._send(data, addr)
+        p.timer = loop.call_later(self.config.rpc_timeout, self._retry, msg_id)
+        return fut
+
+    def _send(self, data: bytes, addr: Addr) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+
+    def _retry(self, msg_id: bytes) -> None:
+        p = self._pending.get(msg_id)
+        if p is None:
+            return
+        if p.future.done():
+            del self._pending[msg_id]
+            return
+        if p.tries <= self.config.rpc_retries:
+            p.tries += 1
+            self.stats["rpc-retry"] += 1
+            self._send(p.data, p.addr)
+            p.timer = self.loop.call_later(self.config.rpc_timeout * p.tries, self._retry, msg_id)
+            return
+        del self._pending[msg_id]
+        self.stats["rpc-timeout"] += 1
+        p.future.set_exception(RpcTimeout(p.name, p.addr, self.loop.time() - p.started))
+
+    def ds_args(self, *rest: Any) -> list[Any]:
+        """Arguments of one of our RPCs: network, our ID, flags, then ``rest``."""
+        return [self.config.network, self.id, self._flags, *rest]
+
+    def _learned(self, contact: Contact) -> None:
+        """A contact answered us: add it to the table (unless we are a pure client)."""
+        head = self.table.add_contact(contact, self.loop.time())
+        if head is not None:
+            self._ping_head(head)
+
+    def _ping_head(self, head: Contact) -> None:
+        """Ping the least-recently-seen contact of a full bucket; evict it if it fails."""
+        if self._closed or len(self._pending) > self.config.max_inflight // 2:
+            return
+        fut = self._ping_future(head)
+        fut.add_done_callback(lambda f: self._after_call(head, f))
+
+    def _ping_future(self, c: Contact) -> asyncio.Future[Any]:
+        if c.kind == KIND_DS:
+            return self.request(c.addr, "ds_ping", self.ds_args())
+        return self.request(c.addr, "ping", [self.id])
+
+    def _after_call(self, c: Contact, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is None:
+            self._learned(c)
+        else:
+            self.table.failed(c.id)
+
+    def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes]) -> None:
+        if self._closed or len(self._pending) > self.config.max_inflight // 2:
+            self.stats["notify-skipped"] += 1
+            return
+        fut = self.request(listener, "ds_notify", self.ds_args(key, raws))
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None or f.result() is False:
+                self.subs.remove(key, listener)
+
+        fut.add_done_callback(done)
+
+    async def ping(self, addr: Addr) -> bytes:
+        """Ping ``addr`` with our RPC and add it as a contact; returns its routing ID.
+
+        :raises RpcTimeout: no answer.
+        """
+        reply = await self.request(addr, "ds_ping", self.ds_args())
+        if type(reply) is not list or len(reply) != 2 or type(reply[0]) is not bytes:
+            raise RpcTimeout("ds_ping (bad reply)", addr, 0.0)
+        nid = reply[0]
+        if len(nid) != 20:
+            raise RpcTimeout("ds_ping (bad reply)", addr, 0.0)
+        seen = reply[1]
+        if type(seen) is list and len(seen) == 2:
+            self.observed[(str(seen[0]), int(seen[1]))] += 1
+        self._learned(Contact(nid, addr[0], addr[1], KIND_DS))
+        return bytes(nid)
+
+    async def bootstrap(self, addrs: Iterable[Addr]) -> int:
+        """Join through ``addrs``: ping each, then look up our own ID.
+
+        :returns: how many contacts the routing table holds afterwards.
+        """
+        results = await asyncio.gather(*(self.ping(a) for a in addrs), return_exceptions=True)
+        ok = sum(1 for r in results if isinstance(r, bytes))
+        if ok == 0 and len(self.table) == 0:
+            return 0
+        await self.find_nodes(self.id)
+        return len(self.table)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def _query(self, c: Contact, key: bytes, want_value: bool) -> asyncio.Future[Any]:
+        if c.kind == KIND_STOCK:
+            return self.request(c.addr, "find_node", [self.id, key])
+        if want_value:
+            return self.request(c.addr, "ds_find_value", self.ds_args(key, 0))
+        return self.request(c.addr, "ds_find_node", self.ds_args(key))
+
+    def _initial(self, key: bytes, k: int) -> tuple[list[Contact], bool]:
+        cached = self._lookup_cache.get(key)
+        if cached is not None and cached[0] > self.loop.time():
+            return cached[1], True
+        return self.table.closest(key, max(k, self.config.ksize)), False
+
+    async def find_nodes(self, key: bytes, k: int | None = None) -> LookupResult:
+        """Iterative FIND_NODE for ``key``; the k closest nodes that answered."""
+        return await self._run_lookup(key, k or self.config.ksize, want_value=False)
+
+    async def _run_lookup(self, key: bytes, k: int, *, want_value: bool) -> LookupResult:
+        cfg = self.config
+        initial, warm = self._initial(key, k)
+        lk = Lookup(
+            key,
+            initial,
+            k=k,
+            alpha=k if warm else cfg.alpha,
+            peer_timeout=cfg.peer_timeout,
+            own_id=self.id,
+        )
+        wake = asyncio.Event()
+        found: dict[bytes, None] = {}
+        pages: list[asyncio.Future[Any]] = []
+
+        def answered(c: Contact, f: asyncio.Future[Any]) -> None:
+            wake.set()
+            if f.cancelled():
+                return
+            if f.exception() is not None:
+                self.table.failed(c.id)
+                lk.on_failure(c)
+                return
+            closer = self._absorb(c, f.result(), key, found, pages)
+            if closer is None:
+                self.stats["drop:bad-reply"] += 1
+                lk.on_failure(c)
+            else:
+                self._learned(c)
+                lk.on_success(c, closer)
+
+        inflight: list[asyncio.Future[Any]] = []
+        try:
+            while True:
+                step = lk.next(self.loop.time())
+                if isinstance(step, Query):
+                    for c in step.contacts:
+                        f = self._query(c, key, want_value)
+                        f.add_done_callback(lambda f, c=c: answered(c, f))
+                        inflight.append(f)
+                    continue
+                if isinstance(step, Finished):
+                    break
+                wake.clear()
+                timeout = None if step.until is None else max(0.0, step.until - self.loop.time())
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            if pages:
+                await asyncio.gather(*pages, return_exceptions=True)
+        finally:
+            for f in inflight:
+                if not f.done():
+                    f.cancel()
+        if step.closest:
+            self._lookup_cache[key] = (self.loop.time() + cfg.lookup_cache_ttl, step.closest)
+            self._lookup_cache.move_to_end(key)
+            while len(self._lookup_cache) > 512:
+                self._lookup_cache.popitem(last=False)
+        recs = self._verify(list(found)) if want_value else []
+        return LookupResult(step.closest, step.hops, step.queried, recs)
+
+    def _absorb(
+        self,
+        c: Contact,
+        reply: Any,
+        key: bytes,
+        found: dict[bytes, None],
+        pages: list[asyncio.Future[Any]],
+    ) -> list[Contact] | None:
+        """Parse a find reply; collect records; returns the closer contacts or None."""
+        items: Any = reply
+        if c.kind == KIND_DS and type(reply) is list and len(reply) == 3:
+            items, page, nxt = reply
+            if type(page) is not list:
+                return None
+            for raw in page[:64]:
+                if type(raw) is bytes:
+                    found[raw] = None
+            if type(nxt) is int and 0 < nxt and len(pages) < _MAX_PAGES:
+                pages.append(self.spawn(self._more_pages(c, key, nxt, found)))
+        if type(items) is not list:
+            return None
+        out: list[Contact] = []
+        for item in items[: self.config.ksize * 2]:
+            contact = parse_contact(item)
+            if contact is not None:
+                out.append(contact)
+        return out
+
+    async def _more_pages(self, c: Contact, key: bytes, cursor: int, found: dict[bytes, None]) -> None:
+        for _ in range(_MAX_PAGES):
+            reply = await self.request(c.addr, "ds_find_value", self.ds_args(key, cursor))
+            if type(reply) is not list or len(reply) != 3 or type(reply[1]) is not list:
+                return
+            for raw in reply[1][:64]:
+                if type(raw) is bytes:
+                    found[raw] = None
+            nxt = reply[2]
+            if type(nxt) is not int or nxt <= cursor:
+                return
+            cursor = nxt
+
+    def _verify(self, raws: list[bytes]) -> list[Record]:
+        now = self.wallclock()
+        good: list[Record] = []
+        for raw in raws:
+            try:
+                rec = records.decode(raw)
+                records.validate(rec, now)
+            except RecordRejected as exc:
+                self.stats["refused-read:" + exc.reason] += 1
+                continue
+            good.append(rec)
+        return good
+
+    # -- put / get / listen -------------------------------------------------------------
+
+    def _stores_locally(self, key: bytes, closest: list[Contact]) -> bool:
+        if self.config.client_mode:
+            return False
+        if len(closest) < self.config.replicas:
+            return True
+        k = int.from_bytes(key, "big")
+        return (self.table.own_long ^ k) < (closest[-1].long_id ^ k)
+
+    async def put(self, recs: list[Record]) -> PutResult:
+        """Store records (all under one key) on the nodes closest to it.
+
+        :raises PutFailed: no node accepted any record (``NodeIdTaken`` when that was why).
+        :raises UsageError: records under different keys, or too many at once.
+        """
+        if not recs or len({r.key for r in recs}) != 1 or len(recs) > MAX_STORE_BATCH:
+            raise UsageError(f"put takes 1 to {MAX_STORE_BATCH} records under one key")
+        key = recs[0].key
+        res = await self._run_lookup(key, self.config.replicas, want_value=False)
+        raws = [r.raw for r in recs]
+        refused: Counter[str] = Counter()
+        stored = 0
+        if self._stores_locally(key, res.closest):
+            now = self.wallclock()
+            local_ok = True
+            for r in recs:
+                try:
+                    fresh = self.store.put(r, self.address or ("", 0), now)
+                except RecordRejected as exc:
+                    refused[exc.reason] += 1
+                    local_ok = False
+                    continue
+                if fresh:
+                    for listener in self.subs.listeners(key, now):
+                        self._send_notify(listener, key, [r.raw])
+            stored += local_ok
+        futs = [
+            self.request(c.addr, "ds_store", self.ds_args(raws))
+            for c in res.closest
+            if c.kind == KIND_DS
+        ]
+        for reply in await asyncio.gather(*futs, return_exceptions=True):
+            if isinstance(reply, BaseException):
+                refused["timeout"] += 1
+            elif type(reply) is list and reply and all(x == "ok" for x in reply):
+                stored += 1
+            elif type(reply) is list:
+                for x in reply:
+                    if x != "ok":
+                        refused[str(x)[:32]] += 1
+            else:
+                refused["bad-reply"] += 1
+        if stored == 0:
+            if refused.get("id-taken"):
+                raise NodeIdTaken("another key holds a live claim on this node id")
+            detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
+            raise PutFailed(f"no node stored the record ({detail})")
+        return PutResult(stored, dict(refused), res.hops)
+
+    async def get(self, key: bytes, *, include_tombstones: bool = False) -> list[Record]:
+        """All live records under ``key`` from the nodes closest to it, verified and merged."""
+        res = await self._run_lookup(key, self.config.replicas, want_value=True)
+        merged = list(res.records)
+        if not self.config.client_mode:
+            merged.extend(self.store.get(key, self.wallclock()))
+        out = records.newest(merged)
+        return out if include_tombstones else [r for r in out if not r.is_tombstone]
+
+    async def get_with_hops(self, key: bytes) -> LookupResult:
+        """Like :meth:`get` but returns the whole lookup result (hop count included)."""
+        return await self._run_lookup(key, self.config.replicas, want_value=True)
+
+    def _on_notify(self, key: bytes, recs: list[Record], addr: Addr) -> bool:
+        queues = self._listeners.get(key)
+        if not queues:
+            return False
+        for q in queues:
+            for r in recs:
+                if q.qsize() < 256:
+                    q.put_nowait(r)
+                else:
+                    self.stats["drop:listen-queue-full"] += 1
+        return True
+
+    async def _subscribe(self, key: bytes) -> int:
+        res = await self._run_lookup(key, self.config.replicas, want_value=False)
+        futs = [
+            self.request(c.addr, "ds_listen", self.ds_args(key, self.config.listen_ttl))
+            for c in res.closest
+            if c.kind == KIND_DS
+        ]
+        replies = await asyncio.gather(*futs, return_exceptions=True)
+        return sum(1 for r in replies if type(r) in (int, float))
+
+    async def listen(self, key: bytes, *, initial: bool = True) -> AsyncIterator[Record]:
+        """Records under ``key`` as storing nodes push them (newest per slot, no repeats).
+
+        Starts with the records already stored (``initial``). The subscription is
+        refreshed at half its lifetime; if no storing node accepts it, the
+        records are polled every ``poll_interval`` seconds instead.
+        """
+        queue: asyncio.Queue[Record] = asyncio.Queue()
+        self._listeners.setdefault(key, []).append(queue)
+        seen: dict[tuple[bytes, int, bytes], int] = {}
+        cfg = self.config
+
+        async def keep_subscribed() -> None:
+            while True:
+                accepted = await self._subscribe(key)
+                if accepted:
+                    await asyncio.sleep(cfg.listen_ttl / 2)
+                    continue
+                self.stats["listen-fallback-poll"] += 1
+                for r in await self.get(key, include_tombstones=True):
+                    queue.put_nowait(r)
+                await asyncio.sleep(cfg.poll_interval)
+
+        refresher = self.spawn(keep_subscribed(), name="listen-refresh")
+        try:
+            if initial:
+                for r in await self.get(key, include_tombstones=True):
+                    queue.put_nowait(r)
+            while True:
+                rec = await queue.get()
+                if rec.expires <= self.wallclock() or seen.get(rec.slot, -1) >= rec.seq:
+                    continue
+                seen[rec.slot] = rec.seq
+                yield rec
+        finally:
+            refresher.cancel()
+            qs = self._listeners.get(key, [])
+            if queue in qs:
+                qs.remove(queue)
+            if not qs:
+                self._listeners.pop(key, None)
+
+    # -- maintenance & persistence ------------------------------------------------------
+
+    def _schedule_maintenance(self) -> None:
+        if self._closed:
+            return
+        self._maint = self.loop.call_later(self.config.maintenance_interval, self._maintain)
+
+    def _maintain(self) -> None:
+        now = self.wallclock()
+        self.store.expire(now)
+        self.legacy.expire(now)
+        self.subs.expire(now)
+        mono = self.loop.time()
+        for lo, hi in self.table.stale_buckets(mono, self.config.refresh_interval)[:4]:
+            if len(self.table) and len(self._tasks) < 64:
+                target = (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(
+                    20, "big"
+                )
+                self.spawn(self.find_nodes(target), name="refresh")
+        self._schedule_maintenance()
+
+    def save_state(self, data_dir: Path) -> None:
+        """Write contacts, stored records and plain values to ``data_dir`` atomically."""
+        now = self.wallclock()
+        state = {
+            "v": 1,
+            "id": self.id,
+            "contacts": [c.wire() for c in self.table.contacts()],
+            "records": [[raw, [src[0], src[1]]] for raw, src in self.store.dump(now)],
+            "legacy": [[k, v] for k, v in self.legacy.items(now)],
+        }
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(codec.pack(state))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def load_state(self, data_dir: Path) -> int:
+        """Restore what :meth:`save_state` wrote; returns how many records were restored.
+
+        Records are verified again; expired ones are dropped. A missing file is fine.
+        """
+        import msgpack
+
+        path = data_dir / STATE_FILE
+        if not path.exists():
+            return 0
+        try:
+            state = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise UsageError(f"state file {path} is unreadable: {exc}") from exc
+        if not isinstance(state, dict) or state.get("v") != 1:
+            raise UsageError(f"state file {path} has an unknown format")
+        mono = self.loop.time() if self._has_loop() else 0.0
+        for item in state.get("contacts", []):
+            c = parse_contact(item)
+            if c is not None:
+                self.table.add_contact(c, mono)
+        now = self.wallclock()
+        restored = 0
+        for raw, src in state.get("records", []):
+            try:
+                rec = records.decode(raw)
+                records.validate(rec, now)
+                self.store.put(rec, (str(src[0]), int(src[1])), now)
+                restored += 1
+            except RecordRejected:
+                continue
+        for k, v in state.get("legacy", []):
+            try:
+                self.legacy.put(k, v, now)
+            except RecordRejected:
+                continue
+        return restored
+
+    @staticmethod
+    def _has_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True

@@ -1,0 +1,206 @@
+"""An iterative Kademlia lookup as a state machine (no I/O).
+
+Theory of operation
+-------------------
+Modelled on rust-libp2p's ``ClosestPeersIter``. The driver asks :meth:`Lookup.next`
+what to do; it answers with contacts to query now, or that it is waiting, or that
+it has finished. The driver reports each answer with :meth:`Lookup.on_success`
+(with the closer contacts the peer returned) or :meth:`Lookup.on_failure`.
+
+* At most ``alpha`` queries are in flight, not counting those that passed the
+  soft ``peer_timeout`` (they may still answer, but no longer hold a slot).
+* If ``alpha`` answers in a row bring no contact closer than the best known, the
+  lookup is *stalled* and widens to ``k`` queries in flight (paper section 2.3).
+* It finishes when the ``k`` closest contacts not known to have failed have all
+  answered; the result is those contacts, nearest first.
+* No contact is queried twice; the number of candidates kept is bounded.
+
+Each candidate remembers the hop at which it was learned (initial contacts are
+hop 1), so a finished lookup reports the hop count of its closest result.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from dhtsignal.dht.routing import Contact
+
+#: Candidates kept beyond k, so a flood of fake contacts cannot grow memory.
+MAX_CANDIDATES_FACTOR = 4
+
+
+class _St(enum.IntEnum):
+    NEW = 0
+    INFLIGHT = 1
+    OK = 2
+    FAILED = 3
+
+
+@dataclass(slots=True)
+class _Cand:
+    contact: Contact
+    distance: int
+    hop: int
+    state: _St = _St.NEW
+    sent_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Send a query to each of these contacts now."""
+
+    contacts: list[Contact]
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to send; call :meth:`Lookup.next` again on an answer or at ``until``."""
+
+    until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The lookup is over. ``closest`` answered, nearest first."""
+
+    closest: list[Contact]
+    hops: int
+    queried: int
+
+
+Step = Query | Wait | Finished
+
+
+class Lookup:
+    """One iterative lookup for ``target``.
+
+    :param target: the 20-byte key.
+    :param initial: contacts to start from (usually the routing table's closest).
+    :param k: how many closest contacts the result holds.
+    :param alpha: queries in flight.
+    :param peer_timeout: soft per-peer timeout, seconds.
+    :param own_id: our own ID, never a candidate.
+    """
+
+    def __init__(
+        self,
+        target: bytes,
+        initial: list[Contact],
+        *,
+        k: int = 20,
+        alpha: int = 3,
+        peer_timeout: float = 0.5,
+        own_id: bytes = b"",
+    ) -> None:
+        self.target = int.from_bytes(target, "big")
+        self.k = k
+        self.alpha = alpha
+        self.peer_timeout = peer_timeout
+        self.own_id = own_id
+        self._cands: dict[bytes, _Cand] = {}
+        self._order: list[_Cand] = []
+        self._best = 1 << 161
+        self._no_progress = 0
+        self.stalled = False
+        self.queried = 0
+        self._done = False
+        self._add(initial, 1)
+
+    def _add(self, contacts: list[Contact], hop: int) -> bool:
+        progressed = False
+        added = False
+        for c in contacts:
+            if c.id == self.own_id or c.id in self._cands:
+                continue
+            d = c.long_id ^ self.target
+            cand = _Cand(c, d, hop)
+            self._cands[c.id] = cand
+            self._order.append(cand)
+            added = True
+            if d < self._best:
+                self._best = d
+                progressed = True
+        if added:
+            self._order.sort(key=lambda x: x.distance)
+            limit = self.k * MAX_CANDIDATES_FACTOR
+            if len(self._order) > limit:
+                # Drop the farthest that were never queried; queried ones stay for dedup.
+                keep: list[_Cand] = []
+                for i, cand in enumerate(self._order):
+                    if i < limit or cand.state != _St.NEW:
+                        keep.append(cand)
+                    else:
+                        del self._cands[cand.contact.id]
+                self._order = keep
+        return progressed
+
+    def on_success(self, contact: Contact, closer: list[Contact]) -> None:
+        """``contact`` answered and named ``closer`` contacts."""
+        cand = self._cands.get(contact.id)
+        if cand is None or cand.state in (_St.OK, _St.FAILED):
+            return
+        cand.state = _St.OK
+        if self._add(closer, cand.hop + 1):
+            self._no_progress = 0
+            self.stalled = False
+        else:
+            self._no_progress += 1
+            if self._no_progress >= self.alpha:
+                self.stalled = True
+
+    def on_failure(self, contact: Contact) -> None:
+        """``contact`` did not answer (after the RPC layer's retries)."""
+        cand = self._cands.get(contact.id)
+        if cand is not None and cand.state in (_St.NEW, _St.INFLIGHT):
+            cand.state = _St.FAILED
+
+    def next(self, now: float) -> Step:
+        """What to do now.
+
+        :param now: the driver's monotonic clock, seconds.
+        """
+        if self._done:
+            return self._finish()
+        parallelism = self.k if self.stalled else self.alpha
+        active = 0
+        earliest: float | None = None
+        waiting = 0
+        to_send: list[Contact] = []
+        seen = 0
+        for cand in self._order:
+            if cand.state == _St.FAILED:
+                continue
+            if seen >= self.k:
+                break
+            seen += 1
+            if cand.state == _St.INFLIGHT:
+                waiting += 1
+                due = cand.sent_at + self.peer_timeout
+                if due > now:
+                    active += 1
+                    earliest = due if earliest is None else min(earliest, due)
+            elif cand.state == _St.NEW:
+                if active < parallelism:
+                    cand.state = _St.INFLIGHT
+                    cand.sent_at = now
+                    active += 1
+                    waiting += 1
+                    self.queried += 1
+                    to_send.append(cand.contact)
+                else:
+                    waiting += 1
+        if to_send:
+            return Query(to_send)
+        if waiting == 0:
+            self._done = True
+            return self._finish()
+        return Wait(earliest)
+
+    def _finish(self) -> Finished:
+        ok = [c for c in self._order if c.state == _St.OK][: self.k]
+        return Finished([c.contact for c in ok], ok[0].hop if ok else 0, self.queried)
+
+    def seen(self, contact_id: bytes) -> bool:
+        """Whether ``contact_id`` is (or was) a candidate of this lookup."""
+        return contact_id in self._cands

@@ -1,0 +1,53 @@
+"""Protocol parameters of a DHT node, with the source of each default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dhtsignal.dht.storage import StorageLimits
+
+DEFAULT_NETWORK = "dhtsignal/1"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How one DHT node behaves. Timeouts and retries live here, not in module globals."""
+
+    network: str = DEFAULT_NETWORK
+    """Network id carried by our RPCs; nodes of another network are ignored."""
+    ksize: int = 20
+    """Bucket size k and lookup result size (Kademlia paper section 2.2)."""
+    alpha: int = 3
+    """Lookup parallelism (paper section 2.3)."""
+    replicas: int = 8
+    """Storing nodes per key (OpenDHT's default)."""
+    rpc_timeout: float = 0.4
+    """Seconds before one try of an RPC is retried."""
+    rpc_retries: int = 2
+    """Tries of an RPC after the first (rpcudp makes one try and waits 5 s)."""
+    peer_timeout: float = 0.15
+    """Soft per-peer timeout of a lookup: a slow peer stops holding a parallelism slot."""
+    max_failures: int = 3
+    """Consecutive failed RPCs before a contact is evicted (one lost reply never evicts)."""
+    refresh_interval: float = 900.0
+    """Seconds after which a bucket with no contact seen is refreshed by a lookup."""
+    maintenance_interval: float = 10.0
+    """Seconds between maintenance rounds (expiry, bucket refresh)."""
+    listen_ttl: float = 60.0
+    """Subscription lifetime a listener asks for; it refreshes at half of it."""
+    poll_interval: float = 5.0
+    """Fallback polling period of ``listen`` when no storing node accepts a subscription."""
+    lookup_cache_ttl: float = 30.0
+    """Seconds a key's closest nodes are remembered to start the next lookup from."""
+    rate_per_source: float = 1000.0
+    """Requests per second accepted from one source address (0 disables)."""
+    rate_burst: float = 2000.0
+    """Token-bucket burst for the per-source rate."""
+    max_inflight: int = 4096
+    """Outstanding RPCs this node may have."""
+    client_mode: bool = False
+    """Behind NAT: never enter others' routing tables, never store for others."""
+    accept_stock: bool = True
+    """Answer the stock kademlia RPCs (ping, find_node, find_value, store)."""
+    limits: StorageLimits = field(default_factory=StorageLimits)
+    """Bounds on what others can make this node store."""

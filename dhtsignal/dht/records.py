@@ -1,0 +1,260 @@
+"""Signed records: the only kind of value dhtsignal nodes store for each other.
+
+Theory of operation
+-------------------
+A record is a msgpack array::
+
+    [version, rtype, key, signer, sub, seq, expires, payload, signature]
+
+``rtype`` is a :class:`RecordType`; its high bit (:data:`TOMBSTONE`) marks a
+tombstone, which empties its slot. ``key`` is the 20-byte DHT key. ``signer`` is
+the 32-byte Ed25519 public key that signed it. A key holds many records, one per
+*slot* ``(signer, rtype without the tombstone bit, sub)``; ``sub`` (at most 16
+bytes, usually empty) lets one signer hold a few values under one key (an inbox
+holds one envelope per session). A higher ``seq`` in the same slot replaces the
+lower one. ``expires`` is wall-clock UNIX time; nobody keeps or serves a record
+past it and publishers, not holders, refresh.
+
+The signature covers a domain prefix and every field but itself. A record must
+fit one datagram with room to spare: at most :data:`MAX_RECORD` bytes encoded.
+
+Node-ID records (claim and presence) are stored under :func:`node_key` of their
+label, so the same storing nodes see both and can enforce "first live claim
+wins" (see :mod:`dhtsignal.dht.storage`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dhtsignal.errors import RecordRejected
+from dhtsignal.signaling.identity import Identity, is_self_certifying, self_certifying_id, verify
+from dhtsignal.wire import codec
+
+VERSION = 1
+KEY_BYTES = 20
+MAX_RECORD = 1200
+MAX_SUB = 16
+MAX_SEQ = 2**63 - 1
+TOMBSTONE = 0x80
+_SIG_DOMAIN = b"dhtsignal/record/v1\x00"
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_ROOM_RE = _LABEL_RE
+
+
+class RecordType(enum.IntEnum):
+    """What a record says. The value is on the wire."""
+
+    CLAIM = 1  #: a long-lived claim of a node-ID label
+    PRESENCE = 2  #: "I am online, reach me here"
+    ROOM = 3  #: membership announcement in a room
+    INBOX = 4  #: a sealed signaling envelope for the key's owner
+    DATA = 5  #: an application value (``put``/``get`` of the library)
+
+
+#: Maximum time to live per record type, seconds (storing nodes refuse longer).
+MAX_TTL: dict[int, float] = {
+    RecordType.CLAIM: 6 * 3600.0,
+    RecordType.PRESENCE: 600.0,
+    RecordType.ROOM: 600.0,
+    RecordType.INBOX: 120.0,
+    RecordType.DATA: 24 * 3600.0,
+}
+#: Clock skew tolerated between a publisher and a storing node, seconds.
+CLOCK_SKEW = 30.0
+
+
+def _typed_key(prefix: bytes, name: str) -> bytes:
+    return hashlib.sha256(prefix + name.encode()).digest()[:KEY_BYTES]
+
+
+def node_key(node_id: str) -> bytes:
+    """DHT key of a node ID's claim and presence records."""
+    return _typed_key(b"dhtsignal/node/", node_id)
+
+
+def room_key(room: str) -> bytes:
+    """DHT key of a room's announcements."""
+    return _typed_key(b"dhtsignal/room/", room)
+
+
+def inbox_key(public_key: bytes) -> bytes:
+    """DHT key of the signaling inbox of the holder of ``public_key``."""
+    return hashlib.sha256(b"dhtsignal/inbox/" + public_key).digest()[:KEY_BYTES]
+
+
+def data_key(name: str) -> bytes:
+    """DHT key of an application value named ``name``."""
+    return _typed_key(b"dhtsignal/data/", name)
+
+
+def check_label(label: str, what: str = "node id") -> str:
+    """Return ``label`` if it is a valid node ID or room name, else raise ValueError."""
+    if not isinstance(label, str) or not _LABEL_RE.match(label):
+        raise ValueError(
+            f"{what} {label!r} is invalid: 1-64 characters of letters, digits, '.', '_', '-', '@',"
+            " starting with a letter or digit"
+        )
+    return label
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decoded, signature-checked record. Build with :func:`sign`, read with :func:`decode`."""
+
+    rtype: int
+    key: bytes
+    signer: bytes
+    sub: bytes
+    seq: int
+    expires: float
+    payload: bytes
+    signature: bytes
+    raw: bytes
+
+    @property
+    def kind(self) -> int:
+        """The record type without the tombstone bit."""
+        return self.rtype & ~TOMBSTONE
+
+    @property
+    def is_tombstone(self) -> bool:
+        """Whether this record empties its slot."""
+        return bool(self.rtype & TOMBSTONE)
+
+    @property
+    def slot(self) -> tuple[bytes, int, bytes]:
+        """The slot this record occupies under its key."""
+        return (self.signer, self.rtype & ~TOMBSTONE, self.sub)
+
+    def fields(self) -> dict[str, Any]:
+        """The payload decoded as a msgpack map (empty for tombstones or non-maps)."""
+        if not self.payload:
+            return {}
+        try:
+            obj = codec.unpack(self.payload)
+        except codec.MalformedDatagram:
+            return {}
+        return obj if isinstance(obj, dict) else {}
+
+
+def _signed_part(
+    rtype: int, key: bytes, signer: bytes, sub: bytes, seq: int, expires: float, payload: bytes
+) -> bytes:
+    return _SIG_DOMAIN + codec.pack([VERSION, rtype, key, signer, sub, seq, expires, payload])
+
+
+def sign(
+    identity: Identity,
+    rtype: int,
+    key: bytes,
+    payload: bytes,
+    *,
+    seq: int,
+    expires: float,
+    sub: bytes = b"",
+    tombstone: bool = False,
+) -> Record:
+    """Build and sign a record.
+
+    :param identity: the signer.
+    :param rtype: a :class:`RecordType`.
+    :param key: the 20-byte DHT key.
+    :param payload: the payload bytes (msgpack map by convention; empty for tombstones).
+    :param seq: sequence number; higher replaces lower in the same slot.
+    :param expires: wall-clock UNIX time after which the record is dead.
+    :param sub: slot discriminator, at most 16 bytes.
+    :param tombstone: build a tombstone for the slot instead of a value.
+    :raises RecordRejected: ``oversized`` if it would not fit a datagram.
+    """
+    if len(key) != KEY_BYTES or len(sub) > MAX_SUB or not 0 <= seq <= MAX_SEQ:
+        raise RecordRejected("bad-field", "key must be 20 bytes, sub at most 16, seq >= 0")
+    t = (int(rtype) | TOMBSTONE) if tombstone else int(rtype)
+    body = b"" if tombstone else payload
+    expires = float(expires)
+    sig = identity.sign(_signed_part(t, key, identity.public_key, sub, seq, expires, body))
+    raw = codec.pack([VERSION, t, key, identity.public_key, sub, seq, expires, body, sig])
+    if len(raw) > MAX_RECORD:
+        raise RecordRejected("oversized", f"record is {len(raw)} bytes, limit {MAX_RECORD}")
+    return Record(t, key, identity.public_key, sub, seq, expires, body, sig, raw)
+
+
+def decode(raw: Any) -> Record:
+    """Parse and verify one record from the wire.
+
+    Checks shape, sizes, type and signature; not freshness or key binding (see
+    :func:`validate`).
+
+    :raises RecordRejected: with a reason tag.
+    """
+    if type(raw) is not bytes:
+        raise RecordRejected("malformed", "record is not bytes")
+    if len(raw) > MAX_RECORD:
+        raise RecordRejected("oversized", f"{len(raw)} bytes")
+    try:
+        obj = codec.unpack(raw)
+    except codec.MalformedDatagram:
+        raise RecordRejected("malformed", "undecodable") from None
+    if type(obj) is not list or len(obj) != 9:
+        raise RecordRejected("malformed", "not a 9-field array")
+    version, t, key, signer, sub, seq, expires, payload, sig = obj
+    if version != VERSION:
+        raise RecordRejected("bad-version", repr(version))
+    if (
+        type(t) is not int
+        or type(key) is not bytes
+        or type(signer) is not bytes
+        or type(sub) is not bytes
+        or type(seq) is not int
+        or type(expires) is not float
+        or type(payload) is not bytes
+        or type(sig) is not bytes
+    ):
+        raise RecordRejected("malformed", "field types")
+    if len(key) != KEY_BYTES or len(signer) != 32 or len(sub) > MAX_SUB or len(sig) != 64:
+        raise RecordRejected("malformed", "field sizes")
+    if not 0 <= seq <= MAX_SEQ:
+        raise RecordRejected("malformed", "seq out of range")
+    if (t & ~TOMBSTONE) not in MAX_TTL:
+        raise RecordRejected("bad-type", str(t))
+    if t & TOMBSTONE and payload:
+        raise RecordRejected("malformed", "tombstone with payload")
+    if not verify(signer, _signed_part(t, key, signer, sub, seq, expires, payload), sig):
+        raise RecordRejected("bad-signature")
+    return Record(t, key, signer, sub, seq, expires, payload, sig, raw)
+
+
+def validate(record: Record, now: float) -> None:
+    """Check freshness, TTL bound and key binding of a verified record.
+
+    :param now: wall-clock UNIX time.
+    :raises RecordRejected: ``expired``, ``ttl-too-long`` or ``wrong-key``.
+    """
+    if record.expires <= now:
+        raise RecordRejected("expired")
+    if record.expires > now + MAX_TTL[record.kind] + CLOCK_SKEW:
+        raise RecordRejected("ttl-too-long")
+    if record.kind in (RecordType.CLAIM, RecordType.PRESENCE) and not record.is_tombstone:
+        label = record.fields().get("id")
+        if not isinstance(label, str) or node_key(label) != record.key:
+            raise RecordRejected("wrong-key", "node-id record not under node_key(id)")
+        if is_self_certifying(label) and self_certifying_id(record.signer) != label:
+            raise RecordRejected("wrong-key", "self-certifying id does not match signer")
+    elif record.kind == RecordType.ROOM and not record.is_tombstone:
+        room = record.fields().get("room")
+        if not isinstance(room, str) or room_key(room) != record.key:
+            raise RecordRejected("wrong-key", "room record not under room_key(room)")
+
+
+def newest(records: list[Record]) -> list[Record]:
+    """Merge records from several holders: the highest ``seq`` per slot wins."""
+    best: dict[tuple[bytes, int, bytes], Record] = {}
+    for r in records:
+        cur = best.get(r.slot)
+        if cur is None or r.seq > cur.seq:
+            best[r.slot] = r
+    return list(best.values())

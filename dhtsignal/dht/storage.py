@@ -1,0 +1,302 @@
+"""What a node stores for others: signed records, legacy values, listeners.
+
+Theory of operation
+-------------------
+:class:`RecordStore` keeps verified records per key, one per slot (see
+:mod:`dhtsignal.dht.records`). Everything a remote party can grow is bounded:
+records per key, keys, total bytes, and bytes and records per source address.
+Expired records are dropped lazily on access and by :meth:`RecordStore.expire`.
+
+Node-ID keys enforce "first live claim wins": while a live CLAIM or PRESENCE
+record of one signer is held under a node key, records of any other signer under
+that key are refused with ``id-taken``.
+
+:class:`LegacyStore` holds plain values written by stock ``kademlia`` nodes
+(``store`` RPC): one value per key, last writer wins (their semantics), bounded
+and expiring. Our own nodes never read it for their records.
+
+:class:`Subscriptions` remembers who listens on which key until when, bounded
+per key and per source.
+
+No I/O here; every method takes ``now``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dhtsignal.dht.records import Record, RecordType
+from dhtsignal.errors import RecordRejected
+
+Addr = tuple[str, int]
+_NODE_KINDS = (RecordType.CLAIM, RecordType.PRESENCE)
+
+
+@dataclass(frozen=True)
+class StorageLimits:
+    """Bounds on what remote parties can make a node keep."""
+
+    max_keys: int = 50_000
+    """Distinct keys held."""
+    max_values_per_key: int = 64
+    """Records (slots) per key."""
+    max_bytes: int = 64 * 1024 * 1024
+    """Total encoded record bytes held."""
+    max_bytes_per_source: int = 512 * 1024
+    """Encoded record bytes stored on behalf of one source address."""
+    max_records_per_source: int = 2_000
+    """Records stored on behalf of one source address."""
+    legacy_max_keys: int = 10_000
+    """Plain values kept for stock kademlia nodes."""
+    legacy_max_value: int = 1_024
+    """Largest plain value accepted, bytes."""
+    legacy_ttl: float = 3600.0
+    """How long a plain value is kept without being stored again, seconds."""
+    max_listeners_per_key: int = 64
+    """Subscriptions per key."""
+    max_listens_per_source: int = 256
+    """Subscriptions held for one source address."""
+    max_listen_ttl: float = 120.0
+    """Longest subscription granted, seconds."""
+
+
+@dataclass(slots=True)
+class _Held:
+    record: Record
+    source: Addr
+
+
+@dataclass(slots=True)
+class _Usage:
+    bytes: int = 0
+    records: int = 0
+
+
+class RecordStore:
+    """Verified records held for others.
+
+    :param limits: the bounds.
+    """
+
+    def __init__(self, limits: StorageLimits) -> None:
+        self.limits = limits
+        self._keys: dict[bytes, dict[tuple[bytes, int, bytes], _Held]] = {}
+        self._usage: dict[Addr, _Usage] = {}
+        self.total_bytes = 0
+        self.total_records = 0
+
+    def __len__(self) -> int:
+        return self.total_records
+
+    def keys(self) -> Iterator[bytes]:
+        """Keys with at least one record (possibly expired)."""
+        return iter(list(self._keys))
+
+    def _account(self, source: Addr, record: Record, sign: int) -> None:
+        use = self._usage.get(source)
+        if use is None:
+            use = self._usage[source] = _Usage()
+        use.bytes += sign * len(record.raw)
+        use.records += sign
+        self.total_bytes += sign * len(record.raw)
+        self.total_records += sign
+        if use.records <= 0:
+            del self._usage[source]
+
+    def _drop(self, key: bytes, slot: tuple[bytes, int, bytes]) -> None:
+        slots = self._keys[key]
+        held = slots.pop(slot)
+        self._account(held.source, held.record, -1)
+        if not slots:
+            del self._keys[key]
+
+    def _live(self, key: bytes, now: float) -> dict[tuple[bytes, int, bytes], _Held]:
+        slots = self._keys.get(key)
+        if not slots:
+            return {}
+        for slot in [s for s, h in slots.items() if h.record.expires <= now]:
+            self._drop(key, slot)
+        return self._keys.get(key, {})
+
+    def owner(self, key: bytes, now: float) -> bytes | None:
+        """The signer holding the live node-ID claim under ``key``, if any."""
+        for held in self._live(key, now).values():
+            r = held.record
+            if r.kind in _NODE_KINDS and not r.is_tombstone:
+                return r.signer
+        return None
+
+    def put(self, record: Record, source: Addr, now: float) -> bool:
+        """Store a verified, validated record.
+
+        :returns: True if it was new (listeners should hear of it), False if it
+            repeated what was held.
+        :raises RecordRejected: ``stale-seq``, ``id-taken``, ``key-full``,
+            ``quota`` or ``store-full``.
+        """
+        slots = self._live(record.key, now)
+        held = slots.get(record.slot)
+        if held is not None:
+            if record.seq < held.record.seq:
+                raise RecordRejected("stale-seq", f"have seq {held.record.seq}")
+            if record.seq == held.record.seq:
+                if record.raw == held.record.raw:
+                    return False
+                raise RecordRejected("stale-seq", "same seq, different content")
+        if record.kind in _NODE_KINDS:
+            owner = self.owner(record.key, now)
+            if owner is not None and owner != record.signer:
+                raise RecordRejected("id-taken", "another key holds a live claim on this node id")
+        lim = self.limits
+        if held is None:
+            if len(slots) >= lim.max_values_per_key:
+                raise RecordRejected("key-full", f"{lim.max_values_per_key} values per key")
+            if not slots and len(self._keys) >= lim.max_keys:
+                raise RecordRejected("store-full", f"{lim.max_keys} keys")
+        grow = len(record.raw) - (len(held.record.raw) if held else 0)
+        if self.total_bytes + grow > lim.max_bytes:
+            raise RecordRejected("store-full", f"{lim.max_bytes} bytes")
+        use = self._usage.get(source)
+        if use is not None and (
+            use.bytes + len(record.raw) > lim.max_bytes_per_source
+            or use.records + 1 > lim.max_records_per_source
+        ):
+            raise RecordRejected("quota", f"source {source[0]}:{source[1]} is over its quota")
+        if held is not None:
+            self._drop(record.key, record.slot)
+        self._keys.setdefault(record.key, {})[record.slot] = _Held(record, source)
+        self._account(source, record, +1)
+        return True
+
+    def get(self, key: bytes, now: float) -> list[Record]:
+        """Live records (tombstones included) under ``key``."""
+        return [h.record for h in self._live(key, now).values()]
+
+    def expire(self, now: float) -> int:
+        """Drop every expired record; returns how many were dropped."""
+        before = self.total_records
+        for key in list(self._keys):
+            self._live(key, now)
+        return before - self.total_records
+
+    def dump(self, now: float) -> list[tuple[bytes, Addr]]:
+        """Live records with their sources, for persistence."""
+        return [
+            (h.record.raw, h.source)
+            for key in list(self._keys)
+            for h in self._live(key, now).values()
+        ]
+
+
+class LegacyStore:
+    """Plain values from stock kademlia nodes: bounded, expiring, last writer wins."""
+
+    def __init__(self, limits: StorageLimits) -> None:
+        self.limits = limits
+        self._values: OrderedDict[bytes, tuple[Any, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def put(self, key: bytes, value: Any, now: float) -> None:
+        """Keep ``value`` under ``key``, evicting the oldest key when full.
+
+        :raises RecordRejected: ``bad-legacy`` for a value of the wrong kind or size.
+        """
+        if type(key) is not bytes or len(key) != 20:
+            raise RecordRejected("bad-legacy", "key must be 20 bytes")
+        if type(value) not in (bytes, str, int, float, bool):
+            raise RecordRejected("bad-legacy", "value must be bytes, str, int or float")
+        if isinstance(value, bytes | str) and len(value) > self.limits.legacy_max_value:
+            raise RecordRejected("bad-legacy", f"value over {self.limits.legacy_max_value} bytes")
+        self._values.pop(key, None)
+        self._values[key] = (value, now + self.limits.legacy_ttl)
+        while len(self._values) > self.limits.legacy_max_keys:
+            self._values.popitem(last=False)
+
+    def get(self, key: bytes, now: float) -> Any | None:
+        """The value under ``key`` or None."""
+        item = self._values.get(key)
+        if item is None:
+            return None
+        if item[1] <= now:
+            del self._values[key]
+            return None
+        return item[0]
+
+    def expire(self, now: float) -> None:
+        """Drop expired values."""
+        for key in [k for k, (_, exp) in self._values.items() if exp <= now]:
+            del self._values[key]
+
+    def items(self, now: float) -> Iterable[tuple[bytes, Any]]:
+        """Live ``(key, value)`` pairs."""
+        self.expire(now)
+        return [(k, v) for k, (v, _) in self._values.items()]
+
+
+@dataclass
+class Subscriptions:
+    """Who listens on which key, until when."""
+
+    limits: StorageLimits
+    _by_key: dict[bytes, dict[Addr, float]] = field(default_factory=dict)
+    _per_source: dict[Addr, int] = field(default_factory=dict)
+
+    def add(self, key: bytes, addr: Addr, ttl: float, now: float) -> float:
+        """Register or refresh a subscription; returns the TTL granted.
+
+        :raises RecordRejected: ``listen-full`` when a bound is reached.
+        """
+        ttl = max(1.0, min(ttl, self.limits.max_listen_ttl))
+        subs = self._prune(key, now)
+        if addr not in subs:
+            if len(subs) >= self.limits.max_listeners_per_key:
+                raise RecordRejected("listen-full", "too many listeners on this key")
+            if self._per_source.get(addr, 0) >= self.limits.max_listens_per_source:
+                raise RecordRejected("listen-full", "too many subscriptions from this source")
+            self._per_source[addr] = self._per_source.get(addr, 0) + 1
+        self._by_key.setdefault(key, {})[addr] = now + ttl
+        return ttl
+
+    def remove(self, key: bytes, addr: Addr) -> None:
+        """Forget one subscription."""
+        subs = self._by_key.get(key)
+        if subs is not None and subs.pop(addr, None) is not None:
+            self._release(addr)
+            if not subs:
+                del self._by_key[key]
+
+    def _release(self, addr: Addr) -> None:
+        n = self._per_source.get(addr, 0) - 1
+        if n > 0:
+            self._per_source[addr] = n
+        else:
+            self._per_source.pop(addr, None)
+
+    def _prune(self, key: bytes, now: float) -> dict[Addr, float]:
+        subs = self._by_key.get(key)
+        if not subs:
+            return {}
+        for addr in [a for a, exp in subs.items() if exp <= now]:
+            del subs[addr]
+            self._release(addr)
+        if not subs:
+            del self._by_key[key]
+            return {}
+        return subs
+
+    def listeners(self, key: bytes, now: float) -> list[Addr]:
+        """Live subscribers of ``key``."""
+        return list(self._prune(key, now))
+
+    def expire(self, now: float) -> None:
+        """Drop every expired subscription."""
+        for key in list(self._by_key):
+            self._prune(key, now)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._by_key.values())

@@ -1,0 +1,79 @@
+"""Error types.
+
+One base class, :class:`DhtSignalError`. Local misuse (:class:`UsageError`,
+:class:`ConfigError`, :class:`LimitExceeded`) and remote misbehaviour
+(:class:`RemoteError`, :class:`ProtocolError`, :class:`ForgedRecord`) are
+different branches; timeouts are typed and carry what timed out.
+"""
+
+from __future__ import annotations
+
+
+class DhtSignalError(Exception):
+    """Base class of every error dhtsignal raises on purpose."""
+
+
+class UsageError(DhtSignalError):
+    """The local caller asked for something that cannot be done."""
+
+
+class ConfigError(UsageError):
+    """A configuration setting is invalid. ``setting`` names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"invalid setting {setting!r}: {message}")
+        self.setting = setting
+
+
+class LimitExceeded(UsageError):
+    """A local request exceeds a size, count or quota limit."""
+
+
+class RemoteError(DhtSignalError):
+    """Something a remote node sent or did (or failed to do)."""
+
+
+class ProtocolError(RemoteError):
+    """A remote peer sent something that does not follow the protocol."""
+
+
+class RecordRejected(DhtSignalError):
+    """A record failed validation. ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class PinnedKeyChanged(RemoteError):
+    """A node ID we pinned is now presented with another key."""
+
+    def __init__(self, node_id: str, pinned: str, seen: str) -> None:
+        super().__init__(
+            f"node id {node_id!r} is pinned to key {pinned[:16]}… but the DHT presents key "
+            f"{seen[:16]}…; refusing (remove the entry from known_peers to accept it)"
+        )
+        self.node_id = node_id
+        self.pinned = pinned
+        self.seen = seen
+
+
+class NodeIdTaken(RemoteError):
+    """Another key holds a live claim on the node ID."""
+
+
+class PeerNotFound(RemoteError):
+    """No live presence record exists for the node ID."""
+
+
+class DhtTimeout(RemoteError):
+    """A DHT operation did not complete in time. ``what`` says which."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(f"{what} timed out after {seconds:.1f} s")
+        self.what = what
+        self.seconds = seconds
+
+
+class PutFailed(RemoteError):
+    """No storing node accepted a record."""

@@ -1,0 +1,120 @@
+"""Node identity: an Ed25519 signing key and an X25519 key derived from it.
+
+The X25519 key is derived from the Ed25519 seed with HKDF, so one 32-byte secret
+is all a data directory holds. The X25519 public key reaches others inside the
+Ed25519-signed presence record, which binds the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from dhtsignal.errors import UsageError
+
+KEY_FILE = "identity.key"
+SELF_ID_BYTES = 20
+_RAW = serialization.Encoding.Raw
+_RAW_PUB = serialization.PublicFormat.Raw
+_RAW_PRIV = serialization.PrivateFormat.Raw
+_NOENC = serialization.NoEncryption()
+
+
+def self_certifying_id(public_key: bytes) -> str:
+    """The self-certifying node ID of a key: hex of ``sha256(key)[:20]``.
+
+    :param public_key: 32-byte Ed25519 public key.
+    """
+    return hashlib.sha256(public_key).digest()[:SELF_ID_BYTES].hex()
+
+
+def is_self_certifying(node_id: str) -> bool:
+    """Whether ``node_id`` has the self-certifying form (40 lowercase hex digits)."""
+    if len(node_id) != 2 * SELF_ID_BYTES:
+        return False
+    try:
+        bytes.fromhex(node_id)
+    except ValueError:
+        return False
+    return node_id == node_id.lower()
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Check an Ed25519 signature; never raises on bad input."""
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+class Identity:
+    """An Ed25519 signing key with its derived X25519 key.
+
+    :param seed: the 32-byte Ed25519 private key.
+    """
+
+    __slots__ = ("_signing", "public_key", "x25519_private", "x25519_public", "self_id")
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise UsageError("an identity seed is 32 bytes")
+        self._signing = Ed25519PrivateKey.from_private_bytes(seed)
+        self.public_key: bytes = self._signing.public_key().public_bytes(_RAW, _RAW_PUB)
+        x_seed = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"dhtsignal/x25519"
+        ).derive(seed)
+        self.x25519_private = X25519PrivateKey.from_private_bytes(x_seed)
+        self.x25519_public: bytes = self.x25519_private.public_key().public_bytes(_RAW, _RAW_PUB)
+        self.self_id: str = self_certifying_id(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A fresh random identity (used by short-lived commands and tests)."""
+        return cls(os.urandom(32))
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path) -> Identity:
+        """Load ``identity.key`` from ``data_dir``, creating it (mode 0600) if absent.
+
+        :param data_dir: the daemon's data directory; created if missing.
+        """
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / KEY_FILE
+        if path.exists():
+            seed = path.read_bytes()
+            if len(seed) != 32:
+                raise UsageError(f"{path} is not a 32-byte identity key")
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+            return cls(seed)
+        seed = os.urandom(32)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, seed)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return cls(seed)
+
+    def seed(self) -> bytes:
+        """The raw 32-byte private key (for persistence only)."""
+        return self._signing.private_bytes(_RAW, _RAW_PRIV, _NOENC)
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign ``message``; returns 64 bytes."""
+        return self._signing.sign(message)

@@ -1,0 +1,121 @@
+"""Datagram framing, compatible with rpcudp (the transport of the ``kademlia`` package).
+
+Theory of operation
+-------------------
+A datagram is one byte of kind (``0x00`` request, ``0x01`` response), a 20-byte
+message id, and a msgpack body. A request body is ``[name, args]``; a response
+body is the bare result. Stock ``kademlia`` nodes speak exactly this, with
+u-msgpack; we use the C ``msgpack`` package, which produces the same bytes for
+the types involved (``bin`` for bytes, ``str`` for text).
+
+Decoding never raises anything but :class:`MalformedDatagram`, whose ``reason``
+is a short tag the receive path counts by. Datagrams whose first byte is in the
+STUN range (RFC 7983 section 7: 0-3 with the magic cookie) are recognised so a
+node can answer STUN Binding requests on its DHT port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+REQUEST = 0x00
+RESPONSE = 0x01
+MSG_ID_BYTES = 20
+HEADER_BYTES = 1 + MSG_ID_BYTES
+#: Largest datagram we accept or send (issue 2). 1400 leaves room for IPv6+UDP headers in 1500.
+MAX_DATAGRAM = 1400
+#: RFC 5389 section 6: the STUN magic cookie at bytes 4..8.
+STUN_MAGIC = b"\x21\x12\xa4\x42"
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+class MalformedDatagram(Exception):
+    """A datagram that cannot be decoded. ``reason`` is a counter tag."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded request datagram."""
+
+    msg_id: bytes
+    name: str
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A decoded response datagram."""
+
+    msg_id: bytes
+    result: Any
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode ``obj`` (bytes as ``bin``, text as ``str``)."""
+    return _packer.pack(obj)
+
+
+def unpack(data: bytes) -> Any:
+    """Decode msgpack with bounds; raises :class:`MalformedDatagram`."""
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            max_bin_len=MAX_DATAGRAM,
+            max_str_len=MAX_DATAGRAM,
+            max_array_len=256,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # remote garbage: msgpack raises many types
+        raise MalformedDatagram("undecodable") from exc
+
+
+def encode_request(msg_id: bytes, name: str, args: list[Any] | tuple[Any, ...]) -> bytes:
+    """Frame a request. ``args`` is sent as an array."""
+    return b"\x00" + msg_id + _packer.pack([name, list(args)])
+
+
+def encode_response(msg_id: bytes, result: Any) -> bytes:
+    """Frame a response to the request with ``msg_id``."""
+    return b"\x01" + msg_id + _packer.pack(result)
+
+
+def is_stun(data: bytes) -> bool:
+    """Whether ``data`` looks like a STUN message (RFC 7983 demultiplexing)."""
+    return len(data) >= 20 and data[0] < 4 and data[4:8] == STUN_MAGIC
+
+
+def decode(data: bytes) -> Request | Response:
+    """Decode one datagram.
+
+    :param data: the datagram as received.
+    :raises MalformedDatagram: with reason ``oversized``, ``short``, ``bad-kind``,
+        ``undecodable`` or ``bad-shape``.
+    """
+    if len(data) > MAX_DATAGRAM:
+        raise MalformedDatagram("oversized")
+    if len(data) < HEADER_BYTES + 1:
+        raise MalformedDatagram("short")
+    kind = data[0]
+    msg_id = data[1:HEADER_BYTES]
+    body = unpack(data[HEADER_BYTES:])
+    if kind == REQUEST:
+        if type(body) is not list or len(body) != 2:
+            raise MalformedDatagram("bad-shape")
+        name, args = body
+        if type(name) is not str or type(args) is not list:
+            raise MalformedDatagram("bad-shape")
+        return Request(msg_id, name, args)
+    if kind == RESPONSE:
+        return Response(msg_id, body)
+    raise MalformedDatagram("bad-kind")
