@@ -77,3 +77,42 @@ class DhtTimeout(RemoteError):
 
 class PutFailed(RemoteError):
     """No storing node accepted a record."""
+
+
+class EnvelopeRejected(RemoteError):
+    """A signaling envelope was refused. ``reason`` is a short machine-readable tag:
+    ``malformed``, ``bad-signature``, ``wrong-recipient``, ``stale``, ``replay`` or
+    ``decrypt-failed``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"envelope rejected ({reason})" + (f": {detail}" if detail else ""))
+        self.reason = reason
+
+
+class ConnectFailed(RemoteError):
+    """The WebRTC connection did not open. ``reason`` is ``ice-failed``, ``dtls-failed``,
+    ``closed`` or ``timeout``; the candidate types say what was gathered, received and
+    tried (``tried`` holds ``local->remote`` type pairs)."""
+
+    def __init__(
+        self,
+        reason: str,
+        seconds: float,
+        local_types: tuple[str, ...],
+        remote_types: tuple[str, ...],
+        tried: tuple[str, ...],
+    ) -> None:
+        super().__init__(
+            f"WebRTC connection failed ({reason}) after {seconds:.1f} s; local candidates: "
+            f"{', '.join(local_types) or 'none'}; remote candidates: "
+            f"{', '.join(remote_types) or 'none'}; pairs tried: {', '.join(tried) or 'none'}"
+        )
+        self.reason = reason
+        self.seconds = seconds
+        self.local_types = local_types
+        self.remote_types = remote_types
+        self.tried = tried
+
+
+class DependencyChanged(DhtSignalError):
+    """An installed library no longer has the internals dhtsignal reads (after an upgrade)."""

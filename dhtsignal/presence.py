@@ -182,9 +182,7 @@ class Presence:
 
     def _sign(self, rtype: RecordType, key: bytes, payload: bytes, ttl: float) -> Record:
         now = self.node.wallclock()
-        return records.sign(
-            self.identity, rtype, key, payload, seq=self._seq(), expires=now + ttl
-        )
+        return records.sign(self.identity, rtype, key, payload, seq=self._seq(), expires=now + ttl)
 
     async def publish(self) -> None:
         """Publish presence (and the claim when due) once.
@@ -201,7 +199,9 @@ class Presence:
         if self.identity.self_id != self.node_id:
             sid_payload = self._payload(id=self.identity.self_id)
             sid_key = node_key(self.identity.self_id)
-            puts.append(self.node.put([self._sign(RecordType.PRESENCE, sid_key, sid_payload, self.ttl)]))
+            puts.append(
+                self.node.put([self._sign(RecordType.PRESENCE, sid_key, sid_payload, self.ttl)])
+            )
         for room in self.rooms:
             rec = self._sign(RecordType.ROOM, room_key(room), self._payload(room=room), self.ttl)
             puts.append(self.node.put([rec]))
@@ -252,9 +252,7 @@ class Presence:
                 log.debug("tombstone put failed: %s", r)
 
 
-def _owner(
-    node_id: str, recs: list[Record], known: KnownPeers | None
-) -> bytes | None:
+def _owner(node_id: str, recs: list[Record], known: KnownPeers | None) -> bytes | None:
     """The key that owns ``node_id`` among verified records, applying pins."""
     claims: dict[bytes, float] = {}
     for r in recs:
@@ -283,7 +281,9 @@ def _info(node: DhtNode, node_id: str, rec: Record) -> PeerInfo:
     for a in f.get("a", [])[:_MAX_ADDRESSES] if isinstance(f.get("a"), list) else []:
         if isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
             addrs.append((a[0], a[1]))
-    rooms = [r for r in f.get("r", []) if isinstance(r, str)] if isinstance(f.get("r"), list) else []
+    rooms = (
+        [r for r in f.get("r", []) if isinstance(r, str)] if isinstance(f.get("r"), list) else []
+    )
     x = f.get("x")
     return PeerInfo(
         node_id=node_id,

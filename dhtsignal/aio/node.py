@@ -23,6 +23,8 @@ it ``rpc_retries`` times before failing it with :class:`RpcTimeout`. Lookups are
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -102,7 +104,7 @@ def parse_addr(text: str) -> Addr:
 
 
 class _Pending:
-    __slots__ = ("future", "data", "addr", "name", "tries", "timer", "started")
+    __slots__ = ("addr", "data", "future", "name", "started", "timer", "tries")
 
     def __init__(
         self, future: asyncio.Future[Any], data: bytes, addr: Addr, name: str, started: float
@@ -461,17 +463,15 @@ class DhtNode(asyncio.DatagramProtocol):
                 if isinstance(step, Query):
                     for c in step.contacts:
                         f = self._query(c, key, want_value)
-                        f.add_done_callback(lambda f, c=c: answered(c, f))
+                        f.add_done_callback(functools.partial(answered, c))
                         inflight.append(f)
                     continue
                 if isinstance(step, Finished):
                     break
                 wake.clear()
                 timeout = None if step.until is None else max(0.0, step.until - self.loop.time())
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
-                except TimeoutError:
-                    pass
             if pages:
                 await asyncio.gather(*pages, return_exceptions=True)
         finally:
@@ -503,7 +503,7 @@ class DhtNode(asyncio.DatagramProtocol):
             for raw in page[:64]:
                 if type(raw) is bytes:
                     found[raw] = None
-            if type(nxt) is int and 0 < nxt and len(pages) < _MAX_PAGES:
+            if type(nxt) is int and nxt > 0 and len(pages) < _MAX_PAGES:
                 pages.append(self.spawn(self._more_pages(c, key, nxt, found)))
         if type(items) is not list:
             return None
@@ -514,7 +514,9 @@ class DhtNode(asyncio.DatagramProtocol):
                 out.append(contact)
         return out
 
-    async def _more_pages(self, c: Contact, key: bytes, cursor: int, found: dict[bytes, None]) -> None:
+    async def _more_pages(
+        self, c: Contact, key: bytes, cursor: int, found: dict[bytes, None]
+    ) -> None:
         for _ in range(_MAX_PAGES):
             reply = await self.request(c.addr, "ds_find_value", self.ds_args(key, cursor))
             if type(reply) is not list or len(reply) != 3 or type(reply[1]) is not list:
@@ -722,13 +724,11 @@ class DhtNode(asyncio.DatagramProtocol):
 
         Records are verified again; expired ones are dropped. A missing file is fine.
         """
-        import msgpack
-
         path = data_dir / STATE_FILE
         if not path.exists():
             return 0
         try:
-            state = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+            state = codec.unpack_file(path.read_bytes())
         except Exception as exc:
             raise UsageError(f"state file {path} is unreadable: {exc}") from exc
         if not isinstance(state, dict) or state.get("v") != 1:

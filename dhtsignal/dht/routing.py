@@ -58,7 +58,7 @@ class Contact(Node):
         return [self.id, self.ip, self.port, self.kind]
 
 
-class RoutingTable(_StockTable):  # type: ignore[misc]
+class RoutingTable(_StockTable):
     """k-buckets around ``own_id``.
 
     :param own_id: this node's 20-byte routing ID.

@@ -66,7 +66,7 @@ class Identity:
     :param seed: the 32-byte Ed25519 private key.
     """
 
-    __slots__ = ("_signing", "public_key", "x25519_private", "x25519_public", "self_id")
+    __slots__ = ("_signing", "public_key", "self_id", "x25519_private", "x25519_public")
 
     def __init__(self, seed: bytes) -> None:
         if len(seed) != 32:

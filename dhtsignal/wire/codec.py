@@ -80,6 +80,11 @@ def unpack(data: bytes) -> Any:
         raise MalformedDatagram("undecodable") from exc
 
 
+def unpack_file(data: bytes) -> Any:
+    """Decode a msgpack file written by this program (no datagram bounds)."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
 def encode_request(msg_id: bytes, name: str, args: list[Any] | tuple[Any, ...]) -> bytes:
     """Frame a request. ``args`` is sent as an array."""
     return b"\x00" + msg_id + _packer.pack([name, list(args)])
