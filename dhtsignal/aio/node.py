@@ -23,7 +23,6 @@ it ``rpc_retries`` times before failing it with :class:`RpcTimeout`. Lookups are
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -116,6 +115,11 @@ class _Pending:
         self.tries = 1
         self.timer: asyncio.TimerHandle | None = None
         self.started = started
+
+
+def _wake_up(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class DhtNode(asyncio.DatagramProtocol):
@@ -436,19 +440,21 @@ class DhtNode(asyncio.DatagramProtocol):
             peer_timeout=cfg.peer_timeout,
             own_id=self.id,
         )
-        wake = asyncio.Event()
+        loop = self.loop
+        wake: asyncio.Future[None] = loop.create_future()
         found: dict[bytes, None] = {}
         pages: list[asyncio.Future[Any]] = []
 
         def answered(c: Contact, f: asyncio.Future[Any]) -> None:
-            wake.set()
+            if not wake.done():
+                wake.set_result(None)
             if f.cancelled():
                 return
             if f.exception() is not None:
                 self.table.failed(c.id)
                 lk.on_failure(c)
                 return
-            closer = self._absorb(c, f.result(), key, found, pages)
+            closer = self._absorb(c, f.result(), key, found, pages, lk.seen)
             if closer is None:
                 self.stats["drop:bad-reply"] += 1
                 lk.on_failure(c)
@@ -468,10 +474,14 @@ class DhtNode(asyncio.DatagramProtocol):
                     continue
                 if isinstance(step, Finished):
                     break
-                wake.clear()
-                timeout = None if step.until is None else max(0.0, step.until - self.loop.time())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout)
+                if not wake.done():  # no answer arrived since lk.next(): sleep until one does
+                    timer = None
+                    if step.until is not None:
+                        timer = loop.call_at(step.until, _wake_up, wake)
+                    await wake
+                    if timer is not None:
+                        timer.cancel()
+                wake = loop.create_future()
             if pages:
                 await asyncio.gather(*pages, return_exceptions=True)
         finally:
@@ -493,6 +503,7 @@ class DhtNode(asyncio.DatagramProtocol):
         key: bytes,
         found: dict[bytes, None],
         pages: list[asyncio.Future[Any]],
+        known: Callable[[bytes], bool],
     ) -> list[Contact] | None:
         """Parse a find reply; collect records; returns the closer contacts or None."""
         items: Any = reply
@@ -509,6 +520,8 @@ class DhtNode(asyncio.DatagramProtocol):
             return None
         out: list[Contact] = []
         for item in items[: self.config.ksize * 2]:
+            if type(item) is list and item and type(item[0]) is bytes and known(item[0]):
+                continue
             contact = parse_contact(item)
             if contact is not None:
                 out.append(contact)

@@ -217,7 +217,8 @@ class RequestHandler:
 
     def _neighbours(self, key: bytes, addr: Addr) -> list[Contact]:
         found = self.table.closest(key, self.table.ksize + 1)
-        return [c for c in found if c.addr != addr][: self.table.ksize]
+        ip, port = addr
+        return [c for c in found if c.port != port or c.ip != ip][: self.table.ksize]
 
     def _find_node(self, args: list[Any], addr: Addr, out: Outcome) -> None:
         key = args[0]
