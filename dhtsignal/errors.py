@@ -103,15 +103,24 @@ class ConnectFailed(RemoteError):
         tried: tuple[str, ...],
     ) -> None:
         super().__init__(
-            f"WebRTC connection failed ({reason}) after {seconds:.1f} s; local candidates: "
-            f"{', '.join(local_types) or 'none'}; remote candidates: "
-            f"{', '.join(remote_types) or 'none'}; pairs tried: {', '.join(tried) or 'none'}"
+            f"WebRTC connection failed ({reason}) after {seconds:.1f} s; "
+            + self.describe(local_types, remote_types, tried)
         )
         self.reason = reason
         self.seconds = seconds
         self.local_types = local_types
         self.remote_types = remote_types
         self.tried = tried
+
+    @staticmethod
+    def describe(
+        local_types: tuple[str, ...], remote_types: tuple[str, ...], tried: tuple[str, ...]
+    ) -> str:
+        """The candidate types as text, e.g. ``local candidates: host, srflx; ...``."""
+        return (
+            f"local candidates: {', '.join(local_types) or 'none'}; remote candidates: "
+            f"{', '.join(remote_types) or 'none'}; pairs tried: {', '.join(tried) or 'none'}"
+        )
 
 
 class DependencyChanged(DhtSignalError):

@@ -49,14 +49,15 @@ FORMAT = 1
 MAX_BLOB = 1200
 """A compact description never exceeds one datagram."""
 MAX_CANDIDATES = 16
-"""Bound on candidates per description (aiortc gathers at most host, srflx and relay per
-interface)."""
+"""Bound on candidates per description, far above what aiortc gathers (a host and at most
+one server-reflexive candidate per local address, one relayed candidate)."""
 TYPES = ("offer", "answer")
 SETUPS = ("actpass", "active", "passive")
 CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
 DIGEST_SIZES = {"sha-256": 32, "sha-384": 48, "sha-512": 64}
 """Fingerprint hash functions aiortc supports, with their digest sizes (RFC 8122)."""
-MEDIA_LINE = "m=application 9 UDP/DTLS/SCTP webrtc-datachannel"
+MEDIA_PROTO = "UDP/DTLS/SCTP webrtc-datachannel"
+"""The protocol and format of a data-channel media section (RFC 8841 section 4)."""
 
 _UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")  # RFC 8839 section 5.4: 4*256ice-char
 _PWD = re.compile(r"[A-Za-z0-9+/]{22,256}")  # 22*256ice-char
@@ -196,7 +197,7 @@ class Description:
             elif line.startswith("a="):
                 name, _, value = line[2:].partition(":")
                 attrs.setdefault(name, value)
-        if len(media) != 1 or not media[0].endswith(" UDP/DTLS/SCTP webrtc-datachannel"):
+        if len(media) != 1 or not re.fullmatch(rf"m=application \d+ {MEDIA_PROTO}", media[0]):
             raise UsageError("only an SDP with exactly one data-channel media section compacts")
         try:
             algorithm, hex_digest = attrs["fingerprint"].split()
@@ -222,7 +223,7 @@ class Description:
         """
         if len(self.candidates) > MAX_CANDIDATES:
             raise UsageError(f"more than {MAX_CANDIDATES} candidates")
-        return msgpack.packb(
+        blob: bytes = msgpack.packb(
             [
                 FORMAT,
                 _index(TYPES, self.type, "SDP type"),
@@ -238,6 +239,7 @@ class Description:
             ],
             use_bin_type=True,
         )
+        return blob
 
     @classmethod
     def unpack(cls, blob: bytes) -> Description:
@@ -285,7 +287,7 @@ class Description:
             "s=-",
             "t=0 0",
             f"a=group:BUNDLE {self.mid}",
-            MEDIA_LINE,
+            f"m=application 9 {MEDIA_PROTO}",
             "c=IN IP4 0.0.0.0",
             f"a=mid:{self.mid}",
             f"a=sctp-port:{self.sctp_port}",
