@@ -117,6 +117,11 @@ class _Pending:
         self.started = started
 
 
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _wake_up(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -597,7 +602,8 @@ class DhtNode(asyncio.DatagramProtocol):
             for c in res.closest
             if c.kind == KIND_DS
         ]
-        for reply in await asyncio.gather(*futs, return_exceptions=True):
+        replies = await self._gather_stores(futs)
+        for reply in replies:
             if isinstance(reply, BaseException):
                 refused["timeout"] += 1
             elif type(reply) is list and reply and all(x == "ok" for x in reply):
@@ -614,6 +620,27 @@ class DhtNode(asyncio.DatagramProtocol):
             detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
             raise PutFailed(f"no node stored the record ({detail})")
         return PutResult(stored, dict(refused), res.hops)
+
+    async def _gather_stores(self, futs: list[asyncio.Future[Any]]) -> list[Any]:
+        """Replies of store RPCs: all of them, but once one succeeded, the slow ones get
+        ``store_wait`` seconds more (they finish in the background)."""
+        if not futs:
+            return []
+        pending = set(futs)
+        deadline: float | None = None
+        loop = self.loop
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(
+                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                break
+            if deadline is None and any(not f.exception() for f in done):
+                deadline = loop.time() + self.config.store_wait
+        for f in pending:
+            f.add_done_callback(_ignore_outcome)
+        return [(f.exception() or f.result()) if f.done() else TimeoutError("store") for f in futs]
 
     async def get(self, key: bytes, *, include_tombstones: bool = False) -> list[Record]:
         """All live records under ``key`` from the nodes closest to it, verified and merged."""

@@ -11,8 +11,9 @@ it has finished. The driver reports each answer with :meth:`Lookup.on_success`
   soft ``peer_timeout`` (they may still answer, but no longer hold a slot).
 * If ``alpha`` answers in a row bring no contact closer than the best known, the
   lookup is *stalled* and widens to ``k`` queries in flight (paper section 2.3).
-* It finishes when the ``k`` closest contacts not known to have failed have all
-  answered; the result is those contacts, nearest first.
+* It finishes when the ``k`` closest contacts not known to have failed, and not
+  past the soft timeout, have all answered; the result is those contacts, nearest
+  first. A slow peer thus delays a lookup by ``peer_timeout`` at most.
 * No contact is queried twice; the number of candidates kept is bounded.
 
 Each candidate remembers the hop at which it was learned (initial contacts are
@@ -163,33 +164,40 @@ class Lookup:
         if self._done:
             return self._finish()
         parallelism = self.k if self.stalled else self.alpha
+        # Count every query in flight, wherever it now ranks: one that answers with
+        # closer contacts pushes the others out of the first k, but they still hold a
+        # slot until they answer or pass the soft timeout.
         active = 0
         earliest: float | None = None
+        for cand in self._order:
+            if cand.state == _St.INFLIGHT:
+                due = cand.sent_at + self.peer_timeout
+                if due > now:
+                    active += 1
+                    earliest = due if earliest is None else min(earliest, due)
         waiting = 0
         to_send: list[Contact] = []
         seen = 0
         for cand in self._order:
             if cand.state == _St.FAILED:
                 continue
+            if cand.state == _St.INFLIGHT and cand.sent_at + self.peer_timeout <= now:
+                # Unresponsive past the soft timeout: it may still answer, but the lookup
+                # no longer waits for it (libp2p's "unresponsive" peers).
+                continue
             if seen >= self.k:
                 break
             seen += 1
             if cand.state == _St.INFLIGHT:
                 waiting += 1
-                due = cand.sent_at + self.peer_timeout
-                if due > now:
-                    active += 1
-                    earliest = due if earliest is None else min(earliest, due)
             elif cand.state == _St.NEW:
+                waiting += 1
                 if active < parallelism:
                     cand.state = _St.INFLIGHT
                     cand.sent_at = now
                     active += 1
-                    waiting += 1
                     self.queried += 1
                     to_send.append(cand.contact)
-                else:
-                    waiting += 1
         if to_send:
             return Query(to_send)
         if waiting == 0:

@@ -25,8 +25,11 @@ class NodeConfig:
     """Seconds before one try of an RPC is retried."""
     rpc_retries: int = 2
     """Tries of an RPC after the first (rpcudp makes one try and waits 5 s)."""
-    peer_timeout: float = 0.15
-    """Soft per-peer timeout of a lookup: a slow peer stops holding a parallelism slot."""
+    peer_timeout: float = 0.3
+    """Soft per-peer timeout of a lookup: a peer slower than this stops holding a
+    parallelism slot and the lookup no longer waits for it."""
+    store_wait: float = 0.8
+    """Seconds ``put`` waits for the slowest storing nodes once one has accepted."""
     max_failures: int = 3
     """Consecutive failed RPCs before a contact is evicted (one lost reply never evicts)."""
     refresh_interval: float = 900.0
