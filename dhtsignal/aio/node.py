@@ -640,7 +640,12 @@ class DhtNode(asyncio.DatagramProtocol):
                 deadline = loop.time() + self.config.store_wait
         for f in pending:
             f.add_done_callback(_ignore_outcome)
-        return [(f.exception() or f.result()) if f.done() else TimeoutError("store") for f in futs]
+        return [
+            f.result()
+            if f.done() and not f.cancelled() and f.exception() is None
+            else TimeoutError("store")
+            for f in futs
+        ]
 
     async def get(self, key: bytes, *, include_tombstones: bool = False) -> list[Record]:
         """All live records under ``key`` from the nodes closest to it, verified and merged."""
