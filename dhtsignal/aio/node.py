@@ -450,7 +450,10 @@ class DhtNode(asyncio.DatagramProtocol):
         found: dict[bytes, None] = {}
         pages: list[asyncio.Future[Any]] = []
 
+        finished = False
+
         def answered(c: Contact, f: asyncio.Future[Any]) -> None:
+            # Late answers (after the lookup finished) still update the routing table.
             if not wake.done():
                 wake.set_result(None)
             if f.cancelled():
@@ -459,7 +462,10 @@ class DhtNode(asyncio.DatagramProtocol):
                 self.table.failed(c.id)
                 lk.on_failure(c)
                 return
-            closer = self._absorb(c, f.result(), key, found, pages, lk.seen)
+            if finished:
+                self._learned(c)
+                return
+            closer = self._absorb(c, f.result(), key, found, pages, lk.seen, want_value)
             if closer is None:
                 self.stats["drop:bad-reply"] += 1
                 lk.on_failure(c)
@@ -467,32 +473,26 @@ class DhtNode(asyncio.DatagramProtocol):
                 self._learned(c)
                 lk.on_success(c, closer)
 
-        inflight: list[asyncio.Future[Any]] = []
-        try:
-            while True:
-                step = lk.next(self.loop.time())
-                if isinstance(step, Query):
-                    for c in step.contacts:
-                        f = self._query(c, key, want_value)
-                        f.add_done_callback(functools.partial(answered, c))
-                        inflight.append(f)
-                    continue
-                if isinstance(step, Finished):
-                    break
-                if not wake.done():  # no answer arrived since lk.next(): sleep until one does
-                    timer = None
-                    if step.until is not None:
-                        timer = loop.call_at(step.until, _wake_up, wake)
-                    await wake
-                    if timer is not None:
-                        timer.cancel()
-                wake = loop.create_future()
-            if pages:
-                await asyncio.gather(*pages, return_exceptions=True)
-        finally:
-            for f in inflight:
-                if not f.done():
-                    f.cancel()
+        while True:
+            step = lk.next(self.loop.time())
+            if isinstance(step, Query):
+                for c in step.contacts:
+                    f = self._query(c, key, want_value)
+                    f.add_done_callback(functools.partial(answered, c))
+                continue
+            if isinstance(step, Finished):
+                break
+            if not wake.done():  # no answer arrived since lk.next(): sleep until one does
+                timer = None
+                if step.until is not None:
+                    timer = loop.call_at(step.until, _wake_up, wake)
+                await wake
+                if timer is not None:
+                    timer.cancel()
+            wake = loop.create_future()
+        finished = True
+        if pages:
+            await asyncio.gather(*pages, return_exceptions=True)
         if step.closest:
             self._lookup_cache[key] = (self.loop.time() + cfg.lookup_cache_ttl, step.closest)
             self._lookup_cache.move_to_end(key)
@@ -509,10 +509,13 @@ class DhtNode(asyncio.DatagramProtocol):
         found: dict[bytes, None],
         pages: list[asyncio.Future[Any]],
         known: Callable[[bytes], bool],
+        want_value: bool,
     ) -> list[Contact] | None:
         """Parse a find reply; collect records; returns the closer contacts or None."""
         items: Any = reply
-        if c.kind == KIND_DS and type(reply) is list and len(reply) == 3:
+        if want_value and c.kind == KIND_DS:
+            if type(reply) is not list or len(reply) != 3:
+                return None
             items, page, nxt = reply
             if type(page) is not list:
                 return None

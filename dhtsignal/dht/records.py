@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +177,8 @@ def sign(
     t = (int(rtype) | TOMBSTONE) if tombstone else int(rtype)
     body = b"" if tombstone else payload
     expires = float(expires)
+    if not math.isfinite(expires):
+        raise RecordRejected("bad-field", "expires must be a finite time")
     sig = identity.sign(_signed_part(t, key, identity.public_key, sub, seq, expires, body))
     raw = codec.pack([VERSION, t, key, identity.public_key, sub, seq, expires, body, sig])
     if len(raw) > MAX_RECORD:
@@ -202,7 +205,7 @@ def decode(raw: Any) -> Record:
     if type(obj) is not list or len(obj) != 9:
         raise RecordRejected("malformed", "not a 9-field array")
     version, t, key, signer, sub, seq, expires, payload, sig = obj
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # True == 1, but is not a version
         raise RecordRejected("bad-version", repr(version))
     if (
         type(t) is not int
@@ -215,6 +218,12 @@ def decode(raw: Any) -> Record:
         or type(sig) is not bytes
     ):
         raise RecordRejected("malformed", "field types")
+    if codec.pack(obj) != raw:
+        # One record, one encoding: msgpack also reads e.g. int16 for a uint16 seq,
+        # which would give the same signed content under different bytes.
+        raise RecordRejected("malformed", "not canonically encoded")
+    if not math.isfinite(expires):  # a NaN expiry never compares as past: kept forever
+        raise RecordRejected("malformed", "expires not finite")
     if len(key) != KEY_BYTES or len(signer) != 32 or len(sub) > MAX_SUB or len(sig) != 64:
         raise RecordRejected("malformed", "field sizes")
     if not 0 <= seq <= MAX_SEQ:
@@ -234,7 +243,7 @@ def validate(record: Record, now: float) -> None:
     :param now: wall-clock UNIX time.
     :raises RecordRejected: ``expired``, ``ttl-too-long`` or ``wrong-key``.
     """
-    if record.expires <= now:
+    if not record.expires > now:  # also refuses a NaN expiry
         raise RecordRejected("expired")
     if record.expires > now + MAX_TTL[record.kind] + CLOCK_SKEW:
         raise RecordRejected("ttl-too-long")

@@ -13,6 +13,8 @@ and replacement caches (paper section 4.2), with these corrections:
 * A failed RPC does not evict at once: a contact is dropped after
   ``max_failures`` consecutive failures, and its place goes to the freshest
   replacement.
+* A datagram claiming a known contact's ID from another address does not move the
+  contact (the stock bucket would): the known contact is returned to be pinged.
 * Contacts remember whether they speak our RPCs (:attr:`Contact.kind`) or only
   the stock ``kademlia`` ones, and client-mode peers never enter the table.
 """
@@ -104,7 +106,8 @@ class RoutingTable(_StockTable):
     def add_contact(self, node: Contact, now: float = 0.0) -> Contact | None:
         """Add or refresh a contact that just answered or sent us a request.
 
-        :returns: the head of a full bucket that should be pinged, or None.
+        :returns: the contact that should be pinged, or None: the head of a full
+            bucket, or the known contact when ``node`` claims its ID from another address.
         """
         if node.id == self.own_id:
             return None
@@ -117,6 +120,11 @@ class RoutingTable(_StockTable):
                 existing.kind = KIND_DS
             bucket.add_node(existing)  # moves it to the tail: most recently seen
             return None
+        if existing is not None:
+            # The same ID from another address. Anyone can send a datagram claiming any
+            # ID, so keep the contact we know and have the caller ping it: if it stops
+            # answering it is evicted, and the new address is taken on its next contact.
+            return existing
         node.last_seen = now
         self._flat = None
         if bucket.add_node(node):
@@ -165,7 +173,7 @@ class RoutingTable(_StockTable):
         """The k contacts closest to ``target`` by XOR distance, nearest first.
 
         :param target: a 20-byte key or its integer value.
-        :param k: how many (default: the bucket size).
+        :param k: how many (default, None: the bucket size).
         :param exclude: IDs to leave out.
         """
         t = target if isinstance(target, int) else int.from_bytes(target, "big")
@@ -177,7 +185,8 @@ class RoutingTable(_StockTable):
         else:
             longs = self._longs()
         # (distance, index) pairs built by C-level map: no Python call per contact.
-        best = heapq.nsmallest(k or self.ksize, zip(map(t.__xor__, longs), range(len(pool))))
+        n = self.ksize if k is None else k  # k=0 asks for none, not for the bucket size
+        best = heapq.nsmallest(n, zip(map(t.__xor__, longs), range(len(pool)), strict=True))
         return [pool[i] for _, i in best]
 
     def _longs(self) -> list[int]:

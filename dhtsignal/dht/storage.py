@@ -159,10 +159,16 @@ class RecordStore:
         grow = len(record.raw) - (len(held.record.raw) if held else 0)
         if self.total_bytes + grow > lim.max_bytes:
             raise RecordRejected("store-full", f"{lim.max_bytes} bytes")
-        use = self._usage.get(source)
-        if use is not None and (
-            use.bytes + len(record.raw) > lim.max_bytes_per_source
-            or use.records + 1 > lim.max_records_per_source
+        use = self._usage.get(source) or _Usage()  # the quota holds for a first record too
+        if held is not None and held.source == source:
+            # Replacing its own record: only the size changes, so a source at its
+            # quota can still refresh what it stored.
+            add_bytes, add_records = grow, 0
+        else:
+            add_bytes, add_records = len(record.raw), 1
+        if (
+            use.bytes + add_bytes > lim.max_bytes_per_source
+            or use.records + add_records > lim.max_records_per_source
         ):
             raise RecordRejected("quota", f"source {source[0]}:{source[1]} is over its quota")
         if held is not None:
