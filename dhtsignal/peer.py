@@ -227,6 +227,7 @@ class Session:
         while True:
             msg = await self._inbox.get()
             if msg is None:
+                self._inbox.put_nowait(None)  # later recv() calls and loops end too
                 return
             yield msg
 
@@ -256,17 +257,28 @@ class Session:
         """Wait until the remote application has received every message sent so far.
 
         :raises TimeoutError: no acknowledgement within ``timeout`` seconds.
+        :raises SessionClosedError: the session is closed.
         """
+        if self._closed.is_set():
+            raise SessionClosedError("session closed")
         n = self._sent
         if n == 0:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sync_waiters[n] = fut
-        self._ctl_send({"t": "sync", "n": n})
-        await asyncio.wait_for(fut, timeout)
+        fut = self._sync_waiters.get(n)
+        if fut is None:  # concurrent flushes of the same messages share one sync
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_ignore_outcome)
+            self._sync_waiters[n] = fut
+            self._ctl_send({"t": "sync", "n": n})
+        await asyncio.wait_for(asyncio.shield(fut), timeout)
 
     async def ping(self, timeout: float = 5.0) -> float:
-        """One round trip over the control channel; returns seconds."""
+        """One round trip over the control channel; returns seconds.
+
+        :raises SessionClosedError: the session is closed.
+        """
+        if self._closed.is_set():
+            raise SessionClosedError("session closed")
         self._ping_seq += 1
         n = self._ping_seq
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -368,6 +380,7 @@ class Peer:
         self._sessions: set[Session] = set()
         self._pending_incoming = 0
         self._started = False
+        self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -412,7 +425,10 @@ class Peer:
         self._started = True
 
     async def close(self) -> None:
-        """Sign off (tombstones), close every session and the DHT node."""
+        """Sign off (tombstones), close every session and the DHT node (once)."""
+        if self._closed:
+            return
+        self._closed = True
         if self.presence is not None:
             try:
                 await asyncio.wait_for(self.presence.stop(), 1.0)
@@ -483,7 +499,8 @@ class Peer:
         return out[:3]
 
     async def _inbox_loop(self) -> None:
-        async for rec in self.node.listen(inbox_key(self.public_key)):
+        # initial=False: records already stored are for a previous run of this key.
+        async for rec in self.node.listen(inbox_key(self.public_key), initial=False):
             try:
                 self._on_inbox(rec)
             except Exception as exc:  # remote input must never end the loop
@@ -499,6 +516,12 @@ class Peer:
         self._seen[rec.raw] = None
         if len(self._seen) > MAX_SEEN:
             self._seen.popitem(last=False)
+        sender = rec.payload[envelope.AAD_END - 32 : envelope.AAD_END]
+        if len(sender) == 32 and sender != rec.signer:
+            # Before open_envelope: it records the envelope in the replay cache, so a relay
+            # re-signing someone's envelope first would get the genuine record refused.
+            self.stats["refused:signer-mismatch"] += 1
+            return
         try:
             opened = envelope.open_envelope(
                 self.identity, rec.payload, self.node.wallclock(), self._replay
@@ -554,20 +577,19 @@ class Peer:
     async def _check_policy(self, sender: bytes, label: str) -> str | None:
         """The verified node ID of ``sender`` if the accept policy lets it in, else None."""
         sid = self_certifying_id(sender)
-        if self.accept is None:
-            return label or sid
-        if sid in self.accept:
+        if self.accept is not None and sid in self.accept:
             return sid
-        if label in self.accept:
+        if label and label != sid and (self.accept is None or label in self.accept):
+            # The label is only the sender's claim: it must resolve to the sender's key.
             try:
                 info = await asyncio.wait_for(
                     resolve(self.node, label, self.known), self.timeouts.resolve
                 )
             except (TimeoutError, DhtSignalError):
-                return None
-            if info.public_key == sender:
+                info = None
+            if info is not None and info.public_key == sender:
                 return label
-        return None
+        return sid if self.accept is None else None
 
     async def _answer(
         self,
@@ -679,6 +701,9 @@ class Peer:
         session = Session(self, pc, session_id, info.public_key, node_id, options)
         try:
             offer = await rtc.local_description(pc, offer=True)
+            if dial.superseded is not None:  # glare: we yielded while gathering; send nothing
+                await pc.close()
+                return await dial.superseded
             body = {
                 "sdp": sdp.compact(offer, "offer"),
                 "x": self.identity.x25519_public,
@@ -697,6 +722,8 @@ class Peer:
                 await pc.close()
                 assert dial.superseded is not None
                 return await dial.superseded
+            except DialFailed as exc:  # a REJECT: name the peer we dialed
+                raise DialFailed(node_id, exc.reason, exc.detail) from None
             except TimeoutError:
                 raise DialFailed(
                     node_id,
