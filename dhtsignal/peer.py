@@ -72,6 +72,11 @@ log = logging.getLogger(__name__)
 
 #: Lifetime of an inbox record, seconds (an envelope is stale after 30 s anyway).
 INBOX_TTL = 60.0
+#: Seconds an envelope pushed directly waits for the session to progress before it is
+#: also stored in the DHT (the reliable path when the push or the recipient's address fails).
+STORE_DELAY = 0.25
+#: Seconds a resolved presence is reused by ``connect`` (dropped when a dial fails).
+RESOLVE_CACHE_TTL = 30.0
 #: Incoming handshakes in progress at once; more offers are dropped and counted.
 MAX_PENDING_INCOMING = 32
 #: Inbox records remembered to drop the second copy (direct push and DHT push).
@@ -379,6 +384,7 @@ class Peer:
         self._incoming: asyncio.Queue[Session] = asyncio.Queue()
         self._sessions: set[Session] = set()
         self._pending_incoming = 0
+        self._resolved: dict[str, tuple[float, PeerInfo]] = {}
         self._started = False
         self._closed = False
 
@@ -468,8 +474,11 @@ class Peer:
         kind: Kind,
         body: dict[str, Any],
         direct: Sequence[Addr],
+        settled: asyncio.Future[Any] | None = None,
     ) -> asyncio.Task[Any]:
-        """Seal ``body`` into the recipient's inbox: pushed directly and stored in the DHT."""
+        """Seal ``body`` into the recipient's inbox: pushed straight to the recipient's DHT
+        node, and stored under its inbox key (whose storing nodes push it too) unless
+        ``settled`` completes within :data:`STORE_DELAY` (the direct push worked)."""
         now = self.node.wallclock()
         blob = envelope.seal(
             self.identity, recipient_key, recipient_x, session_id, kind, codec.pack(body), now
@@ -487,7 +496,19 @@ class Peer:
         for addr in direct[:_DIRECT_PUSH_ADDRS]:
             fut = self.node.request(addr, "ds_notify", self.node.ds_args(key, [rec.raw]))
             fut.add_done_callback(_ignore_outcome)
-        return self.node.spawn(self.node.put([rec]), name="inbox-put")
+        if settled is None or not direct:
+            return self.node.spawn(self.node.put([rec]), name="inbox-put")
+        return self.node.spawn(self._store_unless(settled, rec), name="inbox-put")
+
+    async def _store_unless(self, settled: asyncio.Future[Any], rec: Record) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(settled), STORE_DELAY)
+        except TimeoutError:
+            await self.node.put([rec])
+            return
+        except BaseException:  # settled otherwise (failed, superseded): no store needed
+            pass
+        self.stats["inbox-store-skipped"] += 1
 
     def _my_addrs(self) -> list[list[Any]]:
         out: list[list[Any]] = []
@@ -609,7 +630,13 @@ class Peer:
                 return
             label = label if isinstance(label, str) else ""
             direct = _addrs(body.get("dht"))
-            remote_id = await self._check_policy(sender, label)
+            if self.accept is None:
+                # Anyone may connect: verify the claimed label while ICE runs.
+                verified = self.node.spawn(self._check_policy(sender, label), name="verify")
+                remote_id: str | None = self_certifying_id(sender)
+            else:
+                verified = None
+                remote_id = await self._check_policy(sender, label)
             if remote_id is None:
                 self.stats["refused:policy"] += 1
                 self._deliver(sender, x, session_id, Kind.REJECT, {"why": "not accepted"}, direct)
@@ -624,6 +651,7 @@ class Peer:
             )
             await rtc.apply_remote(pc, sdp_text, "offer")
             answer = await rtc.local_description(pc, offer=False)
+            opened: asyncio.Future[None] = loop.create_future()
             self._deliver(
                 sender,
                 x,
@@ -631,9 +659,16 @@ class Peer:
                 Kind.ANSWER,
                 {"sdp": sdp.compact(answer, "answer"), "x": self.identity.x25519_public},
                 direct,
+                opened,
             )
             machine.answer_sent(loop.time())
-            await self._open(session, machine)
+            try:
+                await self._open(session, machine)
+            finally:
+                if not opened.done():
+                    opened.set_result(None)
+            if verified is not None:
+                session.remote_id = await verified or remote_id
             pc = None
             self._sessions.add(session)
             if superseded is not None:
@@ -667,6 +702,18 @@ class Peer:
 
     # -- dialing ------------------------------------------------------------------------
 
+    async def _resolve(self, node_id: str) -> PeerInfo:
+        """:func:`resolve`, reusing a recent answer (presence changes rarely)."""
+        now = self.node.wallclock()
+        hit = self._resolved.get(node_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        info = await resolve(self.node, node_id, self.known)
+        self._resolved[node_id] = (now + min(RESOLVE_CACHE_TTL, info.expires_in), info)
+        if len(self._resolved) > 1024:
+            self._resolved.pop(next(iter(self._resolved)))
+        return info
+
     async def connect(
         self,
         node_id: str,
@@ -687,7 +734,7 @@ class Peer:
         t = self.timeouts
         machine = SessionMachine(loop.time(), caller=True, timeouts=t)
         try:
-            info = await asyncio.wait_for(resolve(self.node, node_id, self.known), t.resolve)
+            info = await asyncio.wait_for(self._resolve(node_id), t.resolve)
         except TimeoutError:
             raise DialFailed(
                 node_id, "resolve-timeout", f"could not resolve within {t.resolve:.1f} s"
@@ -712,7 +759,13 @@ class Peer:
                 "ch": options.wire(),
             }
             put = self._deliver(
-                info.public_key, info.x25519, session_id, Kind.OFFER, body, info.addresses
+                info.public_key,
+                info.x25519,
+                session_id,
+                Kind.OFFER,
+                body,
+                info.addresses,
+                dial.answer,
             )
             machine.offer_sent(loop.time())
             remaining = max(0.1, (machine.deadline or loop.time()) - loop.time())
@@ -742,6 +795,7 @@ class Peer:
             machine.answer_received(loop.time())
             await self._open(session, machine)
         except BaseException:
+            self._resolved.pop(node_id, None)
             await pc.close()
             raise
         finally:

@@ -364,14 +364,14 @@ def test_a_flood_of_contacts_keeps_candidates_bounded() -> None:
 # -- the lookup driver of DhtNode on real sockets ---------------------------------------------
 
 
-
-@pytest.mark.parametrize(
-    "behind",
-    [1, 2, 3, 4],
-)
+@pytest.mark.parametrize("behind", [1, 2, 3, 4])
 async def test_a_lookup_learns_every_contact_a_peer_names(behind: int) -> None:
-    """SEEKER knows only GATE; GATE knows ``behind`` more nodes, which the lookup must reach."""
-    cfg = NodeConfig(rpc_timeout=0.2, rpc_retries=1)
+    """SEEKER knows only GATE; GATE knows ``behind`` more nodes, which the lookup must reach.
+
+    Regression: a ds_find_node reply of exactly 3 contacts was read as a ds_find_value
+    reply ``[contacts, records, next]`` and the lookup learned none of them.
+    """
+    cfg = NodeConfig(rpc_timeout=0.5, rpc_retries=1, peer_timeout=2.0)  # everyone answers
     nodes: list[DhtNode] = []
     try:
         for _ in range(behind + 2):

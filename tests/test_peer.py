@@ -398,10 +398,12 @@ async def test_glare_loser_sends_no_offer_after_yielding(
     offers: list[bytes] = []
     real_deliver = loser._deliver
 
-    def deliver(key: bytes, x: bytes, sid: bytes, kind: Kind, body: Any, direct: Any) -> Any:
+    def deliver(
+        key: bytes, x: bytes, sid: bytes, kind: Kind, body: Any, direct: Any, *rest: Any
+    ) -> Any:
         if kind == Kind.OFFER:
             offers.append(sid)
-        return real_deliver(key, x, sid, kind, body, direct)
+        return real_deliver(key, x, sid, kind, body, direct, *rest)
 
     monkeypatch.setattr(rtc, "local_description", late_offer)
     monkeypatch.setattr(loser, "_deliver", deliver)

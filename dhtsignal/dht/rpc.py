@@ -253,8 +253,11 @@ class RequestHandler:
             self.stats["drop:bad-args"] += 1
             return
         contacts = [c.wire() for c in self._neighbours(key, addr)] if cursor == 0 else []
-        budget = REPLY_BUDGET - len(codec.pack(contacts))
         held = sorted(self.store.get(key, self.wallclock()), key=lambda r: r.raw)
+        budget = REPLY_BUDGET - len(codec.pack(contacts))
+        while held[cursor:] and contacts and len(held[cursor].raw) + 3 > budget:
+            contacts.pop()  # make room for at least one record beside the contacts
+            budget = REPLY_BUDGET - len(codec.pack(contacts))
         page: list[bytes] = []
         nxt: int | None = None
         for i in range(cursor, len(held)):

@@ -1,0 +1,363 @@
+"""Signed records: round trips, tamper refusal, size/TTL bounds, key binding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dhtsignal.dht import records
+from dhtsignal.dht.records import (
+    CLOCK_SKEW,
+    MAX_RECORD,
+    MAX_TTL,
+    TOMBSTONE,
+    RecordType,
+    node_key,
+    room_key,
+)
+from dhtsignal.errors import RecordRejected
+from dhtsignal.signaling.identity import Identity
+from dhtsignal.wire import codec
+
+NOW = 1_700_000_000.0
+ALICE = Identity(bytes(range(32)))
+MALLORY = Identity(bytes(range(1, 33)))
+
+
+def _forge(
+    identity: Identity,
+    fields: list[Any],
+    *,
+    signed_fields: list[Any] | None = None,
+) -> bytes:
+    """Encode ``[version, rtype, key, signer, sub, seq, expires, payload]`` plus a
+    signature by ``identity`` over ``signed_fields`` (default: the same fields),
+    bypassing every check of :func:`records.sign`.
+    """
+    version, rtype, key, signer, sub, seq, expires, payload = signed_fields or fields
+    sig = identity.sign(
+        records._SIG_DOMAIN + codec.pack([version, rtype, key, signer, sub, seq, expires, payload])
+    )
+    return codec.pack([*fields, sig])
+
+
+def _claim(identity: Identity, label: str, *, seq: int = 1, ttl: float = 600.0) -> records.Record:
+    return records.sign(
+        identity,
+        RecordType.CLAIM,
+        node_key(label),
+        codec.pack({"id": label}),
+        seq=seq,
+        expires=NOW + ttl,
+    )
+
+
+kinds = st.sampled_from(list(RecordType))
+payloads = st.binary(max_size=600)
+subs = st.binary(max_size=records.MAX_SUB)
+seqs = st.one_of(
+    st.sampled_from([0, 1, 127, 128, 255, 256, 1000, 32767, 40000, 2**31, 2**32 + 5, 2**63 - 1]),
+    st.integers(0, records.MAX_SEQ),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=kinds,
+    key=st.binary(min_size=20, max_size=20),
+    payload=payloads,
+    sub=subs,
+    seq=seqs,
+    ttl=st.floats(1.0, 3600.0),
+    tombstone=st.booleans(),
+)
+def test_sign_decode_round_trip(
+    kind: RecordType, key: bytes, payload: bytes, sub: bytes, seq: int, ttl: float, tombstone: bool
+) -> None:
+    rec = records.sign(
+        ALICE, kind, key, payload, seq=seq, expires=NOW + ttl, sub=sub, tombstone=tombstone
+    )
+    back = records.decode(rec.raw)
+    assert back == rec
+    assert back.signer == ALICE.public_key
+    assert back.kind == kind
+    assert back.is_tombstone is tombstone
+    assert back.payload == (b"" if tombstone else payload)
+    assert back.slot == (ALICE.public_key, int(kind), sub)
+    assert len(rec.raw) <= MAX_RECORD
+
+
+@st.composite
+def record_and_change(draw: st.DrawFn) -> tuple[bytes, int, int]:
+    seq = draw(seqs)
+    kind = draw(kinds)
+    payload = draw(st.binary(max_size=64))
+    rec = records.sign(ALICE, kind, records.data_key("x"), payload, seq=seq, expires=NOW + 60)
+    pos = draw(st.integers(0, len(rec.raw) - 1))
+    mask = draw(st.integers(1, 255))
+    return rec.raw, pos, mask
+
+
+@settings(max_examples=400, deadline=None)
+@given(record_and_change())
+def test_every_single_byte_change_is_refused(case: tuple[bytes, int, int]) -> None:
+    raw, pos, mask = case
+    changed = bytearray(raw)
+    changed[pos] ^= mask
+    with pytest.raises(RecordRejected):
+        records.decode(bytes(changed))
+
+
+@pytest.mark.parametrize(
+    ("seq", "pos_of", "mask"),
+    [
+        # version 1 (0x01) -> True (0xc3): msgpack reads a bool, and True == 1.
+        (1, lambda raw: 1, 0x01 ^ 0xC3),
+        # seq 1000 as uint16 (0xcd) -> int16 (0xd1): same value, same signed content.
+        (1000, lambda raw: raw.index(b"\xcd\x03\xe8"), 0xCD ^ 0xD1),
+        # seq 100000 as uint32 (0xce) -> int32 (0xd2).
+        (100_000, lambda raw: raw.index(b"\xce\x00\x01\x86\xa0"), 0xCE ^ 0xD2),
+    ],
+)
+def test_alternative_encodings_of_the_same_content_are_refused(
+    seq: int, pos_of: Any, mask: int
+) -> None:
+    """Regression: these single-byte changes used to decode to an accepted record."""
+    rec = records.sign(ALICE, RecordType.DATA, records.data_key("x"), b"", seq=seq, expires=NOW)
+    changed = bytearray(rec.raw)
+    changed[pos_of(rec.raw)] ^= mask
+    assert codec.unpack(bytes(changed))[5] == seq  # same value, other bytes
+    with pytest.raises(RecordRejected) as info:
+        records.decode(bytes(changed))
+    assert info.value.reason in ("malformed", "bad-version")
+
+
+def test_truncated_or_extended_records_are_refused() -> None:
+    rec = records.sign(ALICE, RecordType.DATA, records.data_key("x"), b"abc", seq=1, expires=NOW)
+    for cut in range(len(rec.raw)):
+        with pytest.raises(RecordRejected):
+            records.decode(rec.raw[:cut])
+    with pytest.raises(RecordRejected):
+        records.decode(rec.raw + b"\x00")
+
+
+@pytest.mark.parametrize("bad", [None, 5, "text", [b"x"], bytearray(b"\x99")])
+def test_non_bytes_are_refused_as_malformed(bad: object) -> None:
+    with pytest.raises(RecordRejected) as info:
+        records.decode(bad)
+    assert info.value.reason == "malformed"
+
+
+def test_wrong_signer_or_swapped_signature_is_refused() -> None:
+    key = records.data_key("x")
+    fields = [1, RecordType.DATA, key, ALICE.public_key, b"", 1, NOW + 60, b"pay"]
+    # Signed by Mallory but claiming Alice as signer.
+    with pytest.raises(RecordRejected) as info:
+        records.decode(_forge(MALLORY, fields))
+    assert info.value.reason == "bad-signature"
+    # Alice's signature over other content (seq 1) reused for seq 2.
+    fields2 = [*fields[:5], 2, *fields[6:]]
+    with pytest.raises(RecordRejected) as info:
+        records.decode(_forge(ALICE, fields2, signed_fields=fields))
+    assert info.value.reason == "bad-signature"
+    # The honest version decodes.
+    assert records.decode(_forge(ALICE, fields)).seq == 1
+
+
+def test_oversized_records_are_refused() -> None:
+    key = records.data_key("big")
+    with pytest.raises(RecordRejected) as info:
+        records.sign(ALICE, RecordType.DATA, key, b"x" * MAX_RECORD, seq=1, expires=NOW)
+    assert info.value.reason == "oversized"
+    # Find the largest payload that fits: it is accepted, one byte more is not.
+    base = len(records.sign(ALICE, RecordType.DATA, key, b"", seq=1, expires=NOW).raw)
+    size = MAX_RECORD - base  # the bin header grows by 2 bytes past 255: try a few below
+    while True:
+        try:
+            fits = records.sign(ALICE, RecordType.DATA, key, b"x" * size, seq=1, expires=NOW)
+            break
+        except RecordRejected:
+            size -= 1
+    assert MAX_RECORD - 2 <= len(fits.raw) <= MAX_RECORD
+    assert records.decode(fits.raw) == fits
+    with pytest.raises(RecordRejected):
+        records.sign(ALICE, RecordType.DATA, key, b"x" * (size + 1), seq=1, expires=NOW)
+    # A forged record past the limit is refused before any other work.
+    fields = [1, RecordType.DATA, key, ALICE.public_key, b"", 1, NOW, b"x" * (size + 50)]
+    with pytest.raises(RecordRejected) as info:
+        records.decode(_forge(ALICE, fields))
+    assert info.value.reason == "oversized"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([2, 5, b"k" * 20, None, b"", 1, NOW, b""], "bad-version"),
+        ([1, 99, b"k" * 20, None, b"", 1, NOW, b""], "bad-type"),
+        ([1, 5, b"k" * 19, None, b"", 1, NOW, b""], "malformed"),
+        ([1, 5, b"k" * 20, None, b"s" * 17, 1, NOW, b""], "malformed"),
+        ([1, 5, b"k" * 20, None, b"", -1, NOW, b""], "malformed"),
+        ([1, 5, b"k" * 20, None, b"", 1, int(NOW), b""], "malformed"),
+        ([1, 5, b"k" * 20, None, b"", 1, NOW, "text"], "malformed"),
+        ([1, 5 | TOMBSTONE, b"k" * 20, None, b"", 1, NOW, b"payload"], "malformed"),
+        ([1, 5, b"k" * 20, None, b"", 1, float("nan"), b""], "malformed"),
+        ([1, 5, b"k" * 20, None, b"", 1, float("inf"), b""], "malformed"),
+    ],
+)
+def test_bad_fields_are_refused_even_when_signed(fields: list[Any], reason: str) -> None:
+    fields[3] = ALICE.public_key
+    with pytest.raises(RecordRejected) as info:
+        records.decode(_forge(ALICE, fields))
+    assert info.value.reason == reason
+
+
+def test_sign_refuses_bad_fields() -> None:
+    for kwargs in (
+        {"key": b"short"},
+        {"sub": b"s" * 17},
+        {"seq": -1},
+        {"expires": float("nan")},
+    ):
+        args: dict[str, Any] = {"key": b"k" * 20, "sub": b"", "seq": 1, "expires": NOW}
+        args.update(kwargs)
+        key = args.pop("key")
+        with pytest.raises(RecordRejected) as info:
+            records.sign(ALICE, RecordType.DATA, key, b"", **args)
+        assert info.value.reason == "bad-field"
+
+
+@pytest.mark.parametrize("kind", list(RecordType))
+def test_ttl_bounds(kind: RecordType) -> None:
+    key = records.data_key("ttl")
+    payload = b""
+    if kind in (RecordType.CLAIM, RecordType.PRESENCE):
+        key, payload = node_key("alice"), codec.pack({"id": "alice"})
+    elif kind == RecordType.ROOM:
+        key, payload = room_key("lobby"), codec.pack({"room": "lobby"})
+
+    def at(expires: float) -> records.Record:
+        return records.decode(records.sign(ALICE, kind, key, payload, seq=1, expires=expires).raw)
+
+    records.validate(at(NOW + 1), NOW)
+    records.validate(at(NOW + MAX_TTL[kind] + CLOCK_SKEW), NOW)
+    for expires in (NOW, NOW - 1, 0.0):
+        with pytest.raises(RecordRejected) as info:
+            records.validate(at(expires), NOW)
+        assert info.value.reason == "expired"
+    with pytest.raises(RecordRejected) as info:
+        records.validate(at(NOW + MAX_TTL[kind] + CLOCK_SKEW + 1), NOW)
+    assert info.value.reason == "ttl-too-long"
+
+
+def test_validate_refuses_a_nan_expiry_it_is_handed() -> None:
+    """A Record built without decode() (e.g. by hand) with a NaN expiry is not kept forever."""
+    rec = records.sign(ALICE, RecordType.DATA, records.data_key("x"), b"", seq=1, expires=NOW + 9)
+    nan = records.Record(
+        rec.rtype,
+        rec.key,
+        rec.signer,
+        rec.sub,
+        rec.seq,
+        float("nan"),
+        rec.payload,
+        rec.signature,
+        rec.raw,
+    )
+    with pytest.raises(RecordRejected) as info:
+        records.validate(nan, NOW)
+    assert info.value.reason == "expired"
+
+
+@pytest.mark.parametrize("kind", [RecordType.CLAIM, RecordType.PRESENCE])
+def test_node_id_records_must_sit_under_their_label_key(kind: RecordType) -> None:
+    def make(key: bytes, payload: bytes) -> records.Record:
+        return records.sign(ALICE, kind, key, payload, seq=1, expires=NOW + 60)
+
+    records.validate(make(node_key("alice"), codec.pack({"id": "alice"})), NOW)
+    bad = [
+        make(node_key("bob"), codec.pack({"id": "alice"})),  # under another label's key
+        make(records.data_key("alice"), codec.pack({"id": "alice"})),  # another key family
+        make(node_key("alice"), codec.pack({"name": "alice"})),  # no id field
+        make(node_key("alice"), codec.pack({"id": 5})),  # id not text
+        make(node_key("alice"), b"\xc1"),  # payload not msgpack
+        make(node_key("alice"), codec.pack(["alice"])),  # payload not a map
+    ]
+    for rec in bad:
+        with pytest.raises(RecordRejected) as info:
+            records.validate(records.decode(rec.raw), NOW)
+        assert info.value.reason == "wrong-key"
+    # A tombstone carries no payload, so it is bound to nothing but its slot.
+    tomb = records.sign(
+        ALICE, kind, node_key("alice"), b"", seq=2, expires=NOW + 60, tombstone=True
+    )
+    records.validate(records.decode(tomb.raw), NOW)
+
+
+def test_room_records_must_sit_under_their_room_key() -> None:
+    ok = records.sign(
+        ALICE,
+        RecordType.ROOM,
+        room_key("lobby"),
+        codec.pack({"room": "lobby"}),
+        seq=1,
+        expires=NOW + 60,
+    )
+    records.validate(ok, NOW)
+    wrong = records.sign(
+        ALICE,
+        RecordType.ROOM,
+        room_key("other"),
+        codec.pack({"room": "lobby"}),
+        seq=1,
+        expires=NOW + 60,
+    )
+    with pytest.raises(RecordRejected) as info:
+        records.validate(wrong, NOW)
+    assert info.value.reason == "wrong-key"
+
+
+def test_self_certifying_label_must_match_its_signer() -> None:
+    mine = ALICE.self_id
+    records.validate(_claim(ALICE, mine), NOW)
+    with pytest.raises(RecordRejected) as info:
+        records.validate(_claim(MALLORY, mine), NOW)  # Mallory claims Alice's key hash
+    assert info.value.reason == "wrong-key"
+    # Upper-case hex is not the self-certifying form: it is an ordinary first-come label.
+    records.validate(_claim(MALLORY, mine.upper()), NOW)
+
+
+def test_newest_keeps_the_highest_seq_per_slot() -> None:
+    key = records.data_key("x")
+    a1 = records.sign(ALICE, RecordType.DATA, key, b"1", seq=1, expires=NOW + 60)
+    a3 = records.sign(ALICE, RecordType.DATA, key, b"3", seq=3, expires=NOW + 60)
+    a2 = records.sign(ALICE, RecordType.DATA, key, b"2", seq=2, expires=NOW + 60)
+    a_sub = records.sign(ALICE, RecordType.DATA, key, b"s", seq=1, expires=NOW + 60, sub=b"s")
+    m1 = records.sign(MALLORY, RecordType.DATA, key, b"m", seq=9, expires=NOW + 60)
+    merged = records.newest([a1, a3, m1, a2, a_sub, a1])
+    assert sorted(r.payload for r in merged) == [b"3", b"m", b"s"]
+
+
+def test_every_single_byte_change_is_refused_exhaustively() -> None:
+    """Every change of every framing or scalar byte of a record whose seq has two
+    msgpack encodings; inside the key, signer and signature (where any change
+    only reaches the signature check) two masks per byte keep this fast.
+    """
+    rec = records.sign(ALICE, RecordType.DATA, records.data_key("x"), b"p", seq=1000, expires=NOW)
+    opaque: set[int] = set()
+    for blob in (rec.key, rec.signer, rec.signature):
+        start = rec.raw.index(blob)
+        opaque.update(range(start, start + len(blob)))
+    accepted = []
+    for pos in range(len(rec.raw)):
+        for mask in (0x01, 0x80) if pos in opaque else range(1, 256):
+            changed = bytearray(rec.raw)
+            changed[pos] ^= mask
+            try:
+                records.decode(bytes(changed))
+            except RecordRejected:
+                continue
+            accepted.append((pos, mask))
+    assert accepted == []
