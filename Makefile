@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dhtsignal demo
+	$(BIN)/python -m dhtsignal.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check dhtsignal tests bench

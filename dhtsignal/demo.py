@@ -97,3 +97,18 @@ async def run_demo(emit: Callable[[str], None] = print, *, nodes: int = DHT_NODE
         for n in dht:
             await n.close()
         rtc.use_host_addresses(None)
+
+
+def main() -> int:
+    """Entry point of ``python -m dhtsignal.demo`` (``make demo``)."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        pass
+    return asyncio.run(run_demo())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
