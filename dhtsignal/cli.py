@@ -1,0 +1,284 @@
+"""The ``dhtsignal`` command line.
+
+Commands: ``bootstrap`` and ``peer`` run daemons (:mod:`dhtsignal.daemon`);
+``peers``, ``lookup`` and ``status`` run a short-lived client node, print, and
+exit. Settings come from flags, ``DHTSIGNAL_*`` variables and a TOML file
+(:mod:`dhtsignal.config`).
+
+Exit status: 0 success; 1 the operation failed (unreachable, offline, taken,
+pinned key changed); 2 bad usage or a bad setting; 130 interrupted. Errors are
+one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+from dhtsignal import __version__, config
+from dhtsignal.config import Settings
+from dhtsignal.errors import ConfigError, DhtSignalError
+
+#: One line of ``--help`` per command.
+COMMAND_HELP: dict[str, str] = {
+    "bootstrap": "run a long-lived bootstrap node",
+    "peer": "run a peer daemon: claim a node ID and stay online",
+    "peers": "list the online peers of a room",
+    "lookup": "show one peer's presence (exit 1 if offline or unknown)",
+    "status": "ping a node: print its routing ID and round-trip time (exit 1 if silent)",
+}
+_DESCRIPTIONS: dict[str, str] = {
+    "bootstrap": "Run a long-lived DHT node others join through. Prints one line "
+    "'ready bootstrap id=... addr=HOST:PORT' when it serves; keeps routing contacts and "
+    "stored records in the data directory across restarts; SIGTERM or SIGINT stop it.",
+    "peer": "Join the DHT, claim a node ID (first live claim wins), publish presence in "
+    "its rooms, print 'ready peer node_id=... key=... addr=...', and stay online. SIGTERM "
+    "or SIGINT sign it off at once.",
+    "peers": "List the peers online in one or more rooms (default: lobby).",
+    "lookup": "Show the presence of NODE_ID (a label or a self-certifying ID). Exit 1 "
+    "with the reason on stderr if it is offline or unknown, or if its key differs from "
+    "the one pinned in the known-peers file.",
+    "status": "Ping the node at --target; prints its routing ID and the round-trip time.",
+}
+EPILOG = (
+    "Every option can also be set in the environment (DHTSIGNAL_<OPTION>, lists "
+    "comma-separated) or in the TOML file given by --config; flags win over the "
+    "environment, which wins over the file."
+)
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger(__name__)
+
+
+class _UsageError(Exception):
+    """A command line argparse refused (reported on one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors instead of usage text on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dhtsignal`` parser with one sub-parser per command."""
+    parser = _Parser(
+        prog="dhtsignal",
+        description="Serverless WebRTC signaling over a Kademlia DHT.",
+        epilog=EPILOG,
+    )
+    version = f"dhtsignal {__version__}"
+    parser.add_argument("--version", action="version", version=version)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in config.COMMANDS:
+        p = sub.add_parser(
+            command,
+            help=COMMAND_HELP[command],
+            description=_DESCRIPTIONS[command],
+            epilog=EPILOG,
+        )
+        p.add_argument("--version", action="version", version=version)
+        if command == "lookup":
+            p.add_argument("lookup_id", metavar="NODE_ID", help="label or self-certifying ID")
+        config.add_arguments(p, command)
+        p.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the effective settings (flags, environment, file, defaults) as TOML "
+            "and exit",
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one ``dhtsignal`` command; returns the exit status.
+
+    :param argv: arguments after the program name (default ``sys.argv[1:]``).
+    :param environ: the environment (default ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    try:
+        ns = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    command: str = ns.command
+    try:
+        settings = config.load(command, vars(ns), env)
+        if command == "lookup":
+            _check_node_id(ns.lookup_id)
+    except ConfigError as exc:
+        _err(f"dhtsignal {command}: {exc}")
+        return EXIT_USAGE
+    if ns.print_config:
+        _out(config.dump(settings, command).rstrip("\n"))
+        return 0
+    _setup_logging(settings.log_level)
+    try:
+        from dhtsignal import daemon
+
+        return daemon.run(_COMMANDS[command](settings, ns))
+    except ConfigError as exc:
+        _err(f"dhtsignal {command}: {exc}")
+        return EXIT_USAGE
+    except DhtSignalError as exc:
+        _err(f"dhtsignal {command}: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _err(message: str) -> None:
+    print(message.replace("\n", " "), file=sys.stderr, flush=True)
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _check_node_id(node_id: str) -> None:
+    from dhtsignal.dht.records import check_label
+
+    try:
+        check_label(node_id)
+    except ValueError as exc:
+        raise ConfigError("NODE_ID", str(exc)) from None
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.daemon import BootstrapDaemon
+
+    await BootstrapDaemon(settings, _out).run()
+    return 0
+
+
+async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.daemon import PeerDaemon
+
+    await PeerDaemon(settings, _out).run()
+    return 0
+
+
+async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.daemon import client_node
+    from dhtsignal.presence import KnownPeers, PeerInfo, room_peers
+
+    known = KnownPeers(settings.known_peers)
+    found: dict[str, PeerInfo] = {}
+    async with client_node(settings, settings.bootstrap) as node:
+        for room in settings.room:
+            for info in await room_peers(node, room, known):
+                found.setdefault(info.key, info)
+    peers = sorted(found.values(), key=lambda p: (p.node_id, p.key))
+    if settings.json:
+        _out(json.dumps([p.to_json() for p in peers]))
+    elif not peers:
+        _err(f"no peers online in {', '.join(settings.room)}")
+    else:
+        _out(_table(peers))
+    return 0
+
+
+def _table(peers: Sequence[Any]) -> str:
+    """An aligned text table of :class:`~dhtsignal.presence.PeerInfo`."""
+    header = ("NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN")
+    rows = [header] + [
+        (
+            p.node_id,
+            p.key[:16],
+            ",".join(p.rooms),
+            " ".join(_addr(a) for a in p.addresses) or "-",
+            f"{p.expires_in:.0f}s",
+        )
+        for p in peers
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _addr(a: tuple[str, int]) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
+async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.daemon import client_node
+    from dhtsignal.presence import KnownPeers, resolve
+
+    known = KnownPeers(settings.known_peers)
+    async with client_node(settings, settings.bootstrap) as node:
+        info = await resolve(node, ns.lookup_id, known)
+    if settings.json:
+        _out(json.dumps(info.to_json()))
+        return 0
+    fields = [
+        ("node_id", info.node_id),
+        ("key", info.key),
+        ("self_id", info.self_id),
+        ("rooms", ", ".join(info.rooms) or "-"),
+        ("addresses", " ".join(_addr(a) for a in info.addresses) or "-"),
+        ("expires_in", f"{info.expires_in:.1f} s"),
+    ]
+    _out("\n".join(f"{k:<11} {v}" for k, v in fields))
+    return 0
+
+
+async def _status(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.aio.node import RpcTimeout
+    from dhtsignal.daemon import client_node, resolve_addrs, show_addr
+    from dhtsignal.errors import DhtTimeout
+
+    assert settings.target is not None
+    shown = show_addr(settings.target)
+    async with client_node(settings) as node:
+        assert node.address is not None
+        targets = await resolve_addrs([settings.target], node.address)
+        if not targets:
+            raise DhtTimeout(f"resolving {shown}", 0.0)
+        began = time.perf_counter()  # uvloop's loop.time() has millisecond resolution
+        try:
+            node_id = await node.ping(targets[0])
+        except RpcTimeout as exc:
+            raise DhtTimeout(f"ping of {shown} (no answer)", exc.seconds) from None
+        rtt_ms = (time.perf_counter() - began) * 1000
+    if settings.json:
+        _out(json.dumps({"id": node_id.hex(), "addr": shown, "rtt_ms": round(rtt_ms, 3)}))
+    else:
+        _out(f"node {node_id.hex()} at {shown}: rtt {rtt_ms:.2f} ms")
+    return 0
+
+
+_COMMANDS = {
+    "bootstrap": _bootstrap,
+    "peer": _peer,
+    "peers": _peers,
+    "lookup": _lookup,
+    "status": _status,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

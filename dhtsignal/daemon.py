@@ -1,0 +1,435 @@
+"""Running dhtsignal processes: bootstrap and peer daemons, and one-shot client nodes.
+
+Theory of operation
+-------------------
+This module holds the I/O policy of a process; the protocol lives below it.
+
+A :class:`Daemon` owns one :class:`~dhtsignal.aio.node.DhtNode`, its data
+directory (locked, so two processes never share an identity), and the stop
+signal. :meth:`Daemon.run` goes through four phases:
+
+1. *start*: load the identity key and the saved state (contacts, stored records)
+   from the data directory, bind the UDP socket, join the DHT, and (for a peer)
+   claim the node ID and publish presence. SIGTERM or SIGINT during start
+   cancels it.
+2. *ready*: one line goes to the ``ready`` callback (the CLI prints it). A peer
+   announces itself only after its records are published, so a reader that
+   waits for the line finds it.
+3. *serve* until SIGTERM or SIGINT. Tasks owned by the node save the state every
+   ``save_interval`` seconds and re-join while the routing table is empty.
+4. *shutdown*, bounded by :data:`SHUTDOWN_BUDGET` so the process exits within
+   2 s: a peer publishes tombstones (offline for everyone at once), then the
+   state is saved and the node closed.
+
+:func:`client_node` is the short-lived counterpart used by ``peers``,
+``lookup`` and ``status``: a client-mode node with a throwaway key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dhtsignal.aio.node import DhtNode, routing_id
+from dhtsignal.config import Settings
+from dhtsignal.dht.storage import Addr
+from dhtsignal.errors import DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
+from dhtsignal.presence import Presence, resolve
+from dhtsignal.signaling.identity import Identity
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds from SIGTERM to the end of shutdown (the contract is an exit within 2 s).
+SHUTDOWN_BUDGET = 1.6
+#: Of which a peer may spend this long publishing its tombstones.
+SIGNOFF_BUDGET = 1.0
+LOCK_FILE = "lock"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+ReadyCallback = Callable[[str], None]
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on a fresh event loop (uvloop where installed)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def show_addr(addr: Addr | None) -> str:
+    """``HOST:PORT`` (``[V6]:PORT``) for messages and ready lines."""
+    if addr is None:
+        return "-"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+async def resolve_addrs(addrs: Sequence[Addr], listen: Addr) -> list[Addr]:
+    """Resolve host names to IP addresses of the listening socket's family.
+
+    The node matches replies by source address, so it must send to IP addresses.
+    Names that do not resolve are logged and left out.
+    """
+    family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+    loop = asyncio.get_running_loop()
+    out: list[Addr] = []
+    for host, port in addrs:
+        try:
+            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            log.warning("cannot resolve %s: %s", show_addr((host, port)), exc)
+            continue
+        for info in infos[:1]:
+            sockaddr = info[4]
+            out.append((str(sockaddr[0]), int(sockaddr[1])))
+    return out
+
+
+async def join(node: DhtNode, addrs: Sequence[Addr]) -> int:
+    """Join the DHT through ``addrs`` (and the contacts already in the table).
+
+    :returns: the size of the routing table afterwards (0: nobody answered).
+    """
+    assert node.address is not None
+    resolved = await resolve_addrs(addrs, node.address)
+    return await node.bootstrap(resolved)
+
+
+def _unreachable(addrs: Sequence[Addr], started: float) -> DhtTimeout:
+    listed = ", ".join(show_addr(a) for a in addrs)
+    return DhtTimeout(
+        f"joining the DHT (no bootstrap node answered: {listed})", time.monotonic() - started
+    )
+
+
+async def _listen(node: DhtNode, addr: Addr) -> None:
+    try:
+        await node.listen_udp(*addr)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {show_addr(addr)}: {exc.strerror or exc}") from None
+
+
+class DataDirLock:
+    """An exclusive lock on a data directory, held while a daemon runs.
+
+    :param data_dir: the directory (created if missing).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        :raises UsageError: another process holds it, or the directory is unusable.
+        """
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UsageError(f"data directory {self.data_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"data directory {self.data_dir} is in use by another dhtsignal process"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Daemon:
+    """A long-lived node process (see the module docstring for its phases).
+
+    :param settings: the merged settings of the command.
+    :param ready: receives the ready line once the daemon serves.
+    """
+
+    command = ""
+
+    def __init__(self, settings: Settings, ready: ReadyCallback) -> None:
+        assert settings.data_dir is not None
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.ready = ready
+        self.node: DhtNode | None = None
+        self.identity: Identity | None = None
+        self._lock = DataDirLock(self.data_dir)
+
+    async def run(self) -> None:
+        """Start, announce readiness, serve until SIGTERM/SIGINT, shut down.
+
+        :raises DhtSignalError: start failed (the node is shut down first).
+        """
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if await self._unless_stopped(self.start(), stop):
+                self.ready(self.ready_line())
+                await self.serve(stop)
+            else:
+                log.info("stopped while starting")
+        finally:
+            try:
+                await asyncio.wait_for(self.shutdown(), SHUTDOWN_BUDGET)
+            except TimeoutError:
+                log.warning("shutdown took over %.1f s; exiting anyway", SHUTDOWN_BUDGET)
+            finally:
+                self._lock.release()
+                for sig in _STOP_SIGNALS:
+                    loop.remove_signal_handler(sig)
+
+    @staticmethod
+    async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+        """Run ``work`` unless ``stop`` is set first; returns whether it completed."""
+        task = asyncio.create_task(work, name="start")
+        stopped = asyncio.create_task(stop.wait(), name="stop-wait")
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()
+        return True
+
+    # -- phases -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the node (overridden to join and publish)."""
+        await self.open_node()
+
+    def ready_line(self) -> str:
+        """The one line printed when the daemon serves."""
+        raise NotImplementedError
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set (the node's own tasks do the work)."""
+        await stop.wait()
+
+    async def shutdown(self) -> None:
+        """Save the state and close the node."""
+        node = self.node
+        if node is None:
+            return
+        self.save()
+        await node.close()
+        log.info("stopped")
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def open_node(self) -> DhtNode:
+        """Lock the data directory, load identity and state, bind, start the save task."""
+        s = self.settings
+        self._lock.acquire()
+        try:
+            self.identity = identity = Identity.load_or_create(self.data_dir)
+        except OSError as exc:
+            raise UsageError(f"data directory {self.data_dir}: {exc.strerror or exc}") from None
+        node = DhtNode(routing_id(identity.public_key), s.node_config())
+        self.node = node
+        restored = node.load_state(self.data_dir)
+        log.info(
+            "data directory %s: restored %d records and %d contacts",
+            self.data_dir,
+            restored,
+            len(node.table),
+        )
+        await _listen(node, s.listen)
+        node.spawn(self._save_periodically(), name="save-state")
+        return node
+
+    def keep_joined(self, addrs: Sequence[Addr]) -> None:
+        """Re-join through ``addrs`` whenever the routing table runs empty."""
+        assert self.node is not None
+        self.node.spawn(self._rejoin(addrs), name="rejoin")
+
+    def save(self) -> None:
+        """Write contacts and stored records to the data directory (atomically)."""
+        if self.node is None:
+            return
+        try:
+            self.node.save_state(self.data_dir)
+        except OSError as exc:
+            log.warning("cannot save state to %s: %s", self.data_dir, exc)
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.save_interval)
+            self.save()
+
+    async def _rejoin(self, addrs: Sequence[Addr]) -> None:
+        node = self.node
+        assert node is not None
+        while True:
+            await asyncio.sleep(self.settings.rejoin_interval)
+            if len(node.table) == 0 and addrs:
+                size = await join(node, addrs)
+                if size:
+                    log.info("joined the DHT: %d contacts", size)
+
+
+class BootstrapDaemon(Daemon):
+    """A long-lived public node that others join through."""
+
+    command = "bootstrap"
+
+    async def start(self) -> None:
+        """Open the node and join the other bootstrap nodes (failure is not fatal)."""
+        node = await self.open_node()
+        addrs = self.settings.join
+        size = await join(node, addrs)
+        if addrs and size == 0:
+            log.warning(
+                "no node to join answered (%s); serving alone, retrying every %g s",
+                ", ".join(show_addr(a) for a in addrs),
+                self.settings.rejoin_interval,
+            )
+        log.info("routing table: %d contacts", size)
+        self.keep_joined(addrs)
+
+    def ready_line(self) -> str:
+        """``ready bootstrap id=<routing id hex> addr=HOST:PORT``."""
+        assert self.node is not None
+        return f"ready bootstrap id={self.node.id.hex()} addr={show_addr(self.node.address)}"
+
+
+class PeerDaemon(Daemon):
+    """A peer: claims its node ID and keeps its presence published while it runs."""
+
+    command = "peer"
+
+    def __init__(self, settings: Settings, ready: ReadyCallback) -> None:
+        super().__init__(settings, ready)
+        self.presence: Presence | None = None
+        self.node_id = settings.node_id or ""
+
+    async def start(self) -> None:
+        """Join, claim the node ID, publish presence and room records.
+
+        :raises DhtTimeout: no bootstrap node answered.
+        :raises NodeIdTaken: another key holds a live claim on the node ID.
+        """
+        s = self.settings
+        node = await self.open_node()
+        assert self.identity is not None
+        began = time.monotonic()
+        if await join(node, s.bootstrap) == 0:
+            raise _unreachable(s.bootstrap, began)
+        self.keep_joined(s.bootstrap)
+        self.node_id = s.node_id or self.identity.self_id
+        presence = Presence(
+            node,
+            self.identity,
+            self.node_id,
+            list(s.room),
+            ttl=s.presence_ttl,
+            claim_ttl=s.claim_ttl,
+        )
+        taken = NodeIdTaken(
+            f"node id {self.node_id!r} is taken: another key holds a live claim on it"
+        )
+        try:
+            await presence.start()
+        except NodeIdTaken:
+            raise taken from None
+        self.presence = presence
+        if not await self._owns_node_id():
+            raise taken
+        log.info("published %s in rooms %s", self.node_id, ", ".join(s.room))
+
+    async def _owns_node_id(self) -> bool:
+        """Read our node ID back: does the DHT name our key as its owner?
+
+        A publisher's put succeeds when any storing node (its own store included)
+        accepts the claim, so in a small network a second key's claim can look
+        accepted; readers decide by the oldest live claim, and so do we.
+        """
+        assert self.node is not None and self.identity is not None
+        try:
+            info = await resolve(self.node, self.node_id)
+        except PeerNotFound as exc:
+            log.warning("cannot read back own presence (%s); continuing", exc)
+            return True
+        return info.key == self.identity.public_key.hex()
+
+    def ready_line(self) -> str:
+        """``ready peer node_id=NAME key=<public key hex> addr=HOST:PORT``."""
+        assert self.node is not None and self.identity is not None
+        return (
+            f"ready peer node_id={self.node_id} key={self.identity.public_key.hex()} "
+            f"addr={show_addr(self.node.address)}"
+        )
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """The peer's main loop: runs until SIGTERM or SIGINT.
+
+        Presence refresh, state saves and re-joins run as tasks of the node.
+        """
+        # ---- HOOK: WebRTC session handling (next issue) --------------------------------
+        # A ``Peer`` object (dhtsignal/peer.py) will own the inbox listener and the
+        # signaling sessions. It is created from ``self.node``, ``self.identity`` and
+        # ``self.presence`` and lives exactly as long as this loop, e.g.:
+        #
+        #     async with Peer(self.node, self.identity, self.presence) as peer:
+        #         await stop.wait()
+        #
+        # Keep every other piece of the daemon's lifecycle out of this function.
+        # ---------------------------------------------------------------------------------
+        await stop.wait()
+
+    async def shutdown(self) -> None:
+        """Publish tombstones (bounded by :data:`SIGNOFF_BUDGET`), then save and close."""
+        if self.presence is not None:
+            presence, self.presence = self.presence, None
+            try:
+                await asyncio.wait_for(presence.stop(), SIGNOFF_BUDGET)
+            except TimeoutError:
+                log.warning("signing off took over %.1f s; records will expire", SIGNOFF_BUDGET)
+        await super().shutdown()
+
+
+@contextlib.asynccontextmanager
+async def client_node(settings: Settings, addrs: Sequence[Addr] = ()) -> AsyncIterator[DhtNode]:
+    """A short-lived client-mode node with a throwaway key, joined through ``addrs``.
+
+    :raises DhtTimeout: none of ``addrs`` answered.
+    :raises UsageError: the listen address cannot be bound.
+    """
+    node = DhtNode(routing_id(os.urandom(32)), settings.node_config(client_mode=True))
+    try:
+        await _listen(node, settings.listen)
+        began = time.monotonic()
+        if addrs and await join(node, addrs) == 0:
+            raise _unreachable(addrs, began)
+        yield node
+    finally:
+        await node.close()

@@ -1,0 +1,369 @@
+"""The ``dhtsignal`` commands as separate OS processes on 127.0.0.1.
+
+Daemons bind port 0 and announce their real address on their ready line; tests
+wait for that line (read by a thread, with a timeout), never for a fixed time.
+Every process is killed by PID in a fixture finalizer, also when a test fails.
+
+The module-scoped network is one bootstrap node, ten more bootstrap nodes that
+join it, and three peers: alice and bob in room ``lab``, carol (presence TTL
+3 s) in room ``ttl``. Tests that stop a peer come after the tests that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dhtsignal import __version__
+
+READY_TIMEOUT = 20.0
+RUN_TIMEOUT = 20.0
+COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status")
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DHTSIGNAL_")}
+    env["XDG_DATA_HOME"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Proc:
+    """A ``dhtsignal`` daemon process whose stdout lines are read by a thread.
+
+    :param args: arguments after ``python -m dhtsignal``.
+    :param workdir: where its stderr file goes.
+    :param env: its environment.
+    """
+
+    def __init__(self, args: list[str], workdir: Path, env: dict[str, str], name: str) -> None:
+        self.name = name
+        self.args = args
+        self.err_path = workdir / f"{name}.{time.monotonic_ns()}.stderr"
+        self._err = open(self.err_path, "wb")  # noqa: SIM115 (closed in kill())
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "dhtsignal", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        self.pid = self.popen.pid
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def stderr(self) -> str:
+        """What the process wrote to stderr so far."""
+        return self.err_path.read_text(errors="replace")
+
+    def ready(self, timeout: float = READY_TIMEOUT) -> dict[str, str]:
+        """Wait for the ready line; returns its ``key=value`` fields (and ``kind``)."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"{self.name}: no ready line in {timeout} s; stderr:\n{self.stderr()}")
+        if line is None:
+            self.popen.wait(5)
+            pytest.fail(
+                f"{self.name} exited with {self.popen.returncode} before it was ready; "
+                f"stderr:\n{self.stderr()}"
+            )
+        words = line.split()
+        assert words[0] == "ready", line
+        fields = dict(w.split("=", 1) for w in words[2:])
+        fields["kind"] = words[1]
+        return fields
+
+    def signal_and_wait(self, sig: int, timeout: float = 10.0) -> tuple[int, float]:
+        """Send ``sig``; returns the exit status and the seconds it took to exit."""
+        began = time.monotonic()
+        self.popen.send_signal(sig)
+        rc = self.popen.wait(timeout)
+        return rc, time.monotonic() - began
+
+    def kill(self) -> None:
+        """SIGKILL by PID (if still running) and reap."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        self._err.close()
+
+
+class Launcher:
+    """Starts daemons and one-shot commands; kills every daemon it started on cleanup."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.env = _env(workdir / "xdg")
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, *args: str) -> Proc:
+        proc = Proc(list(args), self.workdir, self.env, name)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dhtsignal", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    lau = Launcher(tmp_path_factory.mktemp("cli"))
+    try:
+        yield lau
+    finally:
+        lau.close()
+
+
+@pytest.fixture()
+def own_launcher(tmp_path: Path) -> Iterator[Launcher]:
+    lau = Launcher(tmp_path)
+    try:
+        yield lau
+    finally:
+        lau.close()
+
+
+@dataclass
+class Network:
+    entry: str
+    bootstraps: list[Proc]
+    peers: dict[str, Proc]
+    ready: dict[str, dict[str, str]]
+    lau: Launcher
+
+
+def _bootstrap(lau: Launcher, name: str, *extra: str) -> Proc:
+    data = lau.workdir / name
+    return lau.start(name, "bootstrap", "--listen", "127.0.0.1:0", "--data-dir", str(data), *extra)
+
+
+def _peer(lau: Launcher, name: str, entry: str, *extra: str) -> Proc:
+    data = lau.workdir / f"peer-{name}"
+    return lau.start(
+        name,
+        "peer",
+        *("--node-id", name, "--bootstrap", entry, "--listen", "127.0.0.1:0"),
+        *("--data-dir", str(data), *extra),
+    )
+
+
+@pytest.fixture(scope="module")
+def net(launcher: Launcher) -> Network:
+    first = _bootstrap(launcher, "b0")
+    entry = first.ready()["addr"]
+    others = [_bootstrap(launcher, f"b{i}", "--join", entry) for i in range(1, 11)]
+    ready = {"b0": {"addr": entry}}
+    for i, proc in enumerate(others, 1):
+        ready[f"b{i}"] = proc.ready()
+    second = ready["b5"]["addr"]
+    peers = {
+        "alice": _peer(launcher, "alice", entry, "--room", "lab", "--bootstrap", second),
+        "bob": _peer(launcher, "bob", entry, "--room", "lab"),
+        "carol": _peer(launcher, "carol", second, "--room", "ttl", "--presence-ttl", "3"),
+    }
+    for name, proc in peers.items():
+        ready[name] = proc.ready()
+    return Network(entry, [first, *others], peers, ready, launcher)
+
+
+def _one_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# -- tests against the shared network ------------------------------------------------------
+
+
+def test_every_daemon_announces_itself(net: Network) -> None:
+    ids = {net.ready[f"b{i}"]["id"] for i in range(1, 11)}
+    assert len(ids) == 10 and all(len(i) == 40 for i in ids)
+    alice = net.ready["alice"]
+    assert alice["kind"] == "peer" and alice["node_id"] == "alice" and len(alice["key"]) == 64
+    assert alice["addr"].startswith("127.0.0.1:")
+
+
+def test_peers_lists_the_room(net: Network) -> None:
+    res = net.lau.run("peers", "--bootstrap", net.entry, "--room", "lab", "--json")
+    assert res.returncode == 0, res.stderr
+    listed = {p["node_id"]: p for p in json.loads(res.stdout)}
+    assert set(listed) == {"alice", "bob"}
+    for name in ("alice", "bob"):
+        info = listed[name]
+        assert info["key"] == net.ready[name]["key"]
+        assert info["rooms"] == ["lab"]
+        host, port = net.ready[name]["addr"].split(":")
+        assert [host, int(port)] in info["addresses"]
+        assert 0 < info["expires_in"] <= 120
+
+    table = net.lau.run("peers", "--bootstrap", net.entry, "--room", "lab")
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN"]
+    assert sorted(r.split()[0] for r in rows) == ["alice", "bob"]
+    assert len({r.index(r.split()[1]) for r in rows}) == 1  # aligned key column
+
+
+def test_lookup_finds_alice(net: Network) -> None:
+    res = net.lau.run("lookup", "alice", "--bootstrap", net.entry, "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["node_id"] == "alice"
+    assert info["key"] == net.ready["alice"]["key"]
+    assert info["rooms"] == ["lab"]
+    plain = net.lau.run("lookup", "alice", "--bootstrap", net.entry)
+    assert plain.returncode == 0 and net.ready["alice"]["key"] in plain.stdout
+
+
+def test_lookup_of_unknown_id_exits_1(net: Network) -> None:
+    res = net.lau.run("lookup", "nobody-here", "--bootstrap", net.entry)
+    assert res.returncode == 1
+    assert "unknown" in _one_line(res.stderr)
+
+
+def test_second_key_cannot_claim_a_live_id(net: Network) -> None:
+    taker = _peer(net.lau, "alice", net.entry, "--data-dir", str(net.lau.workdir / "mallory"))
+    rc = taker.popen.wait(RUN_TIMEOUT)
+    assert rc == 1, taker.stderr()
+    assert "taken" in _one_line(taker.stderr())
+    res = net.lau.run("lookup", "alice", "--bootstrap", net.entry, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["key"] == net.ready["alice"]["key"]
+
+
+def test_changed_pinned_key_fails_loudly(net: Network) -> None:
+    pins = net.lau.workdir / "pins"
+    pins.write_text(f"alice {'ab' * 32}\n")
+    for cmd in (("lookup", "alice"), ("peers", "--room", "lab")):
+        res = net.lau.run(*cmd, "--bootstrap", net.entry, "--known-peers", str(pins))
+        assert res.returncode == 1, res.stdout
+        assert "pinned" in _one_line(res.stderr)
+
+
+def test_status_pings_a_node(net: Network) -> None:
+    res = net.lau.run("status", "--target", net.ready["b3"]["addr"], "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["id"] == net.ready["b3"]["id"] and out["rtt_ms"] > 0
+
+
+def test_sigterm_signs_a_peer_off_at_once(net: Network) -> None:
+    rc, seconds = net.peers["bob"].signal_and_wait(signal.SIGTERM)
+    assert rc == 0 and seconds < 2.5, (rc, seconds)
+    res = net.lau.run("lookup", "bob", "--bootstrap", net.entry)
+    assert res.returncode == 1
+    assert "offline" in _one_line(res.stderr)
+
+
+def test_killed_peer_expires_after_its_ttl(net: Network) -> None:
+    net.peers["carol"].kill()
+    killed = time.monotonic()
+    gone = False
+    for _ in range(10):
+        res = net.lau.run("lookup", "carol", "--bootstrap", net.entry, "--json")
+        if res.returncode == 1:
+            gone = True
+            break
+        assert res.returncode == 0, res.stderr
+        # Still listed: its record says when it expires; wait for that moment, then ask again.
+        remaining = json.loads(res.stdout)["expires_in"]
+        time.sleep(min(remaining + 0.2, 3.5))
+    assert gone, "carol is still online after her TTL"
+    assert "offline" in _one_line(res.stderr)
+    assert time.monotonic() - killed < 8.0
+
+
+# -- tests with their own processes ---------------------------------------------------------
+
+
+def test_restarted_bootstrap_serves_restored_records(own_launcher: Launcher) -> None:
+    lau = own_launcher
+    boot = _bootstrap(lau, "boot")
+    before = boot.ready()
+    dave = _peer(lau, "dave", before["addr"])
+    dave_key = dave.ready()["key"]
+    dave.kill()  # no tombstone: only the bootstrap node still holds dave's records
+    rc, seconds = boot.signal_and_wait(signal.SIGTERM)
+    assert rc == 0 and seconds < 2.5, (rc, seconds)
+
+    again = lau.start(
+        "boot2", "bootstrap", "--listen", before["addr"], "--data-dir", str(lau.workdir / "boot")
+    )
+    after = again.ready()
+    assert after == before  # same routing ID (identity kept) and address
+    res = lau.run("lookup", "dave", "--bootstrap", after["addr"], "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["key"] == dave_key
+    rc, seconds = again.signal_and_wait(signal.SIGINT)
+    assert rc == 0 and seconds < 2.5, (rc, seconds)
+
+
+def test_unreachable_bootstrap_fails_fast(own_launcher: Launcher) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        silent = f"127.0.0.1:{s.getsockname()[1]}"  # bound, never answers
+        began = time.monotonic()
+        res = own_launcher.run("lookup", "alice", "--bootstrap", silent)
+        elapsed = time.monotonic() - began
+        status = own_launcher.run("status", "--target", silent)
+    assert res.returncode == 1 and elapsed < 6.0
+    assert "no bootstrap node answered" in _one_line(res.stderr)
+    assert status.returncode == 1 and "no answer" in _one_line(status.stderr)
+
+
+def test_version_and_help_of_every_command(own_launcher: Launcher) -> None:
+    cases = [[], *([c] for c in COMMANDS)]
+    runs = [
+        (
+            flag,
+            subprocess.Popen(
+                [sys.executable, "-m", "dhtsignal", *c, flag],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=own_launcher.env,
+            ),
+        )
+        for c in cases
+        for flag in ("--version", "--help")
+    ]
+    for flag, p in runs:
+        out, err = p.communicate(timeout=RUN_TIMEOUT)
+        assert p.returncode == 0, err
+        if flag == "--version":
+            assert out.strip() == f"dhtsignal {__version__}"
+        else:
+            assert out.startswith("usage: dhtsignal") and "--version" in out
