@@ -229,6 +229,23 @@ def summarize(name: str, entry: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append(
                 (name, "memory per node ours / stock ratio", f"{m.get('ratio_full', 0):.2f}")
             )
+    elif name == "rendezvous" and isinstance(res.get("ways"), dict):
+        for way, w in res["ways"].items():
+            t = w.get("total_ms") if isinstance(w, dict) else None
+            if isinstance(t, dict) and "p50" in t:
+                fails = len(w.get("failures", []))
+                rows.append(
+                    (
+                        name,
+                        f"{way} total p50 (p90) ms",
+                        f"{t['p50']:.1f} ({t.get('p90', float('nan')):.1f})  n={t.get('n')} "
+                        f"failures={fails}",
+                    )
+                )
+        for pair, r in (res.get("ratios") or {}).items():
+            if isinstance(r, dict) and "p50" in r:
+                target = f"  target {r['target']}" if "target" in r else ""
+                rows.append((name, f"{pair} p50 ratio", f"{r['p50']:.2f}x{target}"))
     else:
         rows.extend(_generic(name, res))
     return rows
@@ -241,6 +258,8 @@ def _generic(name: str, res: Any, prefix: str = "", depth: int = 0) -> list[tupl
     for k, v in res.items():
         if len(rows) >= 12:
             break
+        if k in ("config", "params", "environment", "host"):
+            continue
         if isinstance(v, bool) or not isinstance(v, int | float | dict):
             continue
         if isinstance(v, dict):
