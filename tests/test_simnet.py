@@ -1,8 +1,8 @@
 """The simulated network: virtual time, and a 1,000-node DHT running the real node code.
 
-The network is built once per module (``sim`` fixture) on one virtual-time loop and
-kept across tests through an ``asyncio.Runner``; the crash test runs last because it
-removes nodes.
+The network is built once per module (``sim`` fixture) on one virtual-time loop,
+kept across tests by a :class:`~dhtsignal.testing.simnet.SimRunner`; the crash test
+runs last because it removes nodes.
 """
 
 from __future__ import annotations
@@ -176,6 +176,22 @@ def test_lossy_network_still_finds_values() -> None:
     _, hops, traffic = _small_run(6, 0.05)
     assert traffic.lost > 0
     assert None not in hops
+
+
+def test_bootstrap_over_slow_links() -> None:
+    async def main() -> tuple[int, int]:
+        # One-way 200 ms: every round trip (400 ms) outlasts the soft peer timeout.
+        net = await simnet.SimNetwork.build(100, simnet.SimConfig(seed=2, latency=(0.2, 0.2)))
+        node = net.add_node()
+        assert net.nodes[0].address is not None
+        size = await node.bootstrap([net.nodes[0].address])
+        res = await node.find_nodes(node.id)
+        await net.close()
+        return size, len(res.closest)
+
+    size, closest = simnet.run(main(), time_limit=PHASE_LIMIT)
+    assert size > 1
+    assert closest == 20
 
 
 @pytest.mark.slow

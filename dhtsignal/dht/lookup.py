@@ -200,10 +200,21 @@ class Lookup:
                     to_send.append(cand.contact)
         if to_send:
             return Query(to_send)
+        if waiting == 0 and self._overdue_needed(now):
+            return Wait(None)  # woken by their answer or their RPC's final failure
         if waiting == 0:
             self._done = True
             return self._finish()
         return Wait(earliest)
+
+    def _overdue_needed(self, now: float) -> bool:
+        """Whether to keep waiting for peers past the soft timeout: only while no peer has
+        answered (a slow link or a lost first try must not end a lookup empty); otherwise a
+        slow peer never delays a lookup beyond ``peer_timeout``."""
+        ok = any(c.state == _St.OK for c in self._order)
+        return not ok and any(
+            c.state == _St.INFLIGHT and c.sent_at + self.peer_timeout <= now for c in self._order
+        )
 
     def _finish(self) -> Finished:
         ok = [c for c in self._order if c.state == _St.OK][: self.k]
