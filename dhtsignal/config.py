@@ -19,9 +19,9 @@ table named after the command (``[peer]``, ``[lookup]``...), the environment,
 and the flags. A TOML file may hold settings of other commands (they are
 checked, then ignored), so one file can serve a daemon and the query commands;
 the environment is read only for the settings of the running command. Any bad
-value raises :class:`~dhtsignal.errors.ConfigError` naming the setting as the
-user wrote it (``--presence-ttl``, ``DHTSIGNAL_PRESENCE_TTL`` or
-``presence_ttl`` in the file).
+value, even one that a source of higher precedence overrides, raises
+:class:`~dhtsignal.errors.ConfigError` naming the setting as the user wrote it
+(``--presence-ttl``, ``DHTSIGNAL_PRESENCE_TTL`` or ``presence_ttl`` in the file).
 """
 
 from __future__ import annotations
@@ -303,6 +303,8 @@ def address_list() -> Kind:
                     out.append(one.from_text(entry))
                 except ValueError as exc:
                     raise ValueError(f"{file}:{n}: {exc}") from None
+        if not out:
+            raise ValueError(f"nodes file {file} lists no address")
         return tuple(out)
 
     def from_text(s: str) -> tuple[Addr, ...]:

@@ -122,7 +122,9 @@ async def _listen(node: DhtNode, addr: Addr) -> None:
     try:
         await node.listen_udp(*addr)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {show_addr(addr)}: {exc.strerror or exc}") from None
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # uvloop wraps it
+        reason = cause.strerror or str(cause)
+        raise UsageError(f"cannot listen on {show_addr(addr)}: {reason}") from None
 
 
 class DataDirLock:
