@@ -43,7 +43,7 @@ from types import TracebackType
 from typing import Any
 
 from dhtsignal.aio import rtc
-from dhtsignal.aio.node import DhtNode, parse_addr, routing_id
+from dhtsignal.aio.node import DhtNode, ignore_outcome, parse_addr, routing_id
 from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType, inbox_key
@@ -272,7 +272,7 @@ class Session:
         fut = self._sync_waiters.get(n)
         if fut is None:  # concurrent flushes of the same messages share one sync
             fut = asyncio.get_running_loop().create_future()
-            fut.add_done_callback(_ignore_outcome)
+            fut.add_done_callback(ignore_outcome)
             self._sync_waiters[n] = fut
             self._ctl_send({"t": "sync", "n": n})
         await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -495,7 +495,7 @@ class Peer:
         )
         for addr in direct[:_DIRECT_PUSH_ADDRS]:
             fut = self.node.request(addr, "ds_notify", self.node.ds_args(key, [rec.raw]))
-            fut.add_done_callback(_ignore_outcome)
+            fut.add_done_callback(ignore_outcome)
         if settled is None or not direct:
             return self.node.spawn(self.node.put([rec]), name="inbox-put")
         return self.node.spawn(self._store_unless(settled, rec), name="inbox-put")
@@ -806,11 +806,6 @@ class Peer:
 
 class _Superseded(Exception):
     """Glare: our offer gave way to the remote's; the answered session replaces it."""
-
-
-def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _put_ok(task: asyncio.Task[Any]) -> bool:

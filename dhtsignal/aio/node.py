@@ -37,7 +37,7 @@ from typing import Any
 from dhtsignal.dht import records
 from dhtsignal.dht.lookup import Finished, Lookup, Query
 from dhtsignal.dht.params import NodeConfig
-from dhtsignal.dht.records import Record
+from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.dht.routing import KIND_DS, KIND_STOCK, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
 from dhtsignal.dht.storage import Addr, LegacyStore, RecordStore, Subscriptions
@@ -117,7 +117,8 @@ class _Pending:
         self.started = started
 
 
-def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+def ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    """Done-callback that reads a future's exception so asyncio never logs it as unhandled."""
     if not fut.cancelled():
         fut.exception()
 
@@ -599,7 +600,9 @@ class DhtNode(asyncio.DatagramProtocol):
                 if fresh:
                     for listener in self.subs.listeners(key, now):
                         self._send_notify(listener, key, [r.raw])
-            stored += local_ok
+            # Our own copy proves nothing about a node-ID claim: only others' acceptance does.
+            if not any(r.kind in (RecordType.CLAIM, RecordType.PRESENCE) for r in recs):
+                stored += local_ok
         futs = [
             self.request(c.addr, "ds_store", self.ds_args(raws))
             for c in res.closest
@@ -617,9 +620,10 @@ class DhtNode(asyncio.DatagramProtocol):
                         refused[str(x)[:32]] += 1
             else:
                 refused["bad-reply"] += 1
+        if refused.get("id-taken"):
+            # One storing node holding another key's live claim is enough: the ID is taken.
+            raise NodeIdTaken("another key holds a live claim on this node id")
         if stored == 0:
-            if refused.get("id-taken"):
-                raise NodeIdTaken("another key holds a live claim on this node id")
             detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
             raise PutFailed(f"no node stored the record ({detail})")
         return PutResult(stored, dict(refused), res.hops)
@@ -642,7 +646,7 @@ class DhtNode(asyncio.DatagramProtocol):
             if deadline is None and any(not f.exception() for f in done):
                 deadline = loop.time() + self.config.store_wait
         for f in pending:
-            f.add_done_callback(_ignore_outcome)
+            f.add_done_callback(ignore_outcome)
         return [
             f.result()
             if f.done() and not f.cancelled() and f.exception() is None
