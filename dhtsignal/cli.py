@@ -2,7 +2,9 @@
 
 Commands: ``bootstrap`` and ``peer`` run daemons (:mod:`dhtsignal.daemon`);
 ``peers``, ``lookup`` and ``status`` run a short-lived client node, print, and
-exit. Settings come from flags, ``DHTSIGNAL_*`` variables and a TOML file
+exit; ``ping``, ``send`` and ``chat`` run a short-lived anonymous peer that opens
+one WebRTC session (:mod:`dhtsignal.dialing`); ``demo`` runs the embedded demo.
+Settings come from flags, ``DHTSIGNAL_*`` variables and a TOML file
 (:mod:`dhtsignal.config`).
 
 Exit status: 0 success; 1 the operation failed (unreachable, offline, taken,
@@ -32,6 +34,10 @@ COMMAND_HELP: dict[str, str] = {
     "peers": "list the online peers of a room",
     "lookup": "show one peer's presence (exit 1 if offline or unknown)",
     "status": "ping a node: print its routing ID and round-trip time (exit 1 if silent)",
+    "ping": "open a WebRTC session to a node ID and measure setup time and round trips",
+    "send": "deliver one message to a node ID (exit 0 once its daemon acknowledged it)",
+    "chat": "an interactive chat with a node ID over a WebRTC data channel",
+    "demo": "the embedded demo: a whole network on loopback, one dial, a timeline",
 }
 _DESCRIPTIONS: dict[str, str] = {
     "bootstrap": "Run a long-lived DHT node others join through. Prints one line "
@@ -45,6 +51,27 @@ _DESCRIPTIONS: dict[str, str] = {
     "with the reason on stderr if it is offline or unknown, or if its key differs from "
     "the one pinned in the known-peers file.",
     "status": "Ping the node at --target; prints its routing ID and the round-trip time.",
+    "ping": "Run a short-lived peer with a throwaway key, open a WebRTC session to NODE_ID "
+    "through the DHT, measure --count round trips over the data channel, and print the "
+    "setup time split into resolve, signaling, ICE and DTLS/SCTP, and the selected "
+    "candidate pair's types. Exit 1 with the reason on stderr if no session opens.",
+    "send": "Open a session to NODE_ID with a throwaway key, send TEXT, and exit 0 once the "
+    "receiving application acknowledged it (a peer daemon prints it as 'message from "
+    "NODE_ID: TEXT'). Exit 1 with the reason otherwise.",
+    "chat": "Open a session to NODE_ID; each line typed is sent, each message received is "
+    "printed. End of input (Ctrl-D) or the remote closing ends it.",
+    "demo": "On loopback only: start a bootstrap node, a few DHT nodes and two peers, dial "
+    "by node ID, exchange messages, and print a timeline with the measured setup time.",
+}
+#: Positional arguments of the commands that take them: (dest, metavar, help).
+POSITIONALS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "lookup": (("target_id", "NODE_ID", "label or self-certifying ID"),),
+    "ping": (("target_id", "NODE_ID", "label or self-certifying ID to dial"),),
+    "send": (
+        ("target_id", "NODE_ID", "label or self-certifying ID to dial"),
+        ("text", "TEXT", "the message"),
+    ),
+    "chat": (("target_id", "NODE_ID", "label or self-certifying ID to dial"),),
 }
 EPILOG = (
     "Every option can also be set in the environment (DHTSIGNAL_<OPTION>, lists "
@@ -87,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=EPILOG,
         )
         p.add_argument("--version", action="version", version=version)
-        if command == "lookup":
-            p.add_argument("lookup_id", metavar="NODE_ID", help="label or self-certifying ID")
+        for dest, metavar, text in POSITIONALS.get(command, ()):
+            p.add_argument(dest, metavar=metavar, help=text)
         config.add_arguments(p, command)
         p.add_argument(
             "--print-config",
@@ -105,6 +132,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     :param argv: arguments after the program name (default ``sys.argv[1:]``).
     :param environ: the environment (default ``os.environ``).
     """
+    try:
+        return _main(argv, environ)
+    except BrokenPipeError:  # stdout closed early (``dhtsignal peers | head``)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     env = os.environ if environ is None else environ
     try:
         ns = build_parser().parse_args(argv)
@@ -116,8 +152,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     command: str = ns.command
     try:
         settings = config.load(command, vars(ns), env)
-        if command == "lookup":
-            _check_node_id(ns.lookup_id)
+        if command in POSITIONALS:
+            _check_node_id(ns.target_id)
     except ConfigError as exc:
         _err(f"dhtsignal {command}: {exc}")
         return EXIT_USAGE
@@ -230,7 +266,7 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
 
     known = KnownPeers(settings.known_peers)
     async with client_node(settings, settings.bootstrap) as node:
-        info = await resolve(node, ns.lookup_id, known)
+        info = await resolve(node, ns.target_id, known)
     if settings.json:
         _out(json.dumps(info.to_json()))
         return 0
@@ -271,12 +307,75 @@ async def _status(settings: Settings, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _dialer_options(settings: Settings) -> dict[str, Any]:
+    """The :class:`~dhtsignal.peer.Peer` options of ``ping``, ``send`` and ``chat``."""
+    from dhtsignal.aio import rtc
+
+    rtc.use_host_addresses(list(settings.ice_host) or None)
+    return {
+        "listen": settings.listen,
+        "ice_servers": settings.ice_servers(),
+        "node_config": settings.node_config(client_mode=True),
+        "known_peers": settings.known_peers,
+    }
+
+
+async def _bootstrap_addrs(settings: Settings) -> list[tuple[str, int]]:
+    from dhtsignal.daemon import resolve_addrs
+
+    return await resolve_addrs(settings.bootstrap, settings.listen)
+
+
+async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal import dialing
+
+    return await dialing.ping(
+        ns.target_id,
+        await _bootstrap_addrs(settings),
+        count=settings.count,
+        as_json=settings.json,
+        emit=_out,
+        **_dialer_options(settings),
+    )
+
+
+async def _send(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal import dialing
+
+    return await dialing.send(
+        ns.target_id,
+        ns.text,
+        await _bootstrap_addrs(settings),
+        timeout=settings.ack_timeout,
+        emit=_out,
+        **_dialer_options(settings),
+    )
+
+
+async def _chat(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal import dialing
+
+    return await dialing.chat(
+        ns.target_id, await _bootstrap_addrs(settings), emit=_out, **_dialer_options(settings)
+    )
+
+
+async def _demo(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.demo import run_demo
+
+    return await run_demo(_out)
+
+
 _COMMANDS = {
     "bootstrap": _bootstrap,
     "peer": _peer,
     "peers": _peers,
     "lookup": _lookup,
     "status": _status,
+    "ping": _ping,
+    "send": _send,
+    "chat": _chat,
+    "demo": _demo,
 }
 
 

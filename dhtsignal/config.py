@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -44,10 +45,16 @@ from dhtsignal.dht.storage import Addr, StorageLimits
 from dhtsignal.errors import ConfigError
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status")
+COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status", "ping", "send", "chat", "demo")
 DAEMONS = frozenset({"bootstrap", "peer"})
 QUERIES = frozenset({"peers", "lookup"})
+#: Short-lived peers that open one session.
+DIALERS = frozenset({"ping", "send", "chat"})
+#: The commands that run WebRTC sessions.
+SESSIONS = DIALERS | {"peer"}
 ALL = frozenset(COMMANDS)
+#: The commands that run a DHT node of their own (``demo`` runs a whole network inside).
+NODES = ALL - {"demo"}
 ENV_PREFIX = "DHTSIGNAL_"
 #: The word that turns an optional file setting off (``--known-peers none``).
 NONE_WORD = "none"
@@ -336,6 +343,19 @@ def _label(what: str) -> Callable[[str], str]:
     return check
 
 
+def _ip(s: str) -> str:
+    try:
+        return str(ipaddress.ip_address(s))
+    except ValueError:
+        raise ValueError(f"{s!r} is not an IP address") from None
+
+
+def _ice_url(s: str) -> str:
+    if not s.startswith(("stun:", "turn:", "turns:")):
+        raise ValueError(f"{s!r} is not a stun:, turn: or turns: URL")
+    return s
+
+
 def _network(s: str) -> str:
     if len(s.encode()) > 64:
         raise ValueError("at most 64 bytes")
@@ -437,7 +457,7 @@ class Settings:
     """Threshold of the log messages written to stderr."""
     network: str = field(
         default=_NODE.network,
-        metadata=spec(text(_network, "NAME"), "network id (nodes must agree)"),
+        metadata=spec(text(_network, "NAME"), "network id (nodes must agree)", NODES),
     )
     """Network id carried by every RPC; nodes of other networks are ignored."""
     listen: Addr = field(
@@ -445,6 +465,7 @@ class Settings:
         metadata=spec(
             address(),
             "UDP address to bind",
+            NODES,
             per_command=_default_listen,
             default_help=f"0.0.0.0:{BOOTSTRAP_PORT} for bootstrap, 0.0.0.0:0 otherwise",
         ),
@@ -462,7 +483,7 @@ class Settings:
         metadata=spec(
             address_list(),
             "bootstrap node to join through (repeatable)",
-            frozenset({"peer", "peers", "lookup"}),
+            frozenset({"peer", "peers", "lookup"}) | DIALERS,
             required=True,
         ),
     )
@@ -546,7 +567,7 @@ class Settings:
         metadata=spec(
             path(optional=True),
             "pinned node-ID keys (like known_hosts); 'none' keeps pins in memory",
-            QUERIES,
+            QUERIES | DIALERS,
             per_command=_default_known_peers,
             default_help="$XDG_DATA_HOME/dhtsignal/known_peers",
         ),
@@ -555,20 +576,78 @@ class Settings:
     json: bool = field(
         default=False,
         metadata=spec(
-            boolean(), "print JSON instead of text", frozenset({"peers", "lookup", "status"})
+            boolean(),
+            "print JSON instead of text",
+            frozenset({"peers", "lookup", "status", "ping"}),
         ),
     )
     """Machine-readable output."""
+    count: int = field(
+        default=3,
+        metadata=spec(
+            integer(lo=0, hi=1000), "round trips to measure over the session", frozenset({"ping"})
+        ),
+    )
+    """Round trips ``ping`` measures over the control channel once the session is open."""
+    ack_timeout: float = field(
+        default=5.0,
+        metadata=spec(
+            number(lo=0.0, hi=300.0, lo_open=True),
+            "seconds to wait for the receiver's acknowledgement",
+            frozenset({"send"}),
+        ),
+    )
+    """How long ``send`` waits for the receiving application to acknowledge the message."""
+    accept: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(
+            listof(text(_label("node id"), "NODE_ID")),
+            "node ID allowed to open sessions (repeatable)",
+            frozenset({"peer"}),
+            default_help="anyone",
+        ),
+    )
+    """The accept policy: only these node IDs may open sessions; empty accepts anyone."""
+    ice_server: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(
+            listof(text(_ice_url, "URL")),
+            "STUN/TURN server URL, e.g. stun:HOST:PORT (repeatable)",
+            SESSIONS,
+            default_help="none: host candidates only",
+        ),
+    )
+    """STUN and TURN servers for ICE; aiortc's public default server is never used."""
+    ice_username: str | None = field(
+        default=None,
+        metadata=spec(text(), "username for the TURN servers", SESSIONS, default_help="none"),
+    )
+    """Username for every ``turn:``/``turns:`` server."""
+    ice_credential: str | None = field(
+        default=None,
+        metadata=spec(text(), "password for the TURN servers", SESSIONS, default_help="none"),
+    )
+    """Password for every ``turn:``/``turns:`` server."""
+    ice_host: tuple[str, ...] = field(
+        default=(),
+        metadata=spec(
+            listof(text(_ip, "IP")),
+            "gather ICE host candidates on this address only (repeatable)",
+            SESSIONS,
+            default_help="every interface",
+        ),
+    )
+    """Local IP addresses for ICE host candidates (e.g. 127.0.0.1 to stay on loopback)."""
     rpc_timeout: float = field(
         default=_NODE.rpc_timeout,
         metadata=spec(
-            number(lo=0.0, hi=60.0, lo_open=True), "seconds before an RPC is retried", ALL
+            number(lo=0.0, hi=60.0, lo_open=True), "seconds before an RPC is retried", NODES
         ),
     )
     """Seconds before one try of an RPC is retried (the wait grows with each try)."""
     rpc_retries: int = field(
         default=_NODE.rpc_retries,
-        metadata=spec(integer(lo=0, hi=10), "tries of an RPC after the first", ALL),
+        metadata=spec(integer(lo=0, hi=10), "tries of an RPC after the first", NODES),
     )
     """Tries of an RPC after the first before it fails."""
     rate_per_source: float = field(
@@ -625,6 +704,17 @@ class Settings:
                 for f in dataclasses.fields(StorageLimits)
             }
         )
+
+    def ice_servers(self) -> list[dict[str, Any]]:
+        """The ``ice_*`` settings as WebRTC-style server entries."""
+        out: list[dict[str, Any]] = []
+        for url in self.ice_server:
+            entry: dict[str, Any] = {"urls": url}
+            if not url.startswith("stun:"):
+                entry["username"] = self.ice_username
+                entry["credential"] = self.ice_credential
+            out.append(entry)
+        return out
 
     def node_config(self, *, client_mode: bool | None = None) -> NodeConfig:
         """The :class:`NodeConfig` these settings describe.

@@ -16,7 +16,10 @@ signal. :meth:`Daemon.run` goes through four phases:
    announces itself only after its records are published, so a reader that
    waits for the line finds it.
 3. *serve* until SIGTERM or SIGINT. Tasks owned by the node save the state every
-   ``save_interval`` seconds and re-join while the routing table is empty.
+   ``save_interval`` seconds and re-join while the routing table is empty. A peer
+   also accepts WebRTC sessions through a :class:`~dhtsignal.peer.Peer` attached to
+   its node (ping is answered by the session itself) and prints every message it
+   receives as ``message from NODE_ID: TEXT``.
 4. *shutdown*, bounded by :data:`SHUTDOWN_BUDGET` so the process exits within
    2 s: a peer publishes tombstones (offline for everyone at once), then the
    state is saved and the node closed.
@@ -37,7 +40,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dhtsignal.aio.node import DhtNode, routing_id
 from dhtsignal.config import Settings
@@ -45,6 +48,9 @@ from dhtsignal.dht.storage import Addr
 from dhtsignal.errors import DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
 from dhtsignal.presence import Presence, resolve
 from dhtsignal.signaling.identity import Identity
+
+if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
+    from dhtsignal.peer import Peer
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +173,8 @@ class Daemon:
     """A long-lived node process (see the module docstring for its phases).
 
     :param settings: the merged settings of the command.
-    :param ready: receives the ready line once the daemon serves.
+    :param ready: writes one line to stdout: the ready line once the daemon serves, and
+        (for a peer) each message received.
     """
 
     command = ""
@@ -332,6 +339,7 @@ class PeerDaemon(Daemon):
     def __init__(self, settings: Settings, ready: ReadyCallback) -> None:
         super().__init__(settings, ready)
         self.presence: Presence | None = None
+        self.peer: Peer | None = None
         self.node_id = settings.node_id or ""
 
     async def start(self) -> None:
@@ -367,6 +375,22 @@ class PeerDaemon(Daemon):
         if not await self._owns_node_id():
             raise taken
         log.info("published %s in rooms %s", self.node_id, ", ".join(s.room))
+        # Sessions: subscribed to the inbox before the ready line, so a dial right after it
+        # is heard.
+        from dhtsignal.aio import rtc
+        from dhtsignal.peer import Peer
+
+        rtc.use_host_addresses(list(s.ice_host) or None)
+        self.peer = Peer(
+            self.node_id,
+            node=node,
+            identity=self.identity,
+            accept=list(s.accept) or None,
+            ice_servers=s.ice_servers(),
+            known_peers=self.data_dir / "known_peers",
+            presence_ttl=s.presence_ttl,
+        )
+        await self.peer.start()
 
     async def _owns_node_id(self) -> bool:
         """Read our node ID back: does the DHT name our key as its owner?
@@ -396,20 +420,22 @@ class PeerDaemon(Daemon):
 
         Presence refresh, state saves and re-joins run as tasks of the node.
         """
-        # ---- HOOK: WebRTC session handling (next issue) --------------------------------
-        # A ``Peer`` object (dhtsignal/peer.py) will own the inbox listener and the
-        # signaling sessions. It is created from ``self.node``, ``self.identity`` and
-        # ``self.presence`` and lives exactly as long as this loop, e.g.:
-        #
-        #     async with Peer(self.node, self.identity, self.presence) as peer:
-        #         await stop.wait()
-        #
-        # Keep every other piece of the daemon's lifecycle out of this function.
-        # ---------------------------------------------------------------------------------
-        await stop.wait()
+        from dhtsignal.dialing import serve_sessions
+
+        assert self.peer is not None
+        serving = asyncio.create_task(serve_sessions(self.peer, self.ready), name="sessions")
+        try:
+            await stop.wait()
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
 
     async def shutdown(self) -> None:
-        """Publish tombstones (bounded by :data:`SIGNOFF_BUDGET`), then save and close."""
+        """Close the sessions, publish tombstones (bounded by :data:`SIGNOFF_BUDGET`), then
+        save and close."""
+        if self.peer is not None:
+            peer, self.peer = self.peer, None
+            await peer.close()
         if self.presence is not None:
             presence, self.presence = self.presence, None
             try:

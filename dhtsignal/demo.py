@@ -70,7 +70,8 @@ async def run_demo(emit: Callable[[str], None] = print, *, nodes: int = DHT_NODE
                 started = time.perf_counter()
                 session = await alice.connect("bob")
                 setup = (time.perf_counter() - started) * 1000
-                say(f"data channel open on both sides: setup {setup:.1f} ms, path {session.path}")
+                path = " -> ".join(session.path) if session.path else "unknown"
+                say(f"data channel open on both sides: setup {setup:.1f} ms, path {path}")
                 if session.phases is not None:
                     p = session.phases
                     say(

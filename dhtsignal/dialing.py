@@ -10,19 +10,24 @@ return an exit status and write their output through ``emit``; errors are raised
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from dhtsignal.peer import Peer, Session
+from dhtsignal.dht.storage import Addr
+from dhtsignal.errors import DhtTimeout
+from dhtsignal.peer import Peer, Session, SessionClosedError
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str], None]
+#: Seconds ``ping`` waits for one pong.
+RTT_TIMEOUT = 5.0
 
 
 def _ms(x: float | None) -> float:
@@ -31,7 +36,7 @@ def _ms(x: float | None) -> float:
 
 async def ping(
     target: str,
-    bootstrap: Sequence[str],
+    bootstrap: Sequence[str | Addr],
     *,
     count: int = 3,
     as_json: bool = False,
@@ -46,7 +51,10 @@ async def ping(
         started = time.perf_counter()
         session = await peer.connect(target)
         setup = time.perf_counter() - started
-        rtts = [await session.ping() for _ in range(count)]
+        try:
+            rtts = [await session.ping(RTT_TIMEOUT) for _ in range(count)]
+        except TimeoutError:
+            raise DhtTimeout(f"round trip to {target} (no pong)", RTT_TIMEOUT) from None
         p = session.phases
         result = {
             "node_id": target,
@@ -83,7 +91,7 @@ async def ping(
 async def send(
     target: str,
     text: str,
-    bootstrap: Sequence[str],
+    bootstrap: Sequence[str | Addr],
     *,
     timeout: float = 5.0,
     emit: Emit = print,
@@ -93,7 +101,10 @@ async def send(
     async with Peer(None, bootstrap, **peer_options) as peer:
         session = await peer.connect(target)
         await session.send(text)
-        await session.flush(timeout)
+        try:
+            await session.flush(timeout)
+        except TimeoutError:
+            raise DhtTimeout(f"acknowledgement from {target}", timeout) from None
         emit(f"delivered to {target}")
         await session.close()
     return 0
@@ -101,32 +112,68 @@ async def send(
 
 async def chat(
     target: str,
-    bootstrap: Sequence[str],
+    bootstrap: Sequence[str | Addr],
     *,
     emit: Emit = print,
+    lines: AsyncIterator[str] | None = None,
+    timeout: float = 5.0,
     **peer_options: Any,
 ) -> int:
-    """An interactive chat: lines from stdin go to ``target``, its messages are printed."""
-    loop = asyncio.get_running_loop()
+    """An interactive chat: each line typed goes to ``target``, its messages are printed.
+
+    Ends at the end of input (after the remote acknowledged every line, or ``timeout``
+    seconds) or when the remote closes the session.
+
+    :param lines: the lines to send (default: standard input).
+    """
     async with Peer(None, bootstrap, **peer_options) as peer:
         session = await peer.connect(target)
-        emit(f"connected to {target}; type messages, Ctrl-D to quit")
+        path = f" over {session.path[0]} -> {session.path[1]}" if session.path else ""
+        emit(f"connected to {target}{path}; type messages, end with Ctrl-D")
 
-        async def show() -> None:
+        async def typing() -> None:
+            async for line in lines if lines is not None else _stdin_lines():
+                await session.send(line)
+            with contextlib.suppress(TimeoutError):
+                await session.flush(timeout)
+
+        async def showing() -> None:
             async for message in session:
-                emit(f"{target}: {message if isinstance(message, str) else message.hex()}")
+                emit(f"{target}: {_text(message)}")
 
-        shower = asyncio.create_task(show())
+        tasks = {asyncio.create_task(typing()), asyncio.create_task(showing())}
         try:
-            while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
-                if not line:
-                    break
-                await session.send(line.rstrip("\n"))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None and not isinstance(exc, SessionClosedError):
+                    raise exc
+            if not session.is_open:
+                emit(f"{target} closed the session")
         finally:
-            shower.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await session.close()
     return 0
+
+
+async def _stdin_lines() -> AsyncIterator[str]:
+    """Lines of standard input without their newline, read without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except (ValueError, OSError):  # a regular file: reading it never blocks for long
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+        return
+    while raw := await reader.readline():
+        yield raw.decode("utf-8", "replace").rstrip("\n")
+
+
+def _text(message: bytes | str) -> str:
+    return message if isinstance(message, str) else message.decode("utf-8", "replace")
 
 
 async def serve_sessions(peer: Peer, emit: Emit = print) -> None:
@@ -137,8 +184,9 @@ async def serve_sessions(peer: Peer, emit: Emit = print) -> None:
 
     async def one(session: Session) -> None:
         async for message in session:
-            text = message if isinstance(message, str) else message.decode("utf-8", "replace")
-            emit(f"message from {session.remote_id}: {text}")
+            # One line per message, whatever it holds.
+            line = _text(message).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+            emit(f"message from {session.remote_id}: {line}")
 
     try:
         async for session in peer.incoming():

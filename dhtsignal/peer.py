@@ -37,7 +37,7 @@ import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -333,6 +333,11 @@ class Peer:
     :param presence_ttl: lifetime of our presence records, seconds.
     :param node_config: DHT parameters.
     :param known_peers: the pin file (default ``data_dir/known_peers`` if a data dir is given).
+    :param node: a DHT node that someone else owns, already bound and joined (the peer
+        daemon's). The peer then only handles sessions: :meth:`start` subscribes to the
+        inbox, and :meth:`close` closes the sessions but neither the node nor any presence
+        (the owner publishes and withdraws it). Requires ``identity``.
+    :param identity: the key pair to use instead of the one in ``data_dir`` (or a fresh one).
     """
 
     def __init__(
@@ -350,7 +355,11 @@ class Peer:
         claim_ttl: float = 3600.0,
         node_config: NodeConfig | None = None,
         known_peers: str | Path | None = None,
+        node: DhtNode | None = None,
+        identity: Identity | None = None,
     ) -> None:
+        if node is not None and identity is None:
+            raise UsageError("Peer(node=...) needs the identity the node's records are signed with")
         if node_id is not None:
             records.check_label(node_id)
         self.node_id = node_id
@@ -363,15 +372,19 @@ class Peer:
         self.timeouts = timeouts or SessionTimeouts()
         self.presence_ttl = presence_ttl
         self.claim_ttl = claim_ttl
-        self.identity = (
-            Identity.load_or_create(self.data_dir) if self.data_dir else Identity.generate()
-        )
-        cfg = node_config or NodeConfig()
-        if node_id is None and not cfg.client_mode:
-            from dataclasses import replace
-
-            cfg = replace(cfg, client_mode=True)
-        self.node = DhtNode(routing_id(self.identity.public_key), cfg)
+        if identity is not None:
+            self.identity = identity
+        elif self.data_dir is not None:
+            self.identity = Identity.load_or_create(self.data_dir)
+        else:
+            self.identity = Identity.generate()
+        self._owns_node = node is None
+        if node is None:
+            cfg = node_config or NodeConfig()
+            if node_id is None and not cfg.client_mode:
+                cfg = replace(cfg, client_mode=True)
+            node = DhtNode(routing_id(self.identity.public_key), cfg)
+        self.node = node
         pins = Path(known_peers) if known_peers else None
         if pins is None and self.data_dir is not None:
             pins = self.data_dir / "known_peers"
@@ -385,6 +398,7 @@ class Peer:
         self._sessions: set[Session] = set()
         self._pending_incoming = 0
         self._resolved: dict[str, tuple[float, PeerInfo]] = {}
+        self._inbox_task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
 
@@ -406,6 +420,10 @@ class Peer:
         :raises NodeIdTaken: another key holds our node ID.
         :raises DhtSignalError: no bootstrap node answered.
         """
+        if not self._owns_node:
+            await self._listen_inbox()
+            self._started = True
+            return
         await self.node.listen_udp(*self.listen_addr)
         if self.bootstrap_addrs:
             joined = await self.node.bootstrap(self.bootstrap_addrs)
@@ -413,7 +431,7 @@ class Peer:
                 await self.node.close()
                 addrs = ", ".join(f"{h}:{p}" for h, p in self.bootstrap_addrs)
                 raise PeerNotFound(f"no bootstrap node answered ({addrs})")
-        self.node.spawn(self._inbox_loop(), name="inbox")
+        await self._listen_inbox()
         if self.node_id is not None:
             self.presence = Presence(
                 self.node,
@@ -442,7 +460,11 @@ class Peer:
                 log.debug("sign-off incomplete: %s", exc)
         for s in list(self._sessions):
             await s.close()
-        await self.node.close()
+        if self._owns_node:
+            await self.node.close()
+        elif self._inbox_task is not None:
+            self._inbox_task.cancel()
+            await asyncio.gather(self._inbox_task, return_exceptions=True)
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -518,6 +540,12 @@ class Peer:
             if [a[0], a[1]] not in out:
                 out.append([a[0], a[1]])
         return out[:3]
+
+    async def _listen_inbox(self) -> None:
+        self._inbox_task = self.node.spawn(self._inbox_loop(), name="inbox")
+        # One turn of the loop: the inbox task registers its local listener before we
+        # return, so an envelope pushed right after start() is not missed.
+        await asyncio.sleep(0)
 
     async def _inbox_loop(self) -> None:
         # initial=False: records already stored are for a previous run of this key.
@@ -621,7 +649,7 @@ class Peer:
     ) -> None:
         self._pending_incoming += 1
         loop = asyncio.get_running_loop()
-        machine = SessionMachine(loop.time(), caller=False, timeouts=self.timeouts)
+        machine = SessionMachine(time.monotonic(), caller=False, timeouts=self.timeouts)
         pc = None
         try:
             offer, x, label = body.get("sdp"), body.get("x"), body.get("id", "")
@@ -661,7 +689,7 @@ class Peer:
                 direct,
                 opened,
             )
-            machine.answer_sent(loop.time())
+            machine.answer_sent(time.monotonic())
             try:
                 await self._open(session, machine)
             finally:
@@ -691,12 +719,11 @@ class Peer:
         :raises ConnectFailed: ICE or DTLS failed or the deadline passed, with the
             candidate types gathered and tried.
         """
-        loop = asyncio.get_running_loop()
         deadline = machine.deadline
-        remaining = self.timeouts.connect if deadline is None else deadline - loop.time()
+        remaining = self.timeouts.connect if deadline is None else deadline - time.monotonic()
         ice_at = await rtc.wait_open(session._pc, [session.data, session.ctl], max(0.1, remaining))
         machine.ice_connected(ice_at)
-        machine.channel_open(loop.time())
+        machine.channel_open(time.monotonic())
         session.phases = machine.phases
         session.path = rtc.selected_pair(session._pc)
 
@@ -732,14 +759,14 @@ class Peer:
             raise UsageError("start the peer first (async with Peer(...) as peer)")
         loop = asyncio.get_running_loop()
         t = self.timeouts
-        machine = SessionMachine(loop.time(), caller=True, timeouts=t)
+        machine = SessionMachine(time.monotonic(), caller=True, timeouts=t)
         try:
             info = await asyncio.wait_for(self._resolve(node_id), t.resolve)
         except TimeoutError:
             raise DialFailed(
                 node_id, "resolve-timeout", f"could not resolve within {t.resolve:.1f} s"
             ) from None
-        machine.resolved(loop.time())
+        machine.resolved(time.monotonic())
         options = ChannelOptions(ordered, max_retransmits, max_packet_life_time)
         session_id = os.urandom(8)
         dial = _Dial(info.public_key, session_id, loop.create_future())
@@ -767,8 +794,8 @@ class Peer:
                 info.addresses,
                 dial.answer,
             )
-            machine.offer_sent(loop.time())
-            remaining = max(0.1, (machine.deadline or loop.time()) - loop.time())
+            machine.offer_sent(time.monotonic())
+            remaining = max(0.1, (machine.deadline or time.monotonic()) - time.monotonic())
             try:
                 _, answer = await asyncio.wait_for(dial.answer, remaining)
             except _Superseded:
@@ -792,7 +819,7 @@ class Peer:
             if sdp_type != "answer":
                 raise DialFailed(node_id, "bad-answer", "answer is not an SDP answer")
             await rtc.apply_remote(pc, sdp_text, "answer")
-            machine.answer_received(loop.time())
+            machine.answer_received(time.monotonic())
             await self._open(session, machine)
         except BaseException:
             self._resolved.pop(node_id, None)

@@ -5,8 +5,10 @@ wait for that line (read by a thread, with a timeout), never for a fixed time.
 Every process is killed by PID in a fixture finalizer, also when a test fails.
 
 The module-scoped network is one bootstrap node, ten more bootstrap nodes that
-join it, and three peers: alice and bob in room ``lab``, carol (presence TTL
-3 s) in room ``ttl``. Tests that stop a peer come after the tests that need it.
+join it, and four peers: alice and bob in room ``lab``, carol (presence TTL
+3 s) in room ``ttl``, and dave, who accepts sessions from alice only. Tests that
+stop a peer come after the tests that need it. Every WebRTC session (``ping``,
+``send``, ``chat``) gathers ICE candidates on 127.0.0.1 only (``--ice-host``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,9 @@ from dhtsignal import __version__
 
 READY_TIMEOUT = 20.0
 RUN_TIMEOUT = 20.0
-COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status")
+COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status", "ping", "send", "chat", "demo")
+#: Options of every command that opens a session: stay on loopback, pin nothing on disk.
+LOOPBACK_RTC = ("--listen", "127.0.0.1:0", "--ice-host", "127.0.0.1", "--known-peers", "none")
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -93,6 +97,20 @@ class Proc:
         fields["kind"] = words[1]
         return fields
 
+    def line_matching(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        """Wait for the next stdout line that ``predicate`` accepts (earlier ones are skipped)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"{self.name} exited; stderr:\n{self.stderr()}")
+            if predicate(line):
+                return line
+        pytest.fail(f"{self.name}: no matching line in {timeout} s; stderr:\n{self.stderr()}")
+
     def signal_and_wait(self, sig: int, timeout: float = 10.0) -> tuple[int, float]:
         """Send ``sig``; returns the exit status and the seconds it took to exit."""
         began = time.monotonic()
@@ -123,14 +141,25 @@ class Launcher:
         self.procs.append(proc)
         return proc
 
-    def run(self, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = RUN_TIMEOUT, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        if input is None:
+            return subprocess.run(
+                [sys.executable, "-m", "dhtsignal", *args],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         return subprocess.run(
             [sys.executable, "-m", "dhtsignal", *args],
             capture_output=True,
             text=True,
             env=self.env,
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            input=input,
         )
 
     def close(self) -> None:
@@ -176,7 +205,7 @@ def _peer(lau: Launcher, name: str, entry: str, *extra: str) -> Proc:
         name,
         "peer",
         *("--node-id", name, "--bootstrap", entry, "--listen", "127.0.0.1:0"),
-        *("--data-dir", str(data), *extra),
+        *("--data-dir", str(data), "--ice-host", "127.0.0.1", *extra),
     )
 
 
@@ -193,6 +222,7 @@ def net(launcher: Launcher) -> Network:
         "alice": _peer(launcher, "alice", entry, "--room", "lab", "--bootstrap", second),
         "bob": _peer(launcher, "bob", entry, "--room", "lab"),
         "carol": _peer(launcher, "carol", second, "--room", "ttl", "--presence-ttl", "3"),
+        "dave": _peer(launcher, "dave", second, "--room", "private", "--accept", "alice"),
     }
     for name, proc in peers.items():
         ready[name] = proc.ready()
@@ -279,11 +309,97 @@ def test_status_pings_a_node(net: Network) -> None:
     assert out["id"] == net.ready["b3"]["id"] and out["rtt_ms"] > 0
 
 
+# -- WebRTC sessions through the commands ---------------------------------------------------
+
+
+def _message_from(text: str) -> Callable[[str], bool]:
+    return lambda line: line.startswith("message from ") and line.endswith(f": {text}")
+
+
+def test_ping_opens_a_session_and_measures(net: Network) -> None:
+    res = net.lau.run("ping", "bob", "--bootstrap", net.entry, "--json", *LOOPBACK_RTC)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["setup_ms"] > 0 and len(out["rtt_ms"]) == 3
+    assert all(0 < r < 1000 for r in out["rtt_ms"])
+    assert out["path"] == {"local": "host", "remote": "host"}
+    phases = out["phases_ms"]
+    assert set(phases) == {"resolve", "signaling", "ice", "dtls_sctp"}
+    assert sum(phases.values()) <= out["setup_ms"] + 5  # the split adds up to the whole
+
+    text = net.lau.run("ping", "bob", "--bootstrap", net.entry, "--count", "1", *LOOPBACK_RTC)
+    assert text.returncode == 0, text.stderr
+    first, path, rtt, *_ = text.stdout.splitlines()
+    assert first.startswith("connected to bob in ") and "DTLS/SCTP" in first
+    assert path == "path: host -> host" and rtt.startswith("rtt 1: ")
+
+
+def test_send_is_acknowledged_and_printed_by_the_daemon(net: Network) -> None:
+    res = net.lau.run(
+        "send", "bob", "hello bob\nsecond line", "--bootstrap", net.entry, *LOOPBACK_RTC
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "delivered to bob"
+    # Acknowledged means bob's daemon has it: the line follows at once.
+    line = net.peers["bob"].line_matching(_message_from("hello bob\\nsecond line"), 5.0)
+    sender = line.split()[2].rstrip(":")
+    assert len(sender) == 40  # a throwaway key: its self-certifying ID
+
+
+def test_five_concurrent_sessions(net: Network) -> None:
+    texts = [f"concurrent {i}" for i in range(5)]
+    with ThreadPoolExecutor(5) as pool:
+        runs = [
+            pool.submit(net.lau.run, "send", "alice", t, "--bootstrap", net.entry, *LOOPBACK_RTC)
+            for t in texts
+        ]
+        results = [r.result() for r in runs]
+    assert [r.returncode for r in results] == [0] * 5, [r.stderr for r in results]
+    seen = {net.peers["alice"].line_matching(lambda ln: "concurrent" in ln, 5.0) for _ in texts}
+    assert {ln.rsplit(": ", 1)[1] for ln in seen} == set(texts)
+
+
+def test_chat_sends_typed_lines(net: Network) -> None:
+    res = net.lau.run(
+        "chat", "bob", "--bootstrap", net.entry, *LOOPBACK_RTC, input="typed one\ntyped two\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("connected to bob over host -> host")
+    bob = net.peers["bob"]
+    bob.line_matching(_message_from("typed one"), 5.0)
+    bob.line_matching(_message_from("typed two"), 5.0)
+
+
+def test_accept_policy_refuses_others_with_a_reason(net: Network) -> None:
+    began = time.monotonic()
+    res = net.lau.run("ping", "dave", "--bootstrap", net.entry, *LOOPBACK_RTC)
+    elapsed = time.monotonic() - began
+    assert res.returncode == 1
+    assert "not accepted" in _one_line(res.stderr) and elapsed < 5.0
+
+
+def test_ping_of_unknown_node_fails_within_3_s(net: Network) -> None:
+    began = time.monotonic()
+    res = net.lau.run("ping", "nobody-here", "--bootstrap", net.entry, *LOOPBACK_RTC)
+    elapsed = time.monotonic() - began
+    assert res.returncode == 1 and elapsed < 3.0, (res.returncode, elapsed)
+    assert "unknown" in _one_line(res.stderr)
+
+
 def test_sigterm_signs_a_peer_off_at_once(net: Network) -> None:
     rc, seconds = net.peers["bob"].signal_and_wait(signal.SIGTERM)
     assert rc == 0 and seconds < 2.5, (rc, seconds)
     res = net.lau.run("lookup", "bob", "--bootstrap", net.entry)
     assert res.returncode == 1
+    assert "offline" in _one_line(res.stderr)
+
+
+def test_ping_of_offline_node_fails_within_3_s(net: Network) -> None:
+    began = time.monotonic()
+    res = net.lau.run("ping", "bob", "--bootstrap", net.entry, "--json", *LOOPBACK_RTC)
+    elapsed = time.monotonic() - began
+    assert res.returncode == 1 and elapsed < 3.0, (res.returncode, elapsed)
+    assert res.stdout == ""
     assert "offline" in _one_line(res.stderr)
 
 
@@ -345,6 +461,17 @@ def test_unreachable_bootstrap_fails_fast(own_launcher: Launcher) -> None:
     assert res.returncode == 1 and elapsed < 6.0
     assert "no bootstrap node answered" in _one_line(res.stderr)
     assert ping.returncode == 1 and "no answer" in _one_line(ping.stderr)
+
+
+def test_demo_command_runs_the_embedded_network(own_launcher: Launcher) -> None:
+    began = time.monotonic()
+    res = own_launcher.run("demo")
+    elapsed = time.monotonic() - began
+    assert res.returncode == 0, res.stderr
+    assert elapsed < 10.0
+    out = res.stdout
+    assert "data channel open on both sides: setup " in out and "path host -> host" in out
+    assert "alice received: 'echo: hello bob'" in out
 
 
 def test_version_and_help_of_every_command(own_launcher: Launcher) -> None:

@@ -222,6 +222,31 @@ BAD_CASES = [
     ("missing-required", ["lookup", "alice"], {}, None, "bootstrap"),
     ("bad-lookup-id", ["lookup", "not valid", "--bootstrap", ENTRY], {}, None, "NODE_ID"),
     ("unknown-flag", ["peers", "--bootstrap", ENTRY, "--colour"], {}, None, "--colour"),
+    ("flag-bad-count", ["ping", "bob", "--bootstrap", ENTRY, "--count", "-1"], {}, None, "--count"),
+    (
+        "flag-bad-ice-server",
+        ["send", "bob", "hi", "--bootstrap", ENTRY, "--ice-server", "http://x"],
+        {},
+        None,
+        "--ice-server",
+    ),
+    (
+        "env-bad-ice-host",
+        ["chat", "bob", "--bootstrap", ENTRY],
+        {"DHTSIGNAL_ICE_HOST": "localhost"},
+        None,
+        "DHTSIGNAL_ICE_HOST",
+    ),
+    (
+        "flag-bad-accept",
+        ["peer", "--bootstrap", ENTRY, "--accept", "a b"],
+        {},
+        None,
+        "--accept",
+    ),
+    ("bad-ping-id", ["ping", "a/b", "--bootstrap", ENTRY], {}, None, "NODE_ID"),
+    ("send-without-text", ["send", "bob", "--bootstrap", ENTRY], {}, None, "TEXT"),
+    ("ping-needs-bootstrap", ["ping", "bob"], {}, None, "bootstrap"),
     ("unknown-command", ["serve"], {}, None, "serve"),
 ]
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,7 +137,7 @@ class PeerConnection(RTCPeerConnection):
 
     def _on_ice_state(self) -> None:
         if self.iceConnectionState == "completed":
-            self.ice_connected_at = asyncio.get_running_loop().time()
+            self.ice_connected_at = time.monotonic()
 
 
 def rtc_configuration(ice_servers: Sequence[IceServerSpec]) -> RTCConfiguration:
@@ -250,7 +251,7 @@ async def wait_open(
     :param pc: the connection, its remote description applied.
     :param channels: the channels that must open.
     :param timeout: seconds to wait at most.
-    :returns: the event-loop time at which ICE connected.
+    :returns: the time.monotonic() at which ICE connected.
     :raises ConnectFailed: on ICE or DTLS failure (``ice-failed``, ``dtls-failed``), on
         closure (``closed``) or when ``timeout`` runs out (``timeout``).
     """
