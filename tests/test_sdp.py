@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import string
 from collections.abc import Iterator
@@ -12,11 +13,16 @@ import aioice.ice
 import msgpack
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from dhtsignal.dht import records
+from dhtsignal.dht.records import RecordType, inbox_key
 from dhtsignal.errors import ProtocolError, UsageError
-from dhtsignal.signaling import sdp
+from dhtsignal.signaling import envelope, sdp
+from dhtsignal.signaling.envelope import Kind
+from dhtsignal.signaling.identity import Identity
+from dhtsignal.wire import codec
 
 ICE_CHARS = string.ascii_letters + string.digits + "+/"
 
@@ -102,14 +108,72 @@ def aiortc_like(draw: st.DrawFn) -> tuple[str, str, dict[str, object]]:
 @given(aiortc_like())
 def test_round_trip_keeps_every_field(case: tuple[str, str, dict[str, object]]) -> None:
     text, type_, fields = case
+    original = sdp.Description.parse(text, type_)
+    assume(len(original.pack()) <= sdp.MAX_BLOB)  # larger ones: see the trimming test
     blob = sdp.compact(text, type_)
     expanded_type, expanded = sdp.expand(blob)
     assert expanded_type == type_
     assert sdp.compact(expanded, expanded_type) == blob
-    original = sdp.Description.parse(text, type_)
     assert sdp.Description.parse(expanded, expanded_type) == original
     assert [c.to_sdp() for c in original.candidates] == fields.pop("candidates")
     assert {name: getattr(original, name) for name in fields} == fields
+
+
+@given(aiortc_like(), st.integers(200, sdp.MAX_BLOB))
+def test_too_large_descriptions_lose_their_least_preferred_candidates(
+    case: tuple[str, str, dict[str, object]], limit: int
+) -> None:
+    text, type_, _ = case
+    original = sdp.Description.parse(text, type_)
+    try:
+        blob = sdp.compact(text, type_, limit)
+    except UsageError:  # even without candidates it does not fit
+        assert len(dataclasses.replace(original, candidates=()).pack()) > limit
+        return
+    assert len(blob) <= limit
+    kept = sdp.Description.unpack(blob)
+    assert dataclasses.replace(kept, candidates=()) == dataclasses.replace(original, candidates=())
+    # The kept candidates are the original's in their order, and none dropped is preferred.
+    it = iter(original.candidates)
+    assert all(any(c == o for o in it) for c in kept.candidates)
+    dropped = [c for c in original.candidates if c not in kept.candidates]
+    if dropped and kept.candidates:
+        assert max(c.priority for c in dropped) <= min(c.priority for c in kept.candidates)
+    if len(original.pack()) <= limit:
+        assert kept == original
+
+
+def test_largest_offer_body_fits_an_inbox_record() -> None:
+    """MAX_BLOB is chosen so the worst-case offer still fits one signed INBOX record."""
+    sender, recipient = Identity.generate(), Identity.generate()
+    widest_ip = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+    body = {
+        "sdp": b"\xff" * sdp.MAX_BLOB,
+        "x": bytes(32),
+        "id": "a" * 64,
+        "dht": [[widest_ip, 65535]] * 3,
+        "ch": [True, 65535, 65535],
+    }
+    now = 2.0e9
+    blob = envelope.seal(
+        sender,
+        recipient.public_key,
+        recipient.x25519_public,
+        bytes(8),
+        Kind.OFFER,
+        codec.pack(body),
+        now,
+    )
+    rec = records.sign(
+        sender,
+        RecordType.INBOX,
+        inbox_key(recipient.public_key),
+        blob,
+        seq=2**62,
+        expires=now + 60,
+        sub=bytes(8) + bytes([int(Kind.OFFER)]),
+    )
+    assert len(rec.raw) <= records.MAX_RECORD
 
 
 def _expand_or_refuse(blob: bytes) -> None:

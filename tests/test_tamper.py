@@ -425,13 +425,6 @@ def with_candidates(text: str, n: int) -> str:
     return text.replace(line.group(0), many)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecordRejected,
-    reason="bug: sdp.expand accepts compact offers (MAX_BLOB 1200 bytes, MAX_CANDIDATES 16) "
-    "far larger than fit an INBOX record (~690 bytes of SDP); connect() then raises "
-    "RecordRejected('oversized') instead of sending the offer or failing with DialFailed",
-)
 @pytest.mark.timeout(20)
 async def test_largest_valid_compact_offer_fits_an_inbox_record(
     net: Net, monkeypatch: pytest.MonkeyPatch
@@ -443,13 +436,10 @@ async def test_largest_valid_compact_offer_fits_an_inbox_record(
         text = await real(pc, offer=True)
     finally:
         await pc.close()
-    # The most IPv6 srflx candidates whose compact offer sdp.expand() still accepts.
-    n = max(
-        k
-        for k in range(1, sdp.MAX_CANDIDATES + 1)
-        if len(sdp.compact(with_candidates(text, k), "offer")) <= sdp.MAX_BLOB
-    )
-    assert n >= 12
+    # As many IPv6 srflx candidates as a description may list: far more than fit a record.
+    n = sdp.MAX_CANDIDATES
+    full = sdp.Description.parse(with_candidates(text, n), "offer")
+    assert len(full.pack()) > sdp.MAX_BLOB
     sdp.expand(sdp.compact(with_candidates(text, n), "offer"))
 
     async def inflated(pc: Any, *, offer: bool) -> str:

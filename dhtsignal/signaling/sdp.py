@@ -28,10 +28,15 @@ range and alphabet (so nothing can inject SDP lines) and turns any defect into
 :class:`~dhtsignal.errors.ProtocolError`; then it renders the minimal SDP that aiortc's
 ``setRemoteDescription`` accepts, always with ``a=end-of-candidates`` since aiortc sends
 no trickled candidates. Expanding and compacting again yields the same bytes.
+
+A description that would exceed :data:`MAX_BLOB` (a host with many addresses, say)
+loses its least preferred candidates, lowest ICE priority first, until it fits: the
+remote side still gets the best paths, and the envelope still fits its record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import re
@@ -46,8 +51,12 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 1
 """Version of the compact layout; the first element of every blob."""
-MAX_BLOB = 1200
-"""A compact description never exceeds one datagram."""
+MAX_BLOB = 560
+"""The largest compact description: an offer this size, sealed with the largest offer
+body (a 64-character node ID, three IPv6 DHT addresses) into a signed INBOX record,
+stays within one record (:data:`dhtsignal.dht.records.MAX_RECORD`, 1200 bytes).
+:func:`compact` drops the least preferred candidates of a larger one; :func:`expand`
+refuses a larger blob."""
 MAX_CANDIDATES = 16
 """Bound on candidates per description, far above what aiortc gathers (a host and at most
 one server-reflexive candidate per local address, one relayed candidate)."""
@@ -302,14 +311,36 @@ class Description:
         return "\r\n".join(lines) + "\r\n"
 
 
-def compact(sdp: str, type: str) -> bytes:
-    """Pack a local data-channel-only SDP into its compact form.
+def compact(sdp: str, type: str, max_bytes: int = MAX_BLOB) -> bytes:
+    """Pack a local data-channel-only SDP into its compact form of at most ``max_bytes``.
+
+    Candidates beyond :data:`MAX_CANDIDATES`, and then the least preferred ones (lowest
+    ICE priority) while the blob is too large, are left out.
 
     :param sdp: the SDP text of aiortc's local description.
     :param type: ``"offer"`` or ``"answer"``.
-    :raises UsageError: if the SDP is not a single data-channel description.
+    :param max_bytes: the size limit.
+    :raises UsageError: if the SDP is not a single data-channel description, or does not
+        fit ``max_bytes`` even without candidates.
     """
-    return Description.parse(sdp, type).pack()
+    description = Description.parse(sdp, type)
+    kept = sorted(description.candidates, key=lambda c: -c.priority)[:MAX_CANDIDATES]
+    while True:
+        trimmed = dataclasses.replace(
+            description, candidates=tuple(c for c in description.candidates if c in kept)
+        )
+        blob = trimmed.pack()
+        if len(blob) <= max_bytes:
+            break
+        if not kept:
+            raise UsageError(
+                f"the {type} takes {len(blob)} bytes without candidates, over {max_bytes}"
+            )
+        kept.pop()
+    dropped = len(description.candidates) - len(trimmed.candidates)
+    if dropped:
+        logger.info("%s: left out %d least preferred ICE candidate(s) to fit", type, dropped)
+    return blob
 
 
 def expand(blob: bytes) -> tuple[str, str]:
