@@ -34,6 +34,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -82,6 +83,12 @@ MAX_PENDING_INCOMING = 32
 #: Inbox records remembered to drop the second copy (direct push and DHT push).
 MAX_SEEN = 4096
 _DIRECT_PUSH_ADDRS = 2
+#: An SDP with at least one candidate line.
+_CANDIDATE_LINE = re.compile(r"^a=candidate:", re.M)
+NO_CANDIDATES = (
+    "gathered no ICE candidates: no usable local address and no STUN/TURN server answered "
+    "(check the ICE host addresses and the TURN credentials)"
+)
 
 
 class DialFailed(RemoteError):
@@ -679,6 +686,12 @@ class Peer:
             )
             await rtc.apply_remote(pc, sdp_text, "offer")
             answer = await rtc.local_description(pc, offer=False)
+            if _CANDIDATE_LINE.search(answer) is None:
+                self.stats["incoming-failed:no-candidates"] += 1
+                why = "the callee " + NO_CANDIDATES
+                self._deliver(sender, x, session_id, Kind.REJECT, {"why": why}, direct)
+                log.warning("incoming session %s: %s", session_id.hex(), why)
+                return
             opened: asyncio.Future[None] = loop.create_future()
             self._deliver(
                 sender,
@@ -778,6 +791,8 @@ class Peer:
             if dial.superseded is not None:  # glare: we yielded while gathering; send nothing
                 await pc.close()
                 return await dial.superseded
+            if _CANDIDATE_LINE.search(offer) is None:
+                raise DialFailed(node_id, "no-candidates", NO_CANDIDATES)
             body = {
                 "sdp": sdp.compact(offer, "offer"),
                 "x": self.identity.x25519_public,
