@@ -665,21 +665,24 @@ def breakdown(a: argparse.Namespace) -> dict[str, float]:
         n = 20000
         cases = {
             "codec.decode(ds_find_node)": lambda: codec.decode(ds),
-            "node._admit(src)": lambda: node._admit(src[0]),
+            "node._admit(src)": lambda: node._admit(src[0], now),
             "handler.handle(ds_find_node)": lambda: h.handle(req, src[0], now),
             "handler.handle(find_node)": lambda: h.handle(sreq, src[0], now),
             "table.add_contact(existing)": lambda: t.add_contact(
                 Contact(senders[0], src[0][0], src[0][1]), now
             ),
-            "table.contacts() after invalidation": lambda: (
-                setattr(t, "_flat", None),
-                t.contacts(),
-            ),
             "table.closest(target, 21) [cached flat]": lambda: t.closest(target, 21),
             "[c.wire() for 20 contacts]": lambda: [c.wire() for c in twenty],
-            "codec.encode_response(20 contacts)": lambda: codec.encode_response(
-                req.msg_id, out.reply
+            "codec.encode_response(20 contacts, msgpack)": lambda: codec.encode_response(
+                req.msg_id, [c.wire() for c in twenty]
             ),
+            "reply from cached packed contacts": lambda: (
+                b"\x01"
+                + req.msg_id
+                + codec.array_header(20)
+                + b"".join([c.packed() for c in twenty])
+            ),
+            "outcome.body() (ds_find_node)": out.body,
             "node._receive(ds_find_node) total (transport=None)": None,
         }
         transport = node.transport

@@ -80,7 +80,9 @@ def stock_nodes(ids: list[bytes], contacts: list[list[tuple[bytes, str, int]]]) 
         router = s.protocol.router
         router.protocol = noping
         for cid, ip, port in cs:
-            router.add_contact(Node(cid, ip, port))
+            # Fresh copies of ID, address and port, made here inside the measured span:
+            # a stock node decodes its own from datagrams.
+            router.add_contact(Node(bytes(bytearray(cid)), "".join(list(ip)), int(str(port))))
         router.protocol = s.protocol
         servers.append(s)
     if noping.pings:
@@ -92,15 +94,9 @@ async def measure_stock(net: simnet.SimNetwork, count: int, rng: random.Random) 
     """Bytes per stock node (empty and with our sample's contacts), and ours empty."""
     sample = rng.sample(range(len(net.nodes)), min(count, len(net.nodes)))
     ids = [bytes(bytearray(net.nodes[i].id)) for i in sample]
-    # Fresh copies of IDs and addresses: a stock node decodes its own from datagrams, so
-    # sharing ours would leave them out of its count.
-    contacts = [
-        [
-            (bytes(bytearray(c.id)), "".join(list(c.ip)), c.port)
-            for c in net.nodes[i].table.contacts()
-        ]
-        for i in sample
-    ]
+    # stock_nodes copies IDs, addresses and ports while it is measured (copies made here,
+    # before the measured span, would leave them out of the stock count).
+    contacts = [[(c.id, c.ip, c.port) for c in net.nodes[i].table.contacts()] for i in sample]
     n = len(sample)
 
     before = traced()

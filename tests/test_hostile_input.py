@@ -12,6 +12,7 @@ every task it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -648,6 +649,37 @@ async def test_one_failed_ping_does_not_evict_max_failures_do(
         await n.close()
 
 
+async def test_one_outstanding_ping_per_bucket_head(
+    open_peer: Callable[[], Awaitable[RawPeer]], loop_errors: list[dict[str, Any]]
+) -> None:
+    """Every request from a contact waiting for a full bucket's place names the head to
+    ping; however many arrive, the head has one ping in flight (it was one per request)."""
+    cfg = dataclasses.replace(FAST, ksize=1)
+    n = DhtNode(b"\x00" * 20, cfg)
+    await n.listen_udp()
+    try:
+        silent, newcomer = await open_peer(), await open_peer()
+        silent.id = b"\xff" * 20
+        newcomer.id = b"\xfe" + b"\xff" * 19  # same far bucket, which cannot split
+        await _learn(n, silent)
+        for _ in range(5):
+            reply = await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
+            assert reply[0] == n.id
+        # Each reply was sent after the node decided about the head: all decisions are made.
+        to_head = [p for p in n._pending.values() if p.addr == silent.addr]
+        assert len(to_head) == 1
+        head_ping, _ = await silent.next_message()
+        assert isinstance(head_ping, codec.Request) and head_ping.name == "ds_ping"
+        with pytest.raises(RpcTimeout):
+            await asyncio.wait_for(to_head[0].future, WAIT)
+        # Once that ping is over, the next newcomer request may ping the head again.
+        await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
+        assert len([p for p in n._pending.values() if p.addr == silent.addr]) == 1
+        assert loop_errors == []
+    finally:
+        await n.close()
+
+
 async def test_lookups_count_a_silent_contact_and_evict_it_only_after_max_failures(
     open_peer: Callable[[], Awaitable[RawPeer]], loop_errors: list[dict[str, Any]]
 ) -> None:
@@ -708,13 +740,9 @@ async def test_a_forged_id_does_not_redirect_a_contact(
     assert loop_errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rpc.py RequestHandler.handle: a stock request carrying a known contact's ID "
-    "from another address refreshes that contact (failures reset to 0, last_seen now), so "
-    "anyone can keep a dead contact in every table by naming its ID",
-)
 def test_a_stock_request_claiming_a_known_id_does_not_refresh_it() -> None:
+    """It used to: anyone could keep a dead contact in every table by naming its ID.
+    Now the known contact is handed back to be pinged, as for our own RPCs."""
     own, victim = os.urandom(20), os.urandom(20)
     table = RoutingTable(own, max_failures=3)
     table.add_contact(Contact(victim, "10.0.0.1", 4000), now=1.0)
@@ -729,3 +757,116 @@ def test_a_stock_request_claiming_a_known_id_does_not_refresh_it() -> None:
     c = table.get(victim)
     assert c is not None
     assert (c.failures, c.last_seen) == (2, 1.0)
+    assert out.ping is c
+
+
+def test_rate_limiter_keeps_only_sources_it_is_limiting() -> None:
+    """A refilled token bucket carries no information (a new source starts full), so the
+    table holds sources under pressure, not every address ever seen; a flooding source
+    stays limited however many others come and go."""
+    cfg = dataclasses.replace(FAST, rate_per_source=10.0, rate_burst=5.0)
+    n = DhtNode(os.urandom(20), cfg)
+    flooder = ("10.0.0.1", 1)
+    now = 100.0
+    admitted = sum(n._admit(flooder, now) for _ in range(20))
+    assert admitted == 5 and not n._admit(flooder, now)
+    for i in range(1000):  # one request each from many sources, 1 s apart
+        now += 1.0
+        assert n._admit(("10.1.0.0", 1000 + i), now)
+        assert len(n._rate) <= 3
+    # The flooder's entry went once it refilled; flooding again hits the burst again.
+    assert sum(n._admit(flooder, now) for _ in range(20)) == 5
+    # Within a burst of new sources nothing is refilled yet, so all are kept...
+    for i in range(50):
+        n._admit(("10.2.0.0", i), now)
+        n._admit(("10.2.0.0", i), now)
+    assert len(n._rate) >= 50
+    # ... until the maintenance round drops the refilled ones: the flooder, still
+    # limited at that moment, stays.
+    n._admit(flooder, now + 0.45)
+    n._prune_rate(now + 0.5)
+    assert list(n._rate) == [flooder]
+
+
+class _Recorder(asyncio.DatagramTransport):
+    """A transport that records when each datagram was sent (virtual time)."""
+
+    def __init__(self) -> None:
+        super().__init__({"sockname": ("10.9.9.9", 9)})
+        self.sent: list[tuple[float, bytes]] = []
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent.append((asyncio.get_running_loop().time(), bytes(data)))
+
+    def close(self) -> None:
+        pass
+
+
+def test_each_try_of_each_rpc_is_resent_on_time() -> None:
+    """First tries share one timer (they all wait ``rpc_timeout``), later tries have
+    their own: on a virtual clock every resend happens exactly when it used to."""
+    from dhtsignal.testing import simnet
+
+    cfg = NodeConfig(rpc_timeout=0.4, rpc_retries=2)
+
+    async def main() -> tuple[list[tuple[float, bytes]], list[float], int]:
+        node = DhtNode(os.urandom(20), cfg)
+        rec = _Recorder()
+        node.connection_made(rec)
+        loop = asyncio.get_running_loop()
+        futs = []
+        for i in range(3):  # sent at 0.0, 0.1, 0.2; the second is answered at 0.15
+            futs.append(node.request(("10.0.0.1", 1000 + i), "ds_ping", node.ds_args()))
+            if i == 1:
+                await asyncio.sleep(0.05)
+                msg_id = rec.sent[-1][1][1:21]
+                node.datagram_received(codec.encode_response(msg_id, 1), ("10.0.0.1", 1001))
+                await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(0.1)
+        failed_at: list[float] = []
+        for f in (futs[0], futs[2]):
+            with pytest.raises(RpcTimeout):
+                await f
+            failed_at.append(loop.time())
+        assert await futs[1] == 1
+        await node.close()
+        return rec.sent, failed_at, node.stats["rpc-retry"]
+
+    sent, failed_at, retries = simnet.run(main())
+    times = [round(t, 6) for t, _ in sent]
+    # Tries at +0, +0.4, +0.4+0.8 for the first and third RPCs; the second answered.
+    assert times == [0.0, 0.1, 0.2, 0.4, 0.6, 1.2, 1.4]
+    assert [round(t, 6) for t in failed_at] == [2.4, 2.6]  # + 1.2 after the last try
+    assert retries == 4
+
+
+def test_retries_and_timeouts_on_uvloop() -> None:
+    """The same on uvloop, whose timers have millisecond resolution (a timer due in under
+    half a millisecond runs at once): every try is sent, then the RPC fails, typed."""
+    uvloop = pytest.importorskip("uvloop")
+    cfg = NodeConfig(rpc_timeout=0.02, rpc_retries=2)
+
+    async def main() -> tuple[int, int, int]:
+        node = DhtNode(os.urandom(20), cfg)
+        await node.listen_udp()
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))
+        silent.setblocking(False)
+        try:
+            addr = silent.getsockname()
+            futs = [node.request(addr, "ds_ping", node.ds_args()) for _ in range(5)]
+            results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), WAIT)
+            assert all(isinstance(r, RpcTimeout) for r in results)
+            received = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    silent.recv(2048)
+                    received += 1
+            return received, node.stats["rpc-retry"], node.stats["rpc-timeout"]
+        finally:
+            silent.close()
+            await node.close()
+
+    received, retries, timeouts = uvloop.run(main())
+    assert (received, retries, timeouts) == (15, 10, 5)

@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 from kademlia.node import Node
 from kademlia.routing import RoutingTable as StockTable
 
-from dhtsignal.dht.routing import KIND_DS, KIND_STOCK, Contact, RoutingTable
+from dhtsignal.dht.routing import (
+    KIND_DS,
+    KIND_STOCK,
+    Contact,
+    RoutingTable,
+    pack_contacts,
+    pack_stock_contacts,
+)
+from dhtsignal.wire import codec
 
 ID_SPACE = 1 << 160
 
@@ -77,7 +85,7 @@ def test_closest_equals_brute_force(seed: int, n: int, k: int, ksize: int, n_exc
     assert own not in held
     for bucket in table.buckets:
         assert len(bucket) <= ksize
-        for c in bucket.nodes.values():
+        for c in bucket.nodes:
             assert bucket.range[0] <= c.long_id <= bucket.range[1]
             assert table.bucket(c) is bucket
 
@@ -89,6 +97,90 @@ def test_closest_equals_brute_force(seed: int, n: int, k: int, ksize: int, n_exc
     excluded = set(rng.sample(held, min(n_exclude, len(held))))
     got_ex = [c.id for c in table.closest(target, k, exclude=excluded)]
     assert got_ex == _brute_force([i for i in held if i not in excluded], target, k)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    target=st.integers(0, ID_SPACE - 1),
+    deltas=st.lists(
+        st.one_of(
+            st.integers(0, 2**8),  # next to the target, both sides of its bits
+            st.integers(0, 2**40),
+            st.integers(0, ID_SPACE - 1).map(lambda x: x >> 1),  # far away
+            st.sampled_from([1 << b for b in range(160)]),  # one bit flipped
+        ),
+        max_size=120,
+    ),
+    k=st.integers(0, 130),
+    below=st.booleans(),
+)
+def test_closest_exact_when_contacts_crowd_the_target(
+    target: int, deltas: list[int], k: int, below: bool
+) -> None:
+    """IDs at tiny XOR (and numeric) distances from the target, on both sides of it,
+    the target itself, single flipped bits: every shape of the prefix blocks that
+    :meth:`RoutingTable.closest` narrows to. A table large enough to hold every
+    contact (ksize 128) makes the brute force compare against the whole population."""
+    ids = {_id(target ^ d) for d in deltas}
+    if below:  # also numerically adjacent IDs (not XOR-adjacent) on the lower side
+        ids |= {_id(max(0, target - d)) for d in deltas[:10]}
+    own = _id(target ^ (ID_SPACE - 1))  # far from every contact
+    ids.discard(own)
+    table = RoutingTable(own, ksize=128)
+    _fill(table, sorted(ids))
+    held = [c.id for c in table.contacts()]
+    assert sorted(held) == sorted(ids)
+    tb = _id(target)
+    assert [c.id for c in table.closest(tb, k)] == _brute_force(held, tb, k)
+    # Excluding the nearest ones must expose exactly the next ones.
+    excluded = _brute_force(held, tb, 3)
+    got = [c.id for c in table.closest(tb, k, exclude=excluded)]
+    assert got == _brute_force([i for i in held if i not in excluded], tb, k)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    ops=st.lists(st.sampled_from(["add", "add", "add", "fail", "remove", "readd"]), max_size=300),
+    ksize=st.sampled_from([1, 2, 4, 8]),
+)
+def test_table_stays_consistent_through_churn(seed: int, ops: list[str], ksize: int) -> None:
+    """Adds, failures (evictions promote replacements), removals, splits: the sorted
+    index behind :meth:`closest` always equals the buckets' contents, and answers
+    stay exact."""
+    rng = random.Random(seed)
+    own = rng.randbytes(20)
+    table = RoutingTable(own, ksize=ksize, max_failures=1, replacements=3)
+    seen: list[bytes] = []
+    for i, op in enumerate(ops):
+        if op == "add" or not seen:
+            nid = _near(rng, own, rng.randrange(0, 30)) if rng.random() < 0.5 else rng.randbytes(20)
+            seen.append(nid)
+            table.add_contact(Contact(nid, "10.0.0.1", 1000 + i), now=float(i))
+        elif op == "fail":
+            table.failed(rng.choice(seen))
+        elif op == "remove":
+            table.remove(rng.choice(seen))
+        else:
+            nid = rng.choice(seen)
+            c = table.get(nid)
+            port = c.port if c is not None else 1
+            table.add_contact(Contact(nid, "10.0.0.1", port), now=float(i))
+    in_buckets = [c for b in table.buckets for c in b.nodes]
+    assert [c.long_id for c in table.contacts()] == sorted(c.long_id for c in in_buckets)
+    assert len({c.id for c in in_buckets}) == len(in_buckets) == len(table)
+    for b in table.buckets:
+        assert len(b.nodes) <= ksize and len(b.replacement_nodes) <= 3
+        assert all(b.lo <= c.long_id <= b.hi for c in [*b.nodes, *b.replacement_nodes])
+        assert not {c.id for c in b.nodes} & {c.id for c in b.replacement_nodes}
+    assert all(b.hi + 1 == nb.lo for b, nb in zip(table.buckets, table.buckets[1:], strict=False))
+    held = [c.id for c in table.contacts()]
+    for _ in range(5):
+        target = rng.randbytes(20)
+        assert [c.id for c in table.closest(target, 7)] == _brute_force(held, target, 7)
+    for nid in seen:
+        c = table.get(nid)
+        assert (c is not None) == (nid in held)
 
 
 def test_closest_default_k_is_bucket_size() -> None:
@@ -222,20 +314,20 @@ def test_add_contact_to_full_bucket_returns_head_and_starts_no_io(
     bucket = table.bucket(new)
     assert len(bucket) == 3
     # The head is the least recently seen contact of that bucket ...
-    assert head is next(iter(bucket.nodes.values()))
-    assert head.last_seen == min(c.last_seen for c in bucket.nodes.values())
+    assert head is next(iter(bucket.nodes))
+    assert head.last_seen == min(c.last_seen for c in bucket.nodes)
     # ... and the newcomer waits in the replacement cache, not in the table.
     assert table.get(new.id) is None
-    assert new.id in bucket.replacement_nodes
+    assert new.id in [r.id for r in bucket.replacement_nodes]
     size = len(table)
 
     # Refreshing the head moves it to the tail: the next full-bucket answer names another.
     assert table.add_contact(Contact(head.id, head.ip, head.port), now=1e6) is None
-    assert next(iter(bucket.nodes.values())) is not head
+    assert next(iter(bucket.nodes)) is not head
     # Another newcomer to the same (unchanged, unsplittable) bucket: the new head is named.
     again = table.add_contact(Contact(_near(random.Random(3), new.id, 150), "10.0.0.2", 9), 1e6)
     assert table.bucket(new) is bucket
-    assert again is next(iter(bucket.nodes.values()))
+    assert again is next(iter(bucket.nodes))
     assert again is not head
     assert len(table) == size
 
@@ -312,3 +404,33 @@ def test_a_known_id_from_another_address_does_not_move_the_contact() -> None:
     assert table.add_contact(Contact(nid, "10.6.6.6", 666), now=3.0) is None
     moved = table.get(nid)
     assert moved is not None and moved.addr == ("10.6.6.6", 666)
+
+
+_contact = st.builds(
+    Contact,
+    st.binary(min_size=20, max_size=20),
+    st.one_of(
+        st.just("127.0.0.1"),
+        st.text("0123456789abcdef:.", min_size=1, max_size=64),  # IPv6 text, str8 lengths
+    ),
+    st.integers(1, 65535),
+    st.sampled_from([KIND_STOCK, KIND_DS]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(contacts=st.lists(_contact, max_size=40), upgrade=st.booleans())
+def test_cached_wire_form_is_the_msgpack_of_the_contact(
+    contacts: list[Contact], upgrade: bool
+) -> None:
+    """Replies are concatenations of cached per-contact encodings: byte for byte what
+    msgpack gives for ``[c.wire() for c in contacts]`` (stock peers parse them), also
+    after a contact's kind changed, and the stock ``[id, ip, port]`` form derived from it."""
+    pack_contacts(contacts)  # fill the caches
+    if upgrade:
+        for c in contacts:
+            c.set_kind(KIND_DS)
+    assert pack_contacts(contacts) == codec.pack([c.wire() for c in contacts])
+    assert pack_stock_contacts(contacts) == codec.pack([[c.id, c.ip, c.port] for c in contacts])
+    for c in contacts:
+        assert b"\x93" + c.packed()[1:-1] == codec.pack([c.id, c.ip, c.port])

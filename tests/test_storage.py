@@ -386,7 +386,7 @@ def test_a_held_record_is_served_next_to_a_full_contact_list() -> None:
     for _ in range(4):  # follow the pages as DhtNode does
         assert cursor is not None
         req = codec.Request(bytes(20), "ds_find_value", ["dhtsignal/1", bytes(20), 1, KEY, cursor])
-        _, page, nxt = handler.handle(req, ("10.9.9.9", 9), 0.0).reply
+        _, page, nxt = handler.handle(req, ("10.9.9.9", 9), 0.0).result()
         served.extend(page)
         if type(nxt) is not int or nxt <= cursor:
             break

@@ -12,7 +12,12 @@ decodes (:mod:`dhtsignal.wire.codec`), rate-limits per source, and hands request
 to the I/O-free :class:`~dhtsignal.dht.rpc.RequestHandler`, sending its reply in
 the same call (no task per request). Responses resolve the future of the
 matching outstanding request. Nothing raises out of the handler: every refusal
-is counted in :attr:`stats` by reason and logged at debug level.
+is counted in :attr:`stats` by reason and logged at debug level. On asyncio's
+selector loops the node reads its socket itself, a batch of datagrams per
+readiness event. A request from a contact waiting for a full bucket's place
+makes the node ping that bucket's head, at most one ping per head at a time.
+Per-source rate-limiter entries are dropped once their bucket has refilled, so
+an idle node keeps none.
 
 Client path: :meth:`request` sends an RPC and returns a future; a timer resends
 it ``rpc_retries`` times before failing it with :class:`RpcTimeout`. Lookups are
@@ -27,8 +32,9 @@ import functools
 import hashlib
 import logging
 import os
+import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +62,10 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.msgpack"
 _MAX_RATE_ENTRIES = 10_000
 _MAX_PAGES = 16
+#: Datagrams read per readiness event of the socket (one event loop callback).
+_READ_BATCH = 64
+#: Bytes read per datagram: anything over codec.MAX_DATAGRAM is refused anyway.
+_RECV_BYTES = 2048
 
 
 class RpcTimeout(DhtTimeout):
@@ -103,6 +113,9 @@ def parse_addr(text: str) -> Addr:
 
 
 class _Pending:
+    """One outstanding RPC. Its first try has no timer of its own (see
+    :meth:`DhtNode._first_tries_due`); ``timer`` is the timer of a later try."""
+
     __slots__ = ("addr", "data", "future", "name", "started", "timer", "tries")
 
     def __init__(
@@ -115,6 +128,59 @@ class _Pending:
         self.tries = 1
         self.timer: asyncio.TimerHandle | None = None
         self.started = started
+
+
+class _SocketTransport(asyncio.DatagramTransport):
+    """The node's own UDP transport: reads a batch of datagrams per readiness event
+    and sends without a write buffer (a datagram the kernel will not take at once is
+    dropped and counted, as the network may drop it anyway; RPCs retry)."""
+
+    def __init__(self, node: DhtNode, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        super().__init__({"socket": sock, "sockname": sock.getsockname()})
+        self._node = node
+        self._sock = sock
+        self._loop = loop
+        self._closing = False
+
+    def read_ready(self) -> None:
+        recv = self._sock.recvfrom
+        received = self._node.datagram_received
+        for _ in range(_READ_BATCH):
+            try:
+                data, addr = recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._node.error_received(exc)
+                return
+            received(data, addr)
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if self._closing:
+            return
+        try:
+            self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._node._stats["drop:send-buffer-full"] += 1
+        except OSError as exc:
+            self._node.error_received(exc)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._loop.call_soon(self._node.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
 
 def ignore_outcome(fut: asyncio.Future[Any]) -> None:
@@ -146,7 +212,7 @@ class DhtNode(asyncio.DatagramProtocol):
         self.config = cfg = config or NodeConfig()
         self.id = node_id
         self.wallclock = wallclock
-        self.table = RoutingTable(node_id, cfg.ksize, cfg.max_failures)
+        self.table = RoutingTable(node_id, cfg.ksize, cfg.max_failures, cfg.replacements)
         self.store = RecordStore(cfg.limits)
         self.legacy = LegacyStore(cfg.limits)
         self.subs = Subscriptions(cfg.limits)
@@ -161,19 +227,32 @@ class DhtNode(asyncio.DatagramProtocol):
             accept_stock=cfg.accept_stock,
         )
         self.handler.on_notify = self._on_notify
-        self.stats: Counter[str] = self.handler.stats
+        self._stats: Counter[str] = self.handler._stats
         self.transport: asyncio.DatagramTransport | None = None
         self.address: Addr | None = None
         self.observed: Counter[Addr] = Counter()
         self._flags = FLAG_CLIENT if cfg.client_mode else 0
         self._pending: dict[bytes, _Pending] = {}
-        self._rate: OrderedDict[Addr, list[float]] = OrderedDict()
+        self._rate: dict[Addr, list[float]] = {}
+        self._pinging: dict[bytes, None] = {}
         self._listeners: dict[bytes, list[asyncio.Queue[Record]]] = {}
-        self._lookup_cache: OrderedDict[bytes, tuple[float, list[Contact]]] = OrderedDict()
+        self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._maint: asyncio.TimerHandle | None = None
-        self.log = logging.LoggerAdapter(log, {"node": node_id.hex()[:8]})
+        self._first_timer: asyncio.Handle | None = None
+        self._first_at = 0.0
+
+    @functools.cached_property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """This module's logger, prefixed with the node (made on first use)."""
+        return logging.LoggerAdapter(log, {"node": self.id.hex()[:8]})
+
+    @property
+    def stats(self) -> Counter[str]:
+        """Counters by reason: requests answered (``rpc:NAME``), refusals (``drop:REASON``,
+        ``refused:REASON``), retries and timeouts."""
+        return self.handler.stats
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -183,8 +262,41 @@ class DhtNode(asyncio.DatagramProtocol):
         return asyncio.get_running_loop()
 
     async def listen_udp(self, host: str = "127.0.0.1", port: int = 0) -> Addr:
-        """Bind a UDP socket and start serving; returns the bound address."""
-        await self.loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        """Bind a UDP socket and start serving; returns the bound address.
+
+        On asyncio's selector loops the node reads the socket itself, up to
+        :data:`_READ_BATCH` datagrams per readiness event (their transport reads one per
+        loop iteration); elsewhere it uses the loop's own datagram transport (uvloop's
+        already reads in batches, in C, and measured faster than reading from Python).
+        """
+        loop = self.loop
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise UsageError(f"cannot resolve {host!r}")
+        error: OSError | None = None
+        for family, _, proto, _, sockaddr in infos:  # the first address that binds
+            sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+            try:
+                sock.setblocking(False)
+                sock.bind(sockaddr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            break
+        else:
+            assert error is not None
+            raise error
+        try:
+            if isinstance(loop, asyncio.SelectorEventLoop):
+                transport = _SocketTransport(self, sock, loop)
+                loop.add_reader(sock.fileno(), transport.read_ready)
+                self.connection_made(transport)
+            else:
+                await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         assert self.address is not None
         return self.address
 
@@ -200,7 +312,7 @@ class DhtNode(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and friends: the RPC timer deals with the consequence.
-        self.stats["socket-error"] += 1
+        self._stats["socket-error"] += 1
 
     def spawn(self, coro: Any, name: str = "") -> asyncio.Task[Any]:
         """Start a task owned by this node; cancelled by :meth:`close`."""
@@ -212,7 +324,7 @@ class DhtNode(asyncio.DatagramProtocol):
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self.stats["task-error"] += 1
+            self._stats["task-error"] += 1
             self.log.debug("task %s failed: %r", task.get_name(), task.exception())
 
     async def close(self) -> None:
@@ -222,6 +334,8 @@ class DhtNode(asyncio.DatagramProtocol):
         self._closed = True
         if self._maint is not None:
             self._maint.cancel()
+        if self._first_timer is not None:
+            self._first_timer.cancel()
         for p in list(self._pending.values()):
             if p.timer is not None:
                 p.timer.cancel()
@@ -239,65 +353,85 @@ class DhtNode(asyncio.DatagramProtocol):
     # -- receive path -------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        src: Addr = (addr[0], addr[1])
         try:
-            self._receive(data, src)
+            self._receive(data, addr if len(addr) == 2 else (addr[0], addr[1]))
         except Exception as exc:  # the guarantee: nothing escapes the handler
-            self.stats["drop:internal"] += 1
-            self.log.debug("internal error on datagram from %s: %r", src, exc)
+            self._stats["drop:internal"] += 1
+            self.log.debug("internal error on datagram from %s: %r", addr, exc)
 
     def _receive(self, data: bytes, src: Addr) -> None:
         if codec.is_stun(data):
-            self.stats["drop:stun"] += 1
+            self._stats["drop:stun"] += 1
             return
         try:
             msg = codec.decode(data)
         except codec.MalformedDatagram as exc:
-            self.stats["drop:" + exc.reason] += 1
+            self._stats["drop:" + exc.reason] += 1
             self.log.debug("dropped datagram from %s: %s", src, exc.reason)
             return
-        if isinstance(msg, codec.Response):
+        if type(msg) is codec.Response:
             self._on_response(msg, src)
             return
-        if not self._admit(src):
-            self.stats["drop:rate-limited"] += 1
+        assert type(msg) is codec.Request
+        now = self.loop.time()
+        if not self._admit(src, now):
+            self._stats["drop:rate-limited"] += 1
             return
-        out = self.handler.handle(msg, src, self.loop.time())
+        out = self.handler.handle(msg, src, now)
         if out.has_reply and self.transport is not None:
-            self.transport.sendto(codec.encode_response(msg.msg_id, out.reply), src)
+            self.transport.sendto(b"\x01" + msg.msg_id + out.body(), src)
         if out.ping is not None:
             self._ping_head(out.ping)
-        for listener, key, raws in out.notify:
-            self._send_notify(listener, key, raws)
+        if out.notify:
+            for listener, key, raws in out.notify:
+                self._send_notify(listener, key, raws)
 
-    def _admit(self, src: Addr) -> bool:
-        rate = self.config.rate_per_source
+    def _admit(self, src: Addr, now: float) -> bool:
+        """Per-source token bucket. An entry whose bucket has refilled carries no
+        information (a new source starts full), so such entries are dropped: the oldest
+        ones as new sources arrive, all of them at each maintenance round."""
+        cfg = self.config
+        rate = cfg.rate_per_source
         if rate <= 0:
             return True
-        now = self.loop.time()
-        bucket = self._rate.get(src)
-        if bucket is None:
-            bucket = [self.config.rate_burst, now]
-            self._rate[src] = bucket
-            if len(self._rate) > _MAX_RATE_ENTRIES:
-                self._rate.popitem(last=False)
-        else:
-            bucket[0] = min(self.config.rate_burst, bucket[0] + (now - bucket[1]) * rate)
-            bucket[1] = now
-        if bucket[0] < 1.0:
+        table = self._rate
+        entry = table.get(src)
+        if entry is None:
+            # Drop the oldest entry if it has refilled (usually: 1/rate seconds after its
+            # last request), so the table only holds sources that are being limited.
+            if table:
+                old = next(iter(table))
+                e = table[old]
+                if e[0] + (now - e[1]) * rate >= cfg.rate_burst or len(table) >= _MAX_RATE_ENTRIES:
+                    del table[old]
+            table[src] = [cfg.rate_burst - 1.0, now]
+            return True
+        tokens = entry[0] + (now - entry[1]) * rate
+        if tokens > cfg.rate_burst:
+            tokens = cfg.rate_burst
+        entry[1] = now
+        if tokens < 1.0:
+            entry[0] = tokens
             return False
-        bucket[0] -= 1.0
+        entry[0] = tokens - 1.0
         return True
+
+    def _prune_rate(self, now: float) -> None:
+        """Drop every rate-limiter entry whose bucket has refilled."""
+        rate, burst = self.config.rate_per_source, self.config.rate_burst
+        full = [src for src, e in self._rate.items() if e[0] + (now - e[1]) * rate >= burst]
+        for src in full:
+            del self._rate[src]
 
     def _on_response(self, msg: codec.Response, src: Addr) -> None:
         p = self._pending.get(msg.msg_id)
         if p is None:
-            self.stats["drop:unexpected-response"] += 1
+            self._stats["drop:unexpected-response"] += 1
             return
         if p.addr != src:
-            self.stats["drop:response-from-wrong-address"] += 1
+            self._stats["drop:response-from-wrong-address"] += 1
             return
-        del self._pending[msg.msg_id]
+        self._forget(msg.msg_id)
         if p.timer is not None:
             p.timer.cancel()
         if not p.future.done():
@@ -321,8 +455,43 @@ class DhtNode(asyncio.DatagramProtocol):
         p = _Pending(fut, data, addr, name, loop.time())
         self._pending[msg_id] = p
         self._send(data, addr)
-        p.timer = loop.call_later(self.config.rpc_timeout, self._retry, msg_id)
+        if self._first_timer is None:
+            self._first_at = p.started + self.config.rpc_timeout
+            self._first_timer = loop.call_at(self._first_at, self._first_tries_due)
         return fut
+
+    def _first_tries_due(self) -> None:
+        """Retry every RPC whose first try is ``rpc_timeout`` old, then wait for the next.
+
+        First tries all wait the same time, so in the (insertion-ordered) pending table
+        they fall due in order: one timer for the oldest one serves them all, and an RPC
+        answered in time costs no timer at all. Later tries have timers of their own.
+        """
+        self._first_timer = None
+        loop = self.loop
+        timeout = self.config.rpc_timeout
+        # Due: what the timer was set for, even if the loop ran it a little early.
+        now = max(loop.time(), self._first_at)
+        due: list[bytes] = []
+        next_at: float | None = None
+        for msg_id, p in self._pending.items():
+            if p.tries > 1:
+                continue
+            if p.started + timeout > now:
+                next_at = p.started + timeout
+                break
+            due.append(msg_id)
+        for msg_id in due:
+            self._retry(msg_id)
+        if next_at is not None and self._first_timer is None:
+            self._first_at = next_at
+            self._first_timer = loop.call_at(next_at, self._first_tries_due)
+
+    def _forget(self, msg_id: bytes) -> None:
+        del self._pending[msg_id]
+        if not self._pending:
+            # A dict keeps its largest size: an idle node should not keep a join's burst.
+            self._pending = {}
 
     def _send(self, data: bytes, addr: Addr) -> None:
         if self.transport is not None:
@@ -333,16 +502,16 @@ class DhtNode(asyncio.DatagramProtocol):
         if p is None:
             return
         if p.future.done():
-            del self._pending[msg_id]
+            self._forget(msg_id)
             return
         if p.tries <= self.config.rpc_retries:
             p.tries += 1
-            self.stats["rpc-retry"] += 1
+            self._stats["rpc-retry"] += 1
             self._send(p.data, p.addr)
             p.timer = self.loop.call_later(self.config.rpc_timeout * p.tries, self._retry, msg_id)
             return
-        del self._pending[msg_id]
-        self.stats["rpc-timeout"] += 1
+        self._forget(msg_id)
+        self._stats["rpc-timeout"] += 1
         p.future.set_exception(RpcTimeout(p.name, p.addr, self.loop.time() - p.started))
 
     def ds_args(self, *rest: Any) -> list[Any]:
@@ -356,11 +525,19 @@ class DhtNode(asyncio.DatagramProtocol):
             self._ping_head(head)
 
     def _ping_head(self, head: Contact) -> None:
-        """Ping the least-recently-seen contact of a full bucket; evict it if it fails."""
-        if self._closed or len(self._pending) > self.config.max_inflight // 2:
+        """Ping the least-recently-seen contact of a full bucket; evict it if it fails.
+        One ping per head at a time, however many newcomers wait for its place."""
+        if self._closed or head.id in self._pinging:
             return
+        if len(self._pending) > self.config.max_inflight // 2:
+            return
+        self._pinging[head.id] = None
         fut = self._ping_future(head)
-        fut.add_done_callback(lambda f: self._after_call(head, f))
+        fut.add_done_callback(functools.partial(self._after_head_ping, head))
+
+    def _after_head_ping(self, head: Contact, fut: asyncio.Future[Any]) -> None:
+        self._pinging.pop(head.id, None)
+        self._after_call(head, fut)
 
     def _ping_future(self, c: Contact) -> asyncio.Future[Any]:
         if c.kind == KIND_DS:
@@ -377,7 +554,7 @@ class DhtNode(asyncio.DatagramProtocol):
 
     def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes]) -> None:
         if self._closed or len(self._pending) > self.config.max_inflight // 2:
-            self.stats["notify-skipped"] += 1
+            self._stats["notify-skipped"] += 1
             return
         fut = self.request(listener, "ds_notify", self.ds_args(key, raws))
 
@@ -433,9 +610,13 @@ class DhtNode(asyncio.DatagramProtocol):
 
     async def find_nodes(self, key: bytes, k: int | None = None) -> LookupResult:
         """Iterative FIND_NODE for ``key``; the k closest nodes that answered."""
-        return await self._run_lookup(key, k or self.config.ksize, want_value=False)
+        return await self._run_lookup(key, k or self.config.ksize, want_value=False, remember=False)
 
-    async def _run_lookup(self, key: bytes, k: int, *, want_value: bool) -> LookupResult:
+    async def _run_lookup(
+        self, key: bytes, k: int, *, want_value: bool, remember: bool = True
+    ) -> LookupResult:
+        """One iterative lookup. ``remember``: keep its result for ``lookup_cache_ttl``
+        to start the next lookup of ``key`` from (put/get/listen; not table refreshes)."""
         cfg = self.config
         initial, warm = self._initial(key, k)
         lk = Lookup(
@@ -466,9 +647,9 @@ class DhtNode(asyncio.DatagramProtocol):
             if finished:
                 self._learned(c)
                 return
-            closer = self._absorb(c, f.result(), key, found, pages, lk.seen, want_value)
+            closer = self._absorb(c, f.result(), key, found, pages, lk.skips, want_value)
             if closer is None:
-                self.stats["drop:bad-reply"] += 1
+                self._stats["drop:bad-reply"] += 1
                 lk.on_failure(c)
             else:
                 self._learned(c)
@@ -494,11 +675,16 @@ class DhtNode(asyncio.DatagramProtocol):
         finished = True
         if pages:
             await asyncio.gather(*pages, return_exceptions=True)
-        if step.closest:
-            self._lookup_cache[key] = (self.loop.time() + cfg.lookup_cache_ttl, step.closest)
-            self._lookup_cache.move_to_end(key)
-            while len(self._lookup_cache) > 512:
-                self._lookup_cache.popitem(last=False)
+        if step.closest and remember:
+            cache = self._lookup_cache
+            cache.pop(key, None)
+            # The table's own objects where it has them: no second copy of a contact.
+            cache[key] = (
+                self.loop.time() + cfg.lookup_cache_ttl,
+                [self.table.get(c.id) or c for c in step.closest],
+            )
+            while len(cache) > 512:
+                del cache[next(iter(cache))]
         recs = self._verify(list(found)) if want_value else []
         return LookupResult(step.closest, step.hops, step.queried, recs)
 
@@ -509,10 +695,12 @@ class DhtNode(asyncio.DatagramProtocol):
         key: bytes,
         found: dict[bytes, None],
         pages: list[asyncio.Future[Any]],
-        known: Callable[[bytes], bool],
+        skip: Callable[[bytes], bool],
         want_value: bool,
     ) -> list[Contact] | None:
-        """Parse a find reply; collect records; returns the closer contacts or None."""
+        """Parse a find reply; collect records; returns the closer contacts or None.
+
+        Contacts ``skip`` names (known, or too far to be kept) are not parsed."""
         items: Any = reply
         if want_value and c.kind == KIND_DS:
             if type(reply) is not list or len(reply) != 3:
@@ -529,7 +717,7 @@ class DhtNode(asyncio.DatagramProtocol):
             return None
         out: list[Contact] = []
         for item in items[: self.config.ksize * 2]:
-            if type(item) is list and item and type(item[0]) is bytes and known(item[0]):
+            if type(item) is list and item and type(item[0]) is bytes and skip(item[0]):
                 continue
             contact = parse_contact(item)
             if contact is not None:
@@ -559,7 +747,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 rec = records.decode(raw)
                 records.validate(rec, now)
             except RecordRejected as exc:
-                self.stats["refused-read:" + exc.reason] += 1
+                self._stats["refused-read:" + exc.reason] += 1
                 continue
             good.append(rec)
         return good
@@ -676,7 +864,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 if q.qsize() < 256:
                     q.put_nowait(r)
                 else:
-                    self.stats["drop:listen-queue-full"] += 1
+                    self._stats["drop:listen-queue-full"] += 1
         return True
 
     async def _subscribe(self, key: bytes) -> int:
@@ -707,7 +895,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 if accepted:
                     await asyncio.sleep(cfg.listen_ttl / 2)
                     continue
-                self.stats["listen-fallback-poll"] += 1
+                self._stats["listen-fallback-poll"] += 1
                 for r in await self.get(key, include_tombstones=True):
                     queue.put_nowait(r)
                 await asyncio.sleep(cfg.poll_interval)
@@ -744,6 +932,9 @@ class DhtNode(asyncio.DatagramProtocol):
         self.legacy.expire(now)
         self.subs.expire(now)
         mono = self.loop.time()
+        self._prune_rate(mono)
+        for key in [k for k, (until, _) in self._lookup_cache.items() if until <= mono]:
+            del self._lookup_cache[key]
         for lo, hi in self.table.stale_buckets(mono, self.config.refresh_interval)[:4]:
             if len(self.table) and len(self._tasks) < 64:
                 target = (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(

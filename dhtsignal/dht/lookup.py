@@ -23,10 +23,12 @@ hop 1), so a finished lookup reports the hop count of its closest result.
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass
 
 from dhtsignal.dht.routing import Contact
 
+_DISTANCE = operator.attrgetter("distance")
 #: Candidates kept beyond k, so a flood of fake contacts cannot grow memory.
 MAX_CANDIDATES_FACTOR = 4
 
@@ -123,7 +125,7 @@ class Lookup:
                 self._best = d
                 progressed = True
         if added:
-            self._order.sort(key=lambda x: x.distance)
+            self._order.sort(key=_DISTANCE)
             limit = self.k * MAX_CANDIDATES_FACTOR
             if len(self._order) > limit:
                 # Drop the farthest that were never queried; queried ones stay for dedup.
@@ -219,6 +221,18 @@ class Lookup:
     def _finish(self) -> Finished:
         ok = [c for c in self._order if c.state == _St.OK][: self.k]
         return Finished([c.contact for c in ok], ok[0].hop if ok else 0, self.queried)
+
+    def skips(self, contact_id: bytes) -> bool:
+        """Whether a contact named in an answer would be ignored: it is (or was) a
+        candidate, or the candidate list is full and it is farther than all of them.
+        Lets the driver skip parsing most of a late answer."""
+        if contact_id in self._cands:
+            return True
+        order = self._order
+        limit = self.k * MAX_CANDIDATES_FACTOR
+        if len(order) < limit:
+            return False
+        return bool(int.from_bytes(contact_id, "big") ^ self.target >= order[limit - 1].distance)
 
     def seen(self, contact_id: bytes) -> bool:
         """Whether ``contact_id`` is (or was) a candidate of this lookup."""

@@ -32,6 +32,9 @@ class NodeConfig:
     """Seconds ``put`` waits for the slowest storing nodes once one has accepted."""
     max_failures: int = 3
     """Consecutive failed RPCs before a contact is evicted (one lost reply never evicts)."""
+    replacements: int = 5
+    """Contacts kept per bucket in its replacement cache (paper section 4.1; the stock
+    table keeps 5k, most of an idle node's memory)."""
     refresh_interval: float = 900.0
     """Seconds after which a bucket with no contact seen is refreshed by a lookup."""
     maintenance_interval: float = 10.0

@@ -1,13 +1,21 @@
-"""The routing table: ``kademlia``'s k-buckets with its defects corrected.
+"""The routing table: k-buckets with the defects of ``kademlia`` 2.2.3 corrected.
 
 Theory of operation
 -------------------
-We keep ``kademlia.routing.RoutingTable`` and ``KBucket`` for bucket splitting
-and replacement caches (paper section 4.2), with these corrections:
+The table follows ``kademlia.routing.RoutingTable`` (paper sections 2.2, 2.4 and
+4.2): buckets cover ranges of the ID space, each holds at most k contacts in
+least-recently-seen order plus a small replacement cache, and a full bucket
+splits while it covers our own ID or its depth is not a multiple of 5 (the
+same rule as the stock table). It is our own code rather than a subclass
+because the stock ``KBucket`` keeps two ``OrderedDict`` per bucket and
+unbounded-by-default replacement caches (100 per bucket), which dominated the
+memory of an idle node, and because every operation below needs the contacts
+in ID order anyway. Corrections:
 
-* :meth:`RoutingTable.closest` returns the k closest contacts by XOR distance,
-  from all buckets. The stock ``find_neighbors`` returns the first k contacts
-  met while walking buckets, and nothing when one side of the walk runs out.
+* :meth:`RoutingTable.closest` returns exactly the k closest contacts by XOR
+  distance, from all buckets. The stock ``find_neighbors`` returns the first k
+  contacts met while walking buckets, and nothing when one side of the walk
+  runs out.
 * Adding a contact to a full bucket never starts I/O: it returns the bucket's
   least-recently-seen contact, which the caller should ping (paper section 2.2).
 * A failed RPC does not evict at once: a contact is dropped after
@@ -17,26 +25,56 @@ and replacement caches (paper section 4.2), with these corrections:
   contact (the stock bucket would): the known contact is returned to be pinged.
 * Contacts remember whether they speak our RPCs (:attr:`Contact.kind`) or only
   the stock ``kademlia`` ones, and client-mode peers never enter the table.
+
+How ``closest`` stays exact without sorting the table
+-----------------------------------------------------
+All contacts are also kept in one list sorted by integer ID. The contacts whose
+distance to the target is below ``2**d`` share the first ``160 - d`` bits with it:
+they form an aligned block of the ID space, a contiguous run of that list, and
+every contact inside the block is closer to the target than every contact
+outside it. So once a block holds at least k contacts, the k closest are the k
+nearest inside it, and only the block is ranked. The block is sized by the k-th
+smallest distance among the k contacts on each side of the target's position
+in the list: the smallest block holding k contacts is contiguous around that
+position, so it holds k of those 2k, and the block of that k-th distance is it.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
-from kademlia.node import Node
-from kademlia.routing import KBucket
-from kademlia.routing import RoutingTable as _StockTable
+from dhtsignal.wire.codec import array_header, pack
 
 ID_BITS = 160
 
 KIND_STOCK = 0
 KIND_DS = 1
+#: Contacts kept per bucket in the replacement cache (the stock table keeps 5k = 100;
+#: lookups keep discovering contacts, so a few fresh ones are enough to refill a bucket).
+DEFAULT_REPLACEMENTS = 5
 
 
-class Contact(Node):
+class _HasLongId(Protocol):
+    @property
+    def long_id(self) -> int: ...
+
+
+class _NodeLike(_HasLongId, Protocol):
+    @property
+    def id(self) -> bytes: ...
+    @property
+    def ip(self) -> Any: ...
+    @property
+    def port(self) -> Any: ...
+
+
+class Contact:
     """A remote node: 20-byte ID, address, what it speaks, how it has behaved.
+
+    Duck-compatible with ``kademlia.node.Node`` (``id``, ``ip``, ``port``,
+    ``long_id``, ``same_home_as``, ``distance_to``, iteration).
 
     :param node_id: the 20-byte routing ID.
     :param ip: IP address (text).
@@ -44,8 +82,9 @@ class Contact(Node):
     :param kind: :data:`KIND_DS` for dhtsignal nodes, :data:`KIND_STOCK` otherwise.
     """
 
+    __slots__ = ("_packed", "failures", "id", "ip", "kind", "last_seen", "long_id", "port")
+
     def __init__(self, node_id: bytes, ip: str, port: int, kind: int = KIND_DS) -> None:
-        # Node.__init__ does the same with int(node_id.hex(), 16), three times slower.
         self.id = node_id
         self.ip = ip
         self.port = port
@@ -53,6 +92,7 @@ class Contact(Node):
         self.kind = kind
         self.failures = 0
         self.last_seen = 0.0
+        self._packed: bytes | None = None
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -63,45 +103,168 @@ class Contact(Node):
         """The contact as sent in our find replies: ``[id, ip, port, kind]``."""
         return [self.id, self.ip, self.port, self.kind]
 
+    def packed(self) -> bytes:
+        """msgpack of :meth:`wire`, computed once (replies are built by concatenation)."""
+        p = self._packed
+        if p is None:
+            p = self._packed = pack([self.id, self.ip, self.port, self.kind])
+        return p
 
-class RoutingTable(_StockTable):
+    def set_kind(self, kind: int) -> None:
+        """Change what the contact speaks (drops the cached wire form)."""
+        if kind != self.kind:
+            self.kind = kind
+            self._packed = None
+
+    def same_home_as(self, node: _NodeLike) -> bool:
+        """Same address as ``node``."""
+        return bool(self.ip == node.ip and self.port == node.port)
+
+    def distance_to(self, node: _HasLongId) -> int:
+        """XOR distance to ``node``."""
+        return self.long_id ^ node.long_id
+
+    def __iter__(self) -> Iterator[object]:
+        return iter((self.id, self.ip, self.port))
+
+    def __repr__(self) -> str:
+        return f"Contact({self.id.hex()[:12]}, {self.ip}:{self.port}, kind={self.kind})"
+
+
+def pack_contacts(contacts: list[Contact]) -> bytes:
+    """msgpack of ``[c.wire() for c in contacts]``, from each contact's cached form."""
+    return array_header(len(contacts)) + b"".join([c._packed or c.packed() for c in contacts])
+
+
+def pack_stock_contacts(contacts: list[Contact]) -> bytes:
+    """msgpack of ``[[c.id, c.ip, c.port] for c in contacts]`` (the stock reply form): each
+    cached ``[id, ip, port, kind]`` less its array header and its one-byte kind."""
+    return array_header(len(contacts)) + b"".join(
+        [b"\x93" + (c._packed or c.packed())[1:-1] for c in contacts]
+    )
+
+
+class KBucket:
+    """Contacts whose IDs fall in ``[lo, hi]`` (inclusive).
+
+    ``nodes`` is in least-recently-seen order (the head first); ``replacement_nodes``
+    holds contacts waiting for a place, the freshest last.
+    """
+
+    __slots__ = ("hi", "lo", "nodes", "replacement_nodes")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo = lo
+        self.hi = hi
+        self.nodes: list[Contact] = []
+        #: Made on first use: most buckets never hold a replacement.
+        self.replacement_nodes: list[Contact] | tuple[()] = ()
+
+    @property
+    def range(self) -> tuple[int, int]:
+        """``(lowest, highest)`` ID covered."""
+        return (self.lo, self.hi)
+
+    def waiting(self) -> list[Contact]:
+        """The replacement cache, as a list that can be added to."""
+        reps = self.replacement_nodes
+        if isinstance(reps, tuple):
+            reps = self.replacement_nodes = []
+        return reps
+
+    def head(self) -> Contact:
+        """The least recently seen contact."""
+        return self.nodes[0]
+
+    def depth(self) -> int:
+        """Bits shared by every contact's ID (the stock ``KBucket.depth``)."""
+        if not self.nodes:
+            return 0
+        lo = min(c.long_id for c in self.nodes)
+        hi = max(c.long_id for c in self.nodes)
+        return ID_BITS - (lo ^ hi).bit_length()
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+class RoutingTable:
     """k-buckets around ``own_id``.
 
     :param own_id: this node's 20-byte routing ID.
     :param ksize: bucket size k.
     :param max_failures: consecutive RPC failures before a contact is evicted.
+    :param replacements: contacts kept per bucket in its replacement cache.
     """
 
-    def __init__(self, own_id: bytes, ksize: int = 20, max_failures: int = 3) -> None:
-        super().__init__(None, ksize, Node(own_id))
+    def __init__(
+        self,
+        own_id: bytes,
+        ksize: int = 20,
+        max_failures: int = 3,
+        replacements: int = DEFAULT_REPLACEMENTS,
+    ) -> None:
         self.own_id = own_id
         self.own_long = int.from_bytes(own_id, "big")
+        self.ksize = ksize
         self.max_failures = max_failures
-        self._flat: list[Contact] | None = None
-        self._flat_longs: list[int] | None = None
-        self._uppers: list[int] = [b.range[1] for b in self.buckets]
+        self.replacements = replacements
+        self.buckets: list[KBucket] = [KBucket(0, (1 << ID_BITS) - 1)]
+        self._uppers: list[int] = [self.buckets[0].hi]
+        #: Every contact of every bucket, sorted by ID, and their IDs as integers.
+        self._sorted: list[Contact] = []
+        self._longs: list[int] = []
 
-    # -- bucket bookkeeping -------------------------------------------------------------
+    # -- buckets ------------------------------------------------------------------------
 
-    def split_bucket(self, index: int) -> None:
-        super().split_bucket(index)
-        self._flat = None
-        self._uppers = [b.range[1] for b in self.buckets]
-
-    def get_bucket_for(self, node: Node) -> int:
-        # Ranges are inclusive; the stock version compares with '<' and scans linearly.
+    def get_bucket_for(self, node: _HasLongId) -> int:
+        """Index of the bucket ``node`` falls in."""
         return min(bisect.bisect_left(self._uppers, node.long_id), len(self.buckets) - 1)
 
-    def bucket(self, node: Node) -> KBucket:
+    def bucket(self, node: _HasLongId) -> KBucket:
         """The bucket ``node`` falls in."""
         return self.buckets[self.get_bucket_for(node)]
 
+    def split_bucket(self, index: int) -> None:
+        """Split one bucket in two halves; replacements fill any room (as the stock table)."""
+        old = self.buckets[index]
+        mid = (old.lo + old.hi) // 2
+        one, two = KBucket(old.lo, mid), KBucket(mid + 1, old.hi)
+        for c in old.nodes:
+            (one if c.long_id <= mid else two).nodes.append(c)
+        for c in old.replacement_nodes:
+            b = one if c.long_id <= mid else two
+            if len(b.nodes) < self.ksize:
+                b.nodes.append(c)
+                self._insert(c)
+            else:
+                b.waiting().append(c)
+        self.buckets[index : index + 1] = [one, two]
+        self._uppers[index : index + 1] = [mid, old.hi]
+
     # -- contacts -----------------------------------------------------------------------
+
+    def _find(self, long_id: int) -> int:
+        """Index of ``long_id`` in the sorted list, or -1."""
+        longs = self._longs
+        i = bisect.bisect_left(longs, long_id)
+        return i if i < len(longs) and longs[i] == long_id else -1
+
+    def _insert(self, c: Contact) -> None:
+        i = bisect.bisect_left(self._longs, c.long_id)
+        self._longs.insert(i, c.long_id)
+        self._sorted.insert(i, c)
+
+    def _unlist(self, c: Contact) -> None:
+        i = self._find(c.long_id)
+        if i >= 0:
+            del self._sorted[i]
+            del self._longs[i]
 
     def get(self, node_id: bytes) -> Contact | None:
         """The contact with ``node_id`` if it is in the table."""
-        c: Contact | None = self.bucket(Node(node_id))[node_id]
-        return c
+        i = self._find(int.from_bytes(node_id, "big"))
+        return self._sorted[i] if i >= 0 else None
 
     def add_contact(self, node: Contact, now: float = 0.0) -> Contact | None:
         """Add or refresh a contact that just answered or sent us a request.
@@ -109,31 +272,70 @@ class RoutingTable(_StockTable):
         :returns: the contact that should be pinged, or None: the head of a full
             bucket, or the known contact when ``node`` claims its ID from another address.
         """
-        if node.id == self.own_id:
+        long_id = node.long_id
+        if long_id == self.own_long:
             return None
-        bucket = self.bucket(node)
-        existing: Contact | None = bucket[node.id]
-        if existing is not None and existing.addr == node.addr:
-            existing.failures = 0
-            existing.last_seen = now
-            if node.kind == KIND_DS:
-                existing.kind = KIND_DS
-            bucket.add_node(existing)  # moves it to the tail: most recently seen
+        longs = self._longs
+        i = bisect.bisect_left(longs, long_id)
+        if i < len(longs) and longs[i] == long_id:
+            return self._refresh(self._sorted[i], node.ip, node.port, node.kind, now)
+        index = bisect.bisect_left(self._uppers, long_id)
+        bucket = self.buckets[index]
+        node.last_seen = now
+        if len(bucket.nodes) < self.ksize:
+            bucket.nodes.append(node)
+            longs.insert(i, long_id)
+            self._sorted.insert(i, node)
+            if bucket.replacement_nodes:
+                self._drop_replacement(bucket.waiting(), node.id)
             return None
-        if existing is not None:
+        if bucket.lo <= self.own_long <= bucket.hi or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            return self.add_contact(node, now)
+        reps = bucket.waiting()
+        self._drop_replacement(reps, node.id)
+        if self.replacements > 0:
+            reps.append(node)
+            if len(reps) > self.replacements:
+                del reps[0]
+        return bucket.nodes[0]
+
+    def heard_from(
+        self, node_id: bytes, ip: str, port: int, kind: int, now: float
+    ) -> Contact | None:
+        """:meth:`add_contact` for a contact given by its fields: a known contact is
+        refreshed without building a :class:`Contact` (the per-request path)."""
+        long_id = int.from_bytes(node_id, "big")
+        longs = self._longs
+        i = bisect.bisect_left(longs, long_id)
+        if i < len(longs) and longs[i] == long_id:
+            return self._refresh(self._sorted[i], ip, port, kind, now)
+        return self.add_contact(Contact(node_id, ip, port, kind), now)
+
+    def _refresh(
+        self, existing: Contact, ip: str, port: int, kind: int, now: float
+    ) -> Contact | None:
+        if existing.port != port or existing.ip != ip:
             # The same ID from another address. Anyone can send a datagram claiming any
             # ID, so keep the contact we know and have the caller ping it: if it stops
             # answering it is evicted, and the new address is taken on its next contact.
             return existing
-        node.last_seen = now
-        self._flat = None
-        if bucket.add_node(node):
-            return None
-        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
-            self.split_bucket(self.get_bucket_for(node))
-            return self.add_contact(node, now)
-        head: Contact = bucket.head()
-        return head
+        existing.failures = 0
+        existing.last_seen = now
+        if kind == KIND_DS and existing.kind != KIND_DS:
+            existing.set_kind(KIND_DS)
+        nodes = self.buckets[bisect.bisect_left(self._uppers, existing.long_id)].nodes
+        if nodes[-1] is not existing:  # move to the tail: most recently seen
+            nodes.remove(existing)
+            nodes.append(existing)
+        return None
+
+    @staticmethod
+    def _drop_replacement(reps: list[Contact], node_id: bytes) -> None:
+        for j, r in enumerate(reps):
+            if r.id == node_id:
+                del reps[j]
+                return
 
     def failed(self, node_id: bytes) -> bool:
         """Record an RPC failure; evict after ``max_failures`` in a row.
@@ -146,26 +348,33 @@ class RoutingTable(_StockTable):
         c.failures += 1
         if c.failures < self.max_failures:
             return False
-        self.bucket(c).remove_node(c)
-        self._flat = None
+        self._evict(c)
         return True
 
     def remove(self, node_id: bytes) -> None:
         """Drop a contact now (it spoke another network, or was replaced)."""
         c = self.get(node_id)
         if c is not None:
-            self.bucket(c).remove_node(c)
-            self._flat = None
+            self._evict(c)
+
+    def _evict(self, c: Contact) -> None:
+        bucket = self.bucket(c)
+        bucket.nodes.remove(c)
+        self._unlist(c)
+        if bucket.replacement_nodes:
+            fresh = bucket.waiting().pop()
+            bucket.nodes.append(fresh)
+            self._insert(fresh)
 
     def contacts(self) -> list[Contact]:
-        """Every contact in the table (not the replacement caches)."""
-        if self._flat is None:
-            self._flat = [n for b in self.buckets for n in b.nodes.values()]
-            self._flat_longs = None
-        return self._flat
+        """Every contact in the table (not the replacement caches), sorted by ID.
+
+        The list is the table's own: do not modify it.
+        """
+        return self._sorted
 
     def __len__(self) -> int:
-        return len(self.contacts())
+        return len(self._sorted)
 
     def closest(
         self, target: bytes | int, k: int | None = None, exclude: Iterable[bytes] = ()
@@ -177,27 +386,42 @@ class RoutingTable(_StockTable):
         :param exclude: IDs to leave out.
         """
         t = target if isinstance(target, int) else int.from_bytes(target, "big")
-        pool = self.contacts()
-        if exclude:
-            skip = set(exclude)
-            pool = [c for c in pool if c.id not in skip]
-            longs = [c.long_id for c in pool]
-        else:
-            longs = self._longs()
-        # (distance, index) pairs built by C-level map: no Python call per contact.
         n = self.ksize if k is None else k  # k=0 asks for none, not for the bucket size
-        best = heapq.nsmallest(n, zip(map(t.__xor__, longs), range(len(pool)), strict=True))
-        return [pool[i] for _, i in best]
-
-    def _longs(self) -> list[int]:
-        if self._flat_longs is None or self._flat is None:
-            self._flat_longs = [c.long_id for c in self.contacts()]
-        return self._flat_longs
+        if n <= 0:
+            return []
+        skip = set(exclude) if exclude else None
+        # Every excluded contact could be among the nearest: take that many more.
+        want = n + len(skip) if skip else n
+        longs = self._longs
+        size = len(longs)
+        if want < size:
+            # The runs of `want` contacts next to the target's position lie in
+            # longs[first:last]; the want-th smallest distance there gives the block.
+            i = bisect.bisect_left(longs, t)
+            first = max(0, i - want)
+            last = min(i, size - want) + want
+            dist = list(map(t.__xor__, longs[first:last]))
+            mask = (1 << sorted(dist)[want - 1].bit_length()) - 1
+            lo = bisect.bisect_left(longs, t & ~mask)
+            hi = bisect.bisect_right(longs, t | mask)
+            if first <= lo and hi <= last:
+                dist = dist[lo - first : hi - first]
+            else:
+                dist = list(map(t.__xor__, longs[lo:hi]))
+            block = self._sorted[lo:hi]
+        else:
+            dist = list(map(t.__xor__, longs))
+            block = self._sorted
+        order = sorted(range(len(dist)), key=dist.__getitem__)
+        if skip:
+            return [c for c in map(block.__getitem__, order) if c.id not in skip][:n]
+        del order[n:]
+        return list(map(block.__getitem__, order))
 
     def find_neighbors(
-        self, node: Node, k: int | None = None, exclude: Node | None = None
+        self, node: _NodeLike, k: int | None = None, exclude: _NodeLike | None = None
     ) -> list[Contact]:
-        """Stock signature, corrected behaviour (see :meth:`closest`)."""
+        """The stock signature, corrected behaviour (see :meth:`closest`)."""
         found = self.closest(node.long_id, (k or self.ksize) + 1, exclude=(node.id,))
         if exclude is not None:
             found = [c for c in found if not c.same_home_as(exclude)]
@@ -207,7 +431,7 @@ class RoutingTable(_StockTable):
         """Ranges of buckets with no contact seen within ``interval`` seconds."""
         out = []
         for b in self.buckets:
-            seen = max((c.last_seen for c in b.nodes.values()), default=0.0)
+            seen = max((c.last_seen for c in b.nodes), default=0.0)
             if now - seen > interval:
                 out.append(b.range)
         return out

@@ -29,19 +29,30 @@ RPC                   arguments after (network, id, flags)       reply
 ====================  =========================================  =========================
 
 A contact on the wire is ``[id, ip, port, kind]``; the address a request came
-from is the one we record, never one the sender claims.
+from is the one we record, never one the sender claims. Find replies are built
+by concatenating each contact's cached msgpack form (:attr:`Outcome.raw`), and
+requests answered are counted in plain integers, folded into :attr:`stats` when
+it is read.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dhtsignal.dht import records
 from dhtsignal.dht.records import Record
-from dhtsignal.dht.routing import KIND_DS, KIND_STOCK, Contact, RoutingTable
+from dhtsignal.dht.routing import (
+    KIND_DS,
+    KIND_STOCK,
+    Contact,
+    RoutingTable,
+    pack_contacts,
+    pack_stock_contacts,
+)
 from dhtsignal.dht.storage import Addr, LegacyStore, RecordStore, Subscriptions
 from dhtsignal.errors import RecordRejected
 from dhtsignal.wire import codec
@@ -52,6 +63,7 @@ MAX_STORE_BATCH = 4
 #: Room for the reply body in one datagram (codec.MAX_DATAGRAM less header and slack).
 REPLY_BUDGET = codec.MAX_DATAGRAM - codec.HEADER_BYTES - 40
 _ID = 20
+_PORT = operator.attrgetter("port")
 
 NotifyHook = Callable[[bytes, list[Record], Addr], bool]
 
@@ -63,7 +75,17 @@ class Outcome:
     reply: Any = None
     has_reply: bool = False
     ping: Contact | None = None
-    notify: list[tuple[Addr, bytes, list[bytes]]] = field(default_factory=list)
+    notify: list[tuple[Addr, bytes, list[bytes]]] | None = None
+    raw: bytes | None = None
+    """The reply body already msgpack-encoded (then ``reply`` is unused)."""
+
+    def body(self) -> bytes:
+        """The reply body, msgpack-encoded."""
+        return self.raw if self.raw is not None else codec.pack(self.reply)
+
+    def result(self) -> Any:
+        """The reply body as the requester decodes it (None: no reply)."""
+        return codec.unpack(self.raw) if self.raw is not None else self.reply
 
 
 def _is_id(x: object) -> bool:
@@ -117,37 +139,23 @@ class RequestHandler:
         self.wallclock = wallclock
         self.accept_stock = accept_stock
         self.on_notify: NotifyHook | None = None
-        self.stats: Counter[str] = Counter()
-        self._dispatch: dict[str, Callable[[list[Any], Addr, Outcome], None]] = {
-            "ds_ping": self._ds_ping,
-            "ds_find_node": self._ds_find_node,
-            "ds_find_value": self._ds_find_value,
-            "ds_store": self._ds_store,
-            "ds_listen": self._ds_listen,
-            "ds_unlisten": self._ds_unlisten,
-            "ds_notify": self._ds_notify,
-        }
-        self._stock: dict[str, Callable[[list[Any], Addr, Outcome], None]] = {
-            "ping": self._ping,
-            "stun": self._stun,
-            "store": self._store,
-            "find_node": self._find_node,
-            "find_value": self._find_value,
-        }
-        self._arity = {
-            "ds_ping": 0,
-            "ds_find_node": 1,
-            "ds_find_value": 2,
-            "ds_store": 1,
-            "ds_listen": 2,
-            "ds_unlisten": 1,
-            "ds_notify": 2,
-        }
-        self._stock_arity = {"ping": 1, "stun": 0, "store": 3, "find_node": 2, "find_value": 2}
+        self._stats: Counter[str] = Counter()
+        #: Requests answered, per RPC (plain ints: the hot path does no Counter update).
+        self._calls = [0] * len(_RPC_NAMES)
+
+    @property
+    def stats(self) -> Counter[str]:
+        """Counters by reason: ``rpc:NAME`` per request answered, ``drop:REASON``,
+        ``refused:REASON``, ``stored``."""
+        st = self._stats
+        for name, n in zip(_RPC_NAMES, self._calls, strict=True):
+            if n:
+                st["rpc:" + name] = n
+        return st
 
     def drop(self, reason: str) -> Outcome:
         """Count a refused request."""
-        self.stats["drop:" + reason] += 1
+        self._stats["drop:" + reason] += 1
         return Outcome()
 
     def handle(self, req: Request, addr: Addr, now: float) -> Outcome:
@@ -158,106 +166,117 @@ class RequestHandler:
         :param now: the node's monotonic clock (contact bookkeeping).
         """
         name, args = req.name, req.args
-        fn = self._dispatch.get(name)
+        entry = _DS.get(name)
         out = Outcome()
-        if fn is not None:
-            if len(args) != 3 + self._arity[name]:
+        if entry is not None:
+            arity, slot, fn = entry
+            if len(args) != arity:
                 return self.drop("arity")
             net, nid, flags = args[0], args[1], args[2]
             if net != self.network:
                 return self.drop("wrong-network")
-            if not _is_id(nid) or type(flags) is not int:
+            if type(nid) is not bytes or len(nid) != _ID or type(flags) is not int:
                 return self.drop("bad-args")
             if not flags & FLAG_CLIENT and nid != self.own_id:
-                out.ping = self.table.add_contact(Contact(nid, addr[0], addr[1], KIND_DS), now)
-            self.stats["rpc:" + name] += 1
-            fn(args[3:], addr, out)
+                out.ping = self.table.heard_from(nid, addr[0], addr[1], KIND_DS, now)
+            self._calls[slot] += 1
+            fn(self, args, addr, out)
             return out
-        sfn = self._stock.get(name)
-        if sfn is None:
+        sentry = _STOCK.get(name)
+        if sentry is None:
             return self.drop("unknown-rpc")
         if not self.accept_stock:
             return self.drop("stock-disabled")
-        if len(args) != self._stock_arity[name]:
+        arity, slot, fn = sentry
+        if len(args) != arity:
             return self.drop("arity")
         if name != "stun":
-            if not _is_id(args[0]):
+            sender = args[0]
+            if not _is_id(sender):
                 return self.drop("bad-args")
-            if self.table.get(args[0]) is None and args[0] != self.own_id:
-                out.ping = self.table.add_contact(
-                    Contact(args[0], addr[0], addr[1], KIND_STOCK), now
-                )
-            elif (c := self.table.get(args[0])) is not None:
-                self.table.add_contact(c, now)
-        self.stats["rpc:" + name] += 1
-        sfn(args[1:] if name != "stun" else args, addr, out)
+            if sender != self.own_id:
+                # A new contact is stock; a known one keeps what it speaks.
+                out.ping = self.table.heard_from(sender, addr[0], addr[1], KIND_STOCK, now)
+        self._calls[slot] += 1
+        fn(self, args, addr, out)
         return out
 
-    # -- stock RPCs ---------------------------------------------------------------------
-
-    def _reply(self, out: Outcome, value: Any) -> None:
-        out.reply = value
-        out.has_reply = True
+    # -- stock RPCs (args: sender id, then the RPC's own) -------------------------------
 
     def _ping(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        self._reply(out, self.own_id)
+        out.reply = self.own_id
+        out.has_reply = True
 
     def _stun(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        self._reply(out, [addr[0], addr[1]])
+        out.reply = [addr[0], addr[1]]
+        out.has_reply = True
 
     def _store(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        key, value = args
+        out.has_reply = True
         try:
-            self.legacy.put(key, value, self.wallclock())
+            self.legacy.put(args[1], args[2], self.wallclock())
         except RecordRejected as exc:
-            self.stats["refused:" + exc.reason] += 1
-            self._reply(out, False)
+            self._stats["refused:" + exc.reason] += 1
+            out.reply = False
             return
-        self._reply(out, True)
+        out.reply = True
 
     def _neighbours(self, key: bytes, addr: Addr) -> list[Contact]:
-        found = self.table.closest(key, self.table.ksize + 1)
+        """The k contacts closest to ``key``, leaving out any at the requester's address."""
+        k = self.table.ksize
+        found = self.table.closest(key, k + 1)
         ip, port = addr
-        return [c for c in found if c.port != port or c.ip != ip][: self.table.ksize]
+        if port in map(_PORT, found):  # rarely: only then compare whole addresses
+            found = [c for c in found if c.port != port or c.ip != ip]
+        del found[k:]
+        return found
 
     def _find_node(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        key = args[0]
-        if not _is_id(key):
-            self.stats["drop:bad-args"] += 1
+        key = args[1]
+        if type(key) is not bytes or len(key) != _ID:
+            self._stats["drop:bad-args"] += 1
             return
-        self._reply(out, [[c.id, c.ip, c.port] for c in self._neighbours(key, addr)])
+        out.raw = pack_stock_contacts(self._neighbours(key, addr))
+        out.has_reply = True
 
     def _find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        key = args[0]
+        key = args[1]
         if _is_id(key):
             value = self.legacy.get(key, self.wallclock())
             if value is not None:
-                self._reply(out, {"value": value})
+                out.reply = {"value": value}
+                out.has_reply = True
                 return
         self._find_node(args, addr, out)
 
-    # -- dhtsignal RPCs -----------------------------------------------------------------
+    # -- dhtsignal RPCs (args: network, sender id, flags, then the RPC's own) -----------
 
     def _ds_ping(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        self._reply(out, [self.own_id, [addr[0], addr[1]]])
+        out.reply = [self.own_id, [addr[0], addr[1]]]
+        out.has_reply = True
 
     def _ds_find_node(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        if not _is_id(args[0]):
-            self.stats["drop:bad-args"] += 1
+        key = args[3]
+        if type(key) is not bytes or len(key) != _ID:
+            self._stats["drop:bad-args"] += 1
             return
-        self._reply(out, [c.wire() for c in self._neighbours(args[0], addr)])
+        found = self._neighbours(key, addr)
+        out.raw = pack_contacts(found)
+        out.has_reply = True
 
     def _ds_find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        key, cursor = args
+        key, cursor = args[3], args[4]
         if not _is_id(key) or type(cursor) is not int or cursor < 0:
-            self.stats["drop:bad-args"] += 1
+            self._stats["drop:bad-args"] += 1
             return
-        contacts = [c.wire() for c in self._neighbours(key, addr)] if cursor == 0 else []
+        found = self._neighbours(key, addr) if cursor == 0 else []
         held = sorted(self.store.get(key, self.wallclock()), key=lambda r: r.raw)
-        budget = REPLY_BUDGET - len(codec.pack(contacts))
-        while held[cursor:] and contacts and len(held[cursor].raw) + 3 > budget:
-            contacts.pop()  # make room for at least one record beside the contacts
-            budget = REPLY_BUDGET - len(codec.pack(contacts))
+        sizes = [len(c.packed()) for c in found]
+        budget = REPLY_BUDGET - len(codec.array_header(len(found))) - sum(sizes)
+        while held[cursor:] and found and len(held[cursor].raw) + 3 > budget:
+            found.pop()  # make room for at least one record beside the contacts
+            sizes.pop()
+            budget = REPLY_BUDGET - len(codec.array_header(len(found))) - sum(sizes)
         page: list[bytes] = []
         nxt: int | None = None
         for i in range(cursor, len(held)):
@@ -267,12 +286,13 @@ class RequestHandler:
                 break
             page.append(held[i].raw)
             budget -= size
-        self._reply(out, [contacts, page, nxt])
+        out.raw = b"\x93" + pack_contacts(found) + codec.pack(page) + codec.pack(nxt)
+        out.has_reply = True
 
     def _ds_store(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        batch = args[0]
+        batch = args[3]
         if type(batch) is not list or not 0 < len(batch) <= MAX_STORE_BATCH:
-            self.stats["drop:bad-args"] += 1
+            self._stats["drop:bad-args"] += 1
             return
         now = self.wallclock()
         results: list[str] = []
@@ -282,39 +302,42 @@ class RequestHandler:
                 records.validate(rec, now)
                 fresh = self.store.put(rec, addr, now)
             except RecordRejected as exc:
-                self.stats["refused:" + exc.reason] += 1
+                self._stats["refused:" + exc.reason] += 1
                 results.append(exc.reason)
                 continue
             results.append("ok")
-            self.stats["stored"] += 1
+            self._stats["stored"] += 1
             if fresh:
                 for listener in self.subs.listeners(rec.key, now):
                     if listener != addr:
+                        if out.notify is None:
+                            out.notify = []
                         out.notify.append((listener, rec.key, [rec.raw]))
-        self._reply(out, results)
+        out.reply = results
+        out.has_reply = True
 
     def _ds_listen(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        key, ttl = args
+        key, ttl = args[3], args[4]
         if not _is_id(key) or type(ttl) not in (int, float):
-            self.stats["drop:bad-args"] += 1
+            self._stats["drop:bad-args"] += 1
             return
+        out.has_reply = True
         try:
-            granted = self.subs.add(key, addr, float(ttl), self.wallclock())
+            out.reply = self.subs.add(key, addr, float(ttl), self.wallclock())
         except RecordRejected as exc:
-            self.stats["refused:" + exc.reason] += 1
-            self._reply(out, exc.reason)
-            return
-        self._reply(out, granted)
+            self._stats["refused:" + exc.reason] += 1
+            out.reply = exc.reason
 
     def _ds_unlisten(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        if _is_id(args[0]):
-            self.subs.remove(args[0], addr)
-        self._reply(out, True)
+        if _is_id(args[3]):
+            self.subs.remove(args[3], addr)
+        out.reply = True
+        out.has_reply = True
 
     def _ds_notify(self, args: list[Any], addr: Addr, out: Outcome) -> None:
-        key, batch = args
+        key, batch = args[3], args[4]
         if not _is_id(key) or type(batch) is not list or len(batch) > MAX_STORE_BATCH:
-            self.stats["drop:bad-args"] += 1
+            self._stats["drop:bad-args"] += 1
             return
         now = self.wallclock()
         good: list[Record] = []
@@ -323,11 +346,40 @@ class RequestHandler:
                 rec = records.decode(raw)
                 records.validate(rec, now)
             except RecordRejected as exc:
-                self.stats["refused:" + exc.reason] += 1
+                self._stats["refused:" + exc.reason] += 1
                 continue
             if rec.key != key:
-                self.stats["refused:wrong-key"] += 1
+                self._stats["refused:wrong-key"] += 1
                 continue
             good.append(rec)
-        wanted = self.on_notify(key, good, addr) if self.on_notify is not None else False
-        self._reply(out, wanted)
+        out.reply = self.on_notify(key, good, addr) if self.on_notify is not None else False
+        out.has_reply = True
+
+
+_Handler = Callable[[RequestHandler, list[Any], Addr, Outcome], None]
+
+#: Our RPCs: name -> (number of arguments, counter slot, handler).
+_DS: dict[str, tuple[int, int, _Handler]] = {}
+#: The stock kademlia RPCs, same layout.
+_STOCK: dict[str, tuple[int, int, _Handler]] = {}
+_RPC_NAMES: list[str] = []
+
+
+def _register(table: dict[str, tuple[int, int, _Handler]], name: str, arity: int) -> None:
+    fn: _Handler = getattr(RequestHandler, "_" + name)
+    table[name] = (arity, len(_RPC_NAMES), fn)
+    _RPC_NAMES.append(name)
+
+
+for _name, _arity in (
+    ("ds_ping", 0),
+    ("ds_find_node", 1),
+    ("ds_find_value", 2),
+    ("ds_store", 1),
+    ("ds_listen", 2),
+    ("ds_unlisten", 1),
+    ("ds_notify", 2),
+):
+    _register(_DS, _name, 3 + _arity)
+for _name, _arity in (("ping", 1), ("stun", 0), ("store", 3), ("find_node", 2), ("find_value", 2)):
+    _register(_STOCK, _name, _arity)

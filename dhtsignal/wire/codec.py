@@ -16,8 +16,7 @@ node can answer STUN Binding requests on its DHT port.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -41,17 +40,15 @@ class MalformedDatagram(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A decoded request datagram."""
+class Request(NamedTuple):
+    """A decoded request datagram (a named tuple: built once per datagram, so cheaply)."""
 
     msg_id: bytes
     name: str
     args: list[Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(NamedTuple):
     """A decoded response datagram."""
 
     msg_id: bytes
@@ -61,6 +58,18 @@ class Response:
 def pack(obj: Any) -> bytes:
     """msgpack-encode ``obj`` (bytes as ``bin``, text as ``str``)."""
     return _packer.pack(obj)
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items (followed by the packed items)."""
+    if n < 16:
+        return _FIXARRAY[n]
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+_FIXARRAY = [bytes([0x90 | i]) for i in range(16)]
 
 
 def unpack(data: bytes) -> Any:
