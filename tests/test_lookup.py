@@ -387,3 +387,24 @@ async def test_a_lookup_learns_every_contact_a_peer_names(behind: int) -> None:
     finally:
         for n in nodes:
             await n.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 120), k=st.integers(1, 12))
+def test_skip_state_agrees_with_skips(seed: int, n: int, k: int) -> None:
+    """The driver filters an answer with :meth:`Lookup.skip_state` computed once; it must
+    name exactly the contacts :meth:`Lookup.skips` would, which are exactly those that
+    adding would not keep (already candidates, or beyond the bounded candidate list)."""
+    rng = random.Random(seed)
+    target = rng.randbytes(20)
+    lk = Lookup(target, [_contact(rng.randbytes(20)) for _ in range(n)], k=k)
+    known, far = lk.skip_state()
+    t = int.from_bytes(target, "big")
+    probes = [rng.randbytes(20) for _ in range(50)] + [c.contact.id for c in lk._order[:5]]
+    for nid in probes:
+        fast = nid in known or (far is not None and int.from_bytes(nid, "big") ^ t >= far)
+        assert fast == lk.skips(nid)
+        if nid not in known:  # a new contact is kept exactly when it is not skipped
+            lk2 = Lookup(target, [c.contact for c in lk._order], k=k)
+            lk2._add([_contact(nid)], 2)
+            assert (nid in lk2._cands) == (not lk.skips(nid))

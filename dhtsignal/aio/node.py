@@ -647,7 +647,7 @@ class DhtNode(asyncio.DatagramProtocol):
             if finished:
                 self._learned(c)
                 return
-            closer = self._absorb(c, f.result(), key, found, pages, lk.skips, want_value)
+            closer = self._absorb(c, f.result(), key, found, pages, lk, want_value)
             if closer is None:
                 self._stats["drop:bad-reply"] += 1
                 lk.on_failure(c)
@@ -695,12 +695,12 @@ class DhtNode(asyncio.DatagramProtocol):
         key: bytes,
         found: dict[bytes, None],
         pages: list[asyncio.Future[Any]],
-        skip: Callable[[bytes], bool],
+        lk: Lookup,
         want_value: bool,
     ) -> list[Contact] | None:
         """Parse a find reply; collect records; returns the closer contacts or None.
 
-        Contacts ``skip`` names (known, or too far to be kept) are not parsed."""
+        Contacts the lookup would ignore (known, or too far to be kept) are not parsed."""
         items: Any = reply
         if want_value and c.kind == KIND_DS:
             if type(reply) is not list or len(reply) != 3:
@@ -716,9 +716,14 @@ class DhtNode(asyncio.DatagramProtocol):
         if type(items) is not list:
             return None
         out: list[Contact] = []
+        known, far = lk.skip_state()
+        target = lk.target
         for item in items[: self.config.ksize * 2]:
-            if type(item) is list and item and type(item[0]) is bytes and skip(item[0]):
-                continue
+            if type(item) is list and item and type(nid := item[0]) is bytes:
+                if nid in known:
+                    continue
+                if far is not None and int.from_bytes(nid, "big") ^ target >= far:
+                    continue
             contact = parse_contact(item)
             if contact is not None:
                 out.append(contact)

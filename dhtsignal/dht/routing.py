@@ -7,10 +7,10 @@ The table follows ``kademlia.routing.RoutingTable`` (paper sections 2.2, 2.4 and
 least-recently-seen order plus a small replacement cache, and a full bucket
 splits while it covers our own ID or its depth is not a multiple of 5 (the
 same rule as the stock table). It is our own code rather than a subclass
-because the stock ``KBucket`` keeps two ``OrderedDict`` per bucket and
-unbounded-by-default replacement caches (100 per bucket), which dominated the
-memory of an idle node, and because every operation below needs the contacts
-in ID order anyway. Corrections:
+because the stock ``KBucket`` keeps two ``OrderedDict`` per bucket and a
+replacement cache of 5k (100) contacts per bucket, which dominated the memory
+of an idle node, and because every operation below needs the contacts in ID
+order anyway. Corrections:
 
 * :meth:`RoutingTable.closest` returns exactly the k closest contacts by XOR
   distance, from all buckets. The stock ``find_neighbors`` returns the first k
@@ -33,10 +33,11 @@ distance to the target is below ``2**d`` share the first ``160 - d`` bits with i
 they form an aligned block of the ID space, a contiguous run of that list, and
 every contact inside the block is closer to the target than every contact
 outside it. So once a block holds at least k contacts, the k closest are the k
-nearest inside it, and only the block is ranked. The block is sized by the k-th
-smallest distance among the k contacts on each side of the target's position
-in the list: the smallest block holding k contacts is contiguous around that
-position, so it holds k of those 2k, and the block of that k-th distance is it.
+nearest inside it, and only the block is ranked. The smallest such block is
+contiguous around the target's position, so it holds k of the k contacts on
+each side of that position; on each side the distances grow away from the
+target, so the k-th smallest of them (which sizes the block) is found by a
+binary search over the two sides, a handful of XORs instead of 2k.
 """
 
 from __future__ import annotations
@@ -395,19 +396,8 @@ class RoutingTable:
         longs = self._longs
         size = len(longs)
         if want < size:
-            # The runs of `want` contacts next to the target's position lie in
-            # longs[first:last]; the want-th smallest distance there gives the block.
-            i = bisect.bisect_left(longs, t)
-            first = max(0, i - want)
-            last = min(i, size - want) + want
-            dist = list(map(t.__xor__, longs[first:last]))
-            mask = (1 << sorted(dist)[want - 1].bit_length()) - 1
-            lo = bisect.bisect_left(longs, t & ~mask)
-            hi = bisect.bisect_right(longs, t | mask)
-            if first <= lo and hi <= last:
-                dist = dist[lo - first : hi - first]
-            else:
-                dist = list(map(t.__xor__, longs[lo:hi]))
+            lo, hi = self._block(t, want)
+            dist = list(map(t.__xor__, longs[lo:hi]))
             block = self._sorted[lo:hi]
         else:
             dist = list(map(t.__xor__, longs))
@@ -417,6 +407,34 @@ class RoutingTable:
             return [c for c in map(block.__getitem__, order) if c.id not in skip][:n]
         del order[n:]
         return list(map(block.__getitem__, order))
+
+    def _block(self, t: int, want: int) -> tuple[int, int]:
+        """Index range of the smallest aligned block around ``t`` holding ``want``
+        contacts (``0 < want < len(self)``); see the module docstring."""
+        longs = self._longs
+        size = len(longs)
+        i = bisect.bisect_left(longs, t)
+        # Distances of the contacts below t grow as we walk down from i-1 (A), those of
+        # the contacts from i up grow as we walk up (B): two sorted sequences. The block
+        # is that of the want-th smallest of their bit lengths, found by binary search on
+        # how many of the want smallest come from A (the k-th of two sorted arrays).
+        lo_p = max(0, want - min(size - i, want))
+        hi_p = min(want, i)
+        while lo_p < hi_p:
+            p = (lo_p + hi_p) >> 1
+            if (t ^ longs[i - 1 - p]).bit_length() < (t ^ longs[i + want - p - 1]).bit_length():
+                lo_p = p + 1
+            else:
+                hi_p = p
+        q = want - lo_p
+        d = (t ^ longs[i - lo_p]).bit_length() if lo_p else 0
+        if q:
+            d = max(d, (t ^ longs[i + q - 1]).bit_length())
+        base = t >> d << d
+        return (
+            bisect.bisect_left(longs, base, 0, i),
+            bisect.bisect_left(longs, base + (1 << d), i),
+        )
 
     def find_neighbors(
         self, node: _NodeLike, k: int | None = None, exclude: _NodeLike | None = None
