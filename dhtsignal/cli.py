@@ -284,14 +284,14 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
 
 async def _status(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.aio.node import RpcTimeout
-    from dhtsignal.daemon import client_node, resolve_addrs, show_addr
+    from dhtsignal.daemon import client_node, show_addr
     from dhtsignal.errors import DhtTimeout
 
     assert settings.target is not None
     shown = show_addr(settings.target)
     async with client_node(settings) as node:
         assert node.address is not None
-        targets = await resolve_addrs([settings.target], node.address)
+        targets = await node.resolve([settings.target])
         if not targets:
             raise DhtTimeout(f"resolving {shown}", 0.0)
         began = time.perf_counter()  # uvloop's loop.time() has millisecond resolution
@@ -320,18 +320,12 @@ def _dialer_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def _bootstrap_addrs(settings: Settings) -> list[tuple[str, int]]:
-    from dhtsignal.daemon import resolve_addrs
-
-    return await resolve_addrs(settings.bootstrap, settings.listen)
-
-
 async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal import dialing
 
     return await dialing.ping(
         ns.target_id,
-        await _bootstrap_addrs(settings),
+        settings.bootstrap,
         count=settings.count,
         as_json=settings.json,
         emit=_out,
@@ -345,7 +339,7 @@ async def _send(settings: Settings, ns: argparse.Namespace) -> int:
     return await dialing.send(
         ns.target_id,
         ns.text,
-        await _bootstrap_addrs(settings),
+        settings.bootstrap,
         timeout=settings.ack_timeout,
         emit=_out,
         **_dialer_options(settings),
@@ -356,7 +350,7 @@ async def _chat(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal import dialing
 
     return await dialing.chat(
-        ns.target_id, await _bootstrap_addrs(settings), emit=_out, **_dialer_options(settings)
+        ns.target_id, settings.bootstrap, emit=_out, **_dialer_options(settings)
     )
 
 

@@ -36,7 +36,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -84,37 +83,6 @@ def show_addr(addr: Addr | None) -> str:
     if addr is None:
         return "-"
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
-async def resolve_addrs(addrs: Sequence[Addr], listen: Addr) -> list[Addr]:
-    """Resolve host names to IP addresses of the listening socket's family.
-
-    The node matches replies by source address, so it must send to IP addresses.
-    Names that do not resolve are logged and left out.
-    """
-    family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
-    loop = asyncio.get_running_loop()
-    out: list[Addr] = []
-    for host, port in addrs:
-        try:
-            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-        except (OSError, UnicodeError) as exc:
-            log.warning("cannot resolve %s: %s", show_addr((host, port)), exc)
-            continue
-        for info in infos[:1]:
-            sockaddr = info[4]
-            out.append((str(sockaddr[0]), int(sockaddr[1])))
-    return out
-
-
-async def join(node: DhtNode, addrs: Sequence[Addr]) -> int:
-    """Join the DHT through ``addrs`` (and the contacts already in the table).
-
-    :returns: the size of the routing table afterwards (0: nobody answered).
-    """
-    assert node.address is not None
-    resolved = await resolve_addrs(addrs, node.address)
-    return await node.bootstrap(resolved)
 
 
 def _unreachable(addrs: Sequence[Addr], started: float) -> DhtTimeout:
@@ -301,7 +269,7 @@ class Daemon:
         while True:
             await asyncio.sleep(self.settings.rejoin_interval)
             if len(node.table) == 0 and addrs:
-                size = await join(node, addrs)
+                size = await node.bootstrap(addrs)
                 if size:
                     log.info("joined the DHT: %d contacts", size)
 
@@ -315,7 +283,7 @@ class BootstrapDaemon(Daemon):
         """Open the node and join the other bootstrap nodes (failure is not fatal)."""
         node = await self.open_node()
         addrs = self.settings.join
-        size = await join(node, addrs)
+        size = await node.bootstrap(addrs)
         if addrs and size == 0:
             log.warning(
                 "no node to join answered (%s); serving alone, retrying every %g s",
@@ -352,7 +320,7 @@ class PeerDaemon(Daemon):
         node = await self.open_node()
         assert self.identity is not None
         began = time.monotonic()
-        if await join(node, s.bootstrap) == 0:
+        if await node.bootstrap(s.bootstrap) == 0:
             raise _unreachable(s.bootstrap, began)
         self.keep_joined(s.bootstrap)
         self.node_id = s.node_id or self.identity.self_id
@@ -456,7 +424,7 @@ async def client_node(settings: Settings, addrs: Sequence[Addr] = ()) -> AsyncIt
     try:
         await _listen(node, settings.listen)
         began = time.monotonic()
-        if addrs and await join(node, addrs) == 0:
+        if addrs and await node.bootstrap(addrs) == 0:
             raise _unreachable(addrs, began)
         yield node
     finally:

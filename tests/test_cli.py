@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,22 +145,17 @@ class Launcher:
     def run(
         self, *args: str, timeout: float = RUN_TIMEOUT, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        if input is None:
-            return subprocess.run(
-                [sys.executable, "-m", "dhtsignal", *args],
-                capture_output=True,
-                text=True,
-                env=self.env,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-            )
+        """Run a command to completion; stdin is ``input``, or empty."""
+        stdin: dict[str, Any] = (
+            {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        )
         return subprocess.run(
             [sys.executable, "-m", "dhtsignal", *args],
             capture_output=True,
             text=True,
             env=self.env,
             timeout=timeout,
-            input=input,
+            **stdin,
         )
 
     def close(self) -> None:

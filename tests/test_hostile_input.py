@@ -615,20 +615,31 @@ async def _learn(n: DhtNode, peer: RawPeer) -> None:
         ping.cancel()
 
 
+@contextlib.asynccontextmanager
+async def _full_far_bucket(
+    open_peer: Callable[[], Awaitable[RawPeer]],
+) -> AsyncIterator[tuple[DhtNode, RawPeer, RawPeer]]:
+    """A node with k=1 whose far bucket (which cannot split) holds ``silent``, and a
+    ``newcomer`` of that bucket: yields ``(node, silent, newcomer)``; closes the node."""
+    n = DhtNode(b"\x00" * 20, dataclasses.replace(FAST, ksize=1))
+    await n.listen_udp()
+    try:
+        silent, newcomer = await open_peer(), await open_peer()
+        silent.id = b"\xff" * 20
+        newcomer.id = b"\xfe" + b"\xff" * 19
+        await _learn(n, silent)
+        yield n, silent, newcomer
+    finally:
+        await n.close()
+
+
 async def test_one_failed_ping_does_not_evict_max_failures_do(
     open_peer: Callable[[], Awaitable[RawPeer]], loop_errors: list[dict[str, Any]]
 ) -> None:
     """With k=1, a newcomer to the silent contact's bucket makes the node ping it (the
     bucket head); each unanswered ping is one failure, and only the third evicts it."""
-    cfg = dataclasses.replace(FAST, ksize=1)
-    n = DhtNode(b"\x00" * 20, cfg)
-    await n.listen_udp()
-    try:
-        silent, newcomer = await open_peer(), await open_peer()
-        silent.id = b"\xff" * 20
-        newcomer.id = b"\xfe" + b"\xff" * 19  # same far bucket, which cannot split
-        await _learn(n, silent)
-        for round_ in range(1, cfg.max_failures + 1):
+    async with _full_far_bucket(open_peer) as (n, silent, newcomer):
+        for round_ in range(1, n.config.max_failures + 1):
             reply = await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
             assert reply[0] == n.id
             head_ping, _ = await silent.next_message()  # the node checks the bucket head
@@ -637,16 +648,14 @@ async def test_one_failed_ping_does_not_evict_max_failures_do(
             with pytest.raises(RpcTimeout):
                 await asyncio.wait_for(fut, WAIT)  # the node's own callback has run by now
             c = n.table.get(silent.id)
-            if round_ < cfg.max_failures:
+            if round_ < n.config.max_failures:
                 assert c is not None and c.failures == round_, "one lost reply must not evict"
                 assert n.table.get(newcomer.id) is None
             else:
                 assert c is None
                 assert n.table.get(newcomer.id) is not None  # the newcomer took its place
-        assert n.stats["rpc-timeout"] == cfg.max_failures
+        assert n.stats["rpc-timeout"] == n.config.max_failures
         assert loop_errors == []
-    finally:
-        await n.close()
 
 
 async def test_one_outstanding_ping_per_bucket_head(
@@ -654,14 +663,7 @@ async def test_one_outstanding_ping_per_bucket_head(
 ) -> None:
     """Every request from a contact waiting for a full bucket's place names the head to
     ping; however many arrive, the head has one ping in flight (it was one per request)."""
-    cfg = dataclasses.replace(FAST, ksize=1)
-    n = DhtNode(b"\x00" * 20, cfg)
-    await n.listen_udp()
-    try:
-        silent, newcomer = await open_peer(), await open_peer()
-        silent.id = b"\xff" * 20
-        newcomer.id = b"\xfe" + b"\xff" * 19  # same far bucket, which cannot split
-        await _learn(n, silent)
+    async with _full_far_bucket(open_peer) as (n, silent, newcomer):
         for _ in range(5):
             reply = await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
             assert reply[0] == n.id
@@ -676,8 +678,6 @@ async def test_one_outstanding_ping_per_bucket_head(
         await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
         assert len([p for p in n._pending.values() if p.addr == silent.addr]) == 1
         assert loop_errors == []
-    finally:
-        await n.close()
 
 
 async def test_lookups_count_a_silent_contact_and_evict_it_only_after_max_failures(

@@ -113,6 +113,16 @@ async def test_session_carries_bytes_and_text_both_ways(peers: StartPeer, boot: 
 
 
 @pytest.mark.timeout(20)
+async def test_bootstrap_by_host_name(peers: StartPeer, boot: list[str]) -> None:
+    """A bootstrap address may name a host: it is resolved before the join (replies are
+    matched by source IP, so sending to the name as such would never count an answer)."""
+    port = boot[0].rsplit(":", 1)[1]
+    alice = await peers("alice", [f"localhost:{port}"])
+    assert len(alice.node.table) >= 1
+    assert (await resolve(alice.node, "alice")).key == alice.public_key.hex()
+
+
+@pytest.mark.timeout(20)
 async def test_unknown_and_signed_off_peers_are_not_found_fast(
     peers: StartPeer, boot: list[str]
 ) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import socket
@@ -581,12 +582,43 @@ class DhtNode(asyncio.DatagramProtocol):
         self._learned(Contact(nid, addr[0], addr[1], KIND_DS))
         return bytes(nid)
 
+    async def resolve(self, addrs: Iterable[Addr]) -> list[Addr]:
+        """``addrs`` with host names resolved to IP addresses of our socket's family.
+
+        Replies are matched by source address, so requests must go to IP addresses. IP
+        literals pass as they are (no resolver call); names that do not resolve are
+        logged and left out.
+        """
+        out: list[Addr] = []
+        for host, port in addrs:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                pass
+            else:
+                out.append((host, port))
+                continue
+            v6 = self.address is not None and ":" in self.address[0]
+            family = socket.AF_INET6 if v6 else socket.AF_INET
+            try:
+                infos = await self.loop.getaddrinfo(
+                    host, port, family=family, type=socket.SOCK_DGRAM
+                )
+            except (OSError, UnicodeError) as exc:
+                self.log.warning("cannot resolve %s:%s: %s", host, port, exc)
+                continue
+            for info in infos[:1]:
+                out.append((str(info[4][0]), int(info[4][1])))
+        return out
+
     async def bootstrap(self, addrs: Iterable[Addr]) -> int:
-        """Join through ``addrs``: ping each, then look up our own ID.
+        """Join through ``addrs`` (host names are resolved): ping each, then look up our
+        own ID.
 
         :returns: how many contacts the routing table holds afterwards.
         """
-        results = await asyncio.gather(*(self.ping(a) for a in addrs), return_exceptions=True)
+        resolved = await self.resolve(addrs)
+        results = await asyncio.gather(*(self.ping(a) for a in resolved), return_exceptions=True)
         ok = sum(1 for r in results if isinstance(r, bytes))
         if ok == 0 and len(self.table) == 0:
             return 0
