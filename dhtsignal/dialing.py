@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -139,7 +140,7 @@ async def chat(
 
         async def showing() -> None:
             async for message in session:
-                emit(f"{target}: {_text(message)}")
+                emit(f"{target}: {_one_line(_text(message))}")
 
         tasks = {asyncio.create_task(typing()), asyncio.create_task(showing())}
         try:
@@ -176,6 +177,16 @@ def _text(message: bytes | str) -> str:
     return message if isinstance(message, str) else message.decode("utf-8", "replace")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line and harmless to a terminal: backslash, newline, carriage
+    return, tab and other control characters (escape sequences) are written as escapes."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m[0]) or f"\\x{ord(m[0]):02x}", text)
+
+
 async def serve_sessions(peer: Peer, emit: Emit = print) -> None:
     """The peer daemon's session loop: print every message as
     ``message from NODE_ID: TEXT`` (pings and acknowledgements are answered by the
@@ -184,9 +195,7 @@ async def serve_sessions(peer: Peer, emit: Emit = print) -> None:
 
     async def one(session: Session) -> None:
         async for message in session:
-            # One line per message, whatever it holds.
-            line = _text(message).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-            emit(f"message from {session.remote_id}: {line}")
+            emit(f"message from {session.remote_id}: {_one_line(_text(message))}")
 
     try:
         async for session in peer.incoming():

@@ -78,6 +78,9 @@ INBOX_TTL = 60.0
 STORE_DELAY = 0.25
 #: Seconds a resolved presence is reused by ``connect`` (dropped when a dial fails).
 RESOLVE_CACHE_TTL = 30.0
+#: Bytes (characters for text) received on a session and not yet read by the application;
+#: past this the session is closed (counted as ``closed:unread-limit``).
+MAX_UNREAD_BYTES = 16 * 1024 * 1024
 #: Incoming handshakes in progress at once; more offers are dropped and counted.
 MAX_PENDING_INCOMING = 32
 #: Inbox records remembered to drop the second copy (direct push and DHT push).
@@ -161,6 +164,7 @@ class Session:
             pc, options.ordered, options.max_retransmits, options.max_packet_life_time
         )
         self._inbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._buffered = 0  # size of the messages received and not yet read
         self._received = 0
         self._sent = 0
         self._sync_waiters: dict[int, asyncio.Future[None]] = {}
@@ -194,6 +198,22 @@ class Session:
             self.peer._forget(self)
 
     def _on_data(self, message: bytes | str) -> None:
+        if self._closed.is_set():
+            return
+        self._buffered += len(message)
+        if self._buffered > MAX_UNREAD_BYTES:
+            # The remote sends faster than the application reads: end the session rather
+            # than grow without bound or drop messages of a reliable channel unseen.
+            self.peer.stats["closed:unread-limit"] += 1
+            log.warning(
+                "session %s with %s closed: over %d unread bytes",
+                self.session_id.hex(),
+                self.remote_id,
+                MAX_UNREAD_BYTES,
+            )
+            self._on_close()
+            self.peer.node.spawn(self._pc.close(), name="close-overflowing")
+            return
         self._received += 1
         self._inbox.put_nowait(message)
         if self._pending_syncs:
@@ -212,7 +232,7 @@ class Session:
             kind, n = msg["t"], msg["n"]
             if not isinstance(n, int):
                 raise ValueError("n")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self.peer.stats["ctl-malformed"] += 1
             return
         if kind == "ping":
@@ -241,6 +261,7 @@ class Session:
             if msg is None:
                 self._inbox.put_nowait(None)  # later recv() calls and loops end too
                 return
+            self._buffered -= len(msg)
             yield msg
 
     async def recv(self, timeout: float | None = None) -> bytes | str:
@@ -253,6 +274,7 @@ class Session:
         if msg is None:
             self._inbox.put_nowait(None)
             raise SessionClosedError("session closed")
+        self._buffered -= len(msg)
         return msg
 
     async def send(self, data: bytes | str) -> None:

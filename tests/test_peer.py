@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from dhtsignal import peer as peer_module
 from dhtsignal.aio import rtc
+from dhtsignal.dialing import _one_line
 from dhtsignal.errors import ConnectFailed, PeerNotFound
 from dhtsignal.peer import ChannelOptions, DialFailed, Peer, Session, SessionClosedError
 from dhtsignal.presence import resolve
@@ -110,6 +112,30 @@ async def test_session_carries_bytes_and_text_both_ways(peers: StartPeer, boot: 
     assert not out.is_open
     with pytest.raises(SessionClosedError):
         await out.send(b"after close")
+
+
+@pytest.mark.timeout(20)
+async def test_unread_messages_are_bounded(
+    peers: StartPeer, boot: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote that sends faster than the application reads ends the session; it does
+    not grow memory without bound, and nothing within the limit is lost unseen."""
+    monkeypatch.setattr(peer_module, "MAX_UNREAD_BYTES", 100)
+    bob = await peers("bob", boot)
+    alice = await peers("alice", boot)
+    session = await dial(alice, "bob")
+    incoming = await accept(bob)
+    await session.send(b"x" * 60)
+    await session.send(b"y" * 60)  # bob has read nothing: 120 unread bytes
+    assert await incoming.recv(STEP) == b"x" * 60  # within the limit: kept
+    with pytest.raises(SessionClosedError):  # the second message passed it: closed
+        await incoming.recv(STEP)
+    assert bob.stats["closed:unread-limit"] == 1
+    assert not incoming.is_open
+
+
+def test_printed_messages_stay_on_one_line_and_cannot_drive_a_terminal() -> None:
+    assert _one_line("a\\b\nc\rd\te\x1b[31mred\x7f é") == ("a\\\\b\\nc\\rd\\te\\x1b[31mred\\x7f é")
 
 
 @pytest.mark.timeout(20)
