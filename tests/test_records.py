@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +21,7 @@ from dhtsignal.dht.records import (
     room_key,
 )
 from dhtsignal.errors import RecordRejected
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.signaling.identity import Identity, verify
 from dhtsignal.wire import codec
 
 NOW = 1_700_000_000.0
@@ -361,3 +363,58 @@ def test_every_single_byte_change_is_refused_exhaustively() -> None:
                 continue
             accepted.append((pos, mask))
     assert accepted == []
+
+
+# -- the signature primitive ----------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.binary(min_size=32, max_size=32),
+    message=st.binary(max_size=1200),
+    where=st.sampled_from(["key", "message", "signature"]),
+    index=st.integers(0, 2**16),
+    bit=st.integers(0, 7),
+)
+def test_verify_accepts_own_signatures_and_refuses_any_flipped_bit(
+    seed: bytes, message: bytes, where: str, index: int, bit: int
+) -> None:
+    """``identity.verify`` (libsodium) accepts what ``Identity.sign`` (OpenSSL) made, and
+    agrees with OpenSSL's own verify that a single flipped bit anywhere is refused."""
+    me = Identity(seed)
+    sig = me.sign(message)
+    assert verify(me.public_key, message, sig)
+    parts = {
+        "key": bytearray(me.public_key),
+        "message": bytearray(message),
+        "signature": bytearray(sig),
+    }
+    if not parts[where]:
+        return
+    target = parts[where]
+    target[index % len(target)] ^= 1 << bit
+    key, msg, bad = bytes(parts["key"]), bytes(parts["message"]), bytes(parts["signature"])
+    assert not verify(key, msg, bad)
+    try:
+        Ed25519PublicKey.from_public_bytes(key).verify(bad, msg)
+        openssl_ok = True
+    except (InvalidSignature, ValueError):
+        openssl_ok = False
+    assert not openssl_ok
+
+
+@pytest.mark.parametrize(
+    ("key", "signature"),
+    [
+        (b"", b"\x00" * 64),
+        (b"\x00" * 31, b"\x00" * 64),
+        (b"\x00" * 32, b"\x00" * 63),
+        (b"\x00" * 32, b"\x00" * 64),  # a small-order key with an all-zero signature
+        (b"\x01" + b"\x00" * 31, b"\x01" + b"\x00" * 63),  # the identity point
+        (b"\xff" * 32, b"\xff" * 64),  # not a point, S not canonical
+    ],
+)
+def test_verify_refuses_malformed_keys_and_signatures_without_raising(
+    key: bytes, signature: bytes
+) -> None:
+    assert verify(key, b"anything", signature) is False

@@ -11,14 +11,12 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import CryptoError
 
 from dhtsignal.errors import UsageError
 
@@ -50,12 +48,19 @@ def is_self_certifying(node_id: str) -> bool:
 
 
 def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """Check an Ed25519 signature; never raises on bad input."""
+    """Check an Ed25519 signature; never raises on bad input.
+
+    Verification uses libsodium (PyNaCl), signing stays with ``cryptography``. Every
+    storing node verifies every record it is sent, and here libsodium's verify takes
+    about half the time of OpenSSL's (72 against 139 µs, see the README's performance
+    section). libsodium is also the stricter of the two: it refuses small-order keys
+    and non-canonical encodings that OpenSSL may accept.
+    """
     if len(public_key) != 32 or len(signature) != 64:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-    except (InvalidSignature, ValueError):
+        crypto_sign_open(signature + message, public_key)
+    except (CryptoError, ValueError, TypeError):
         return False
     return True
 
