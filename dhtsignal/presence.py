@@ -15,8 +15,9 @@ stops refreshing and its records expire.
 
 Readers (:func:`resolve`, :func:`room_peers`) verify everything again: they pick
 the owner of a label (a key pinned in :class:`KnownPeers` first; otherwise the
-key whose claim is oldest), refuse presence from other keys, and fail loudly
-when a pinned key changed (like SSH's known_hosts).
+key whose claim most storing nodes hold, the oldest claim breaking ties), refuse
+presence from other keys, and fail loudly when a pinned key changed (like SSH's
+known_hosts).
 """
 
 from __future__ import annotations
@@ -252,27 +253,34 @@ class Presence:
                 log.debug("tombstone put failed: %s", r)
 
 
-def _owner(node_id: str, recs: list[Record], known: KnownPeers | None) -> bytes | None:
-    """The key that owns ``node_id`` among verified records, applying pins."""
-    claims: dict[bytes, float] = {}
+def _owner(
+    node_id: str, recs: list[Record], support: dict[bytes, int], known: KnownPeers | None
+) -> bytes | None:
+    """The key that owns ``node_id`` among verified records, applying pins.
+
+    Storing nodes keep one claimant per node ID (the first live claim), so the owner is
+    the claimant that the most storing nodes answered with (``support``). A claim's own
+    time ``t`` is written by the claimant and could be backdated: it only breaks ties.
+    """
+    claims: dict[bytes, tuple[int, float, bytes]] = {}
     for r in recs:
         if r.kind in (RecordType.CLAIM, RecordType.PRESENCE) and not r.is_tombstone:
             t = r.fields().get("t")
             at = float(t) if isinstance(t, int | float) else float("inf")
-            claims[r.signer] = min(at, claims.get(r.signer, float("inf")))
+            rank = (-support.get(r.signer, 0), at, r.signer)
+            claims[r.signer] = min(rank, claims.get(r.signer, rank))
     pinned = known.get(node_id) if known is not None else None
     if pinned is not None:
         if bytes.fromhex(pinned) in claims:
             return bytes.fromhex(pinned)
         if claims:
-            seen = min(claims, key=lambda s: (claims[s], s))
-            raise PinnedKeyChanged(node_id, pinned, seen.hex())
+            raise PinnedKeyChanged(node_id, pinned, min(claims.values())[2].hex())
         return bytes.fromhex(pinned)
     if not claims:
         # Only tombstones (signed off) or nothing at all.
         tomb = next((r.signer for r in recs if r.is_tombstone), None)
         return tomb
-    return min(claims, key=lambda s: (claims[s], s))
+    return min(claims.values())[2]
 
 
 def _info(node: DhtNode, node_id: str, rec: Record) -> PeerInfo:
@@ -308,10 +316,11 @@ async def resolve(node: DhtNode, node_id: str, known: KnownPeers | None = None) 
         records.check_label(node_id)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    recs = await node.get(node_key(node_id), include_tombstones=True)
+    held = await node.get_held(node_key(node_id), include_tombstones=True)
+    recs = held.records
     if is_self_certifying(node_id):
         recs = [r for r in recs if self_certifying_id(r.signer) == node_id]
-    owner = _owner(node_id, recs, known)
+    owner = _owner(node_id, recs, held.support, known)
     if owner is None:
         raise PeerNotFound(f"{node_id}: unknown (no claim or presence record in the DHT)")
     mine = [r for r in recs if r.signer == owner and r.kind == RecordType.PRESENCE]

@@ -85,6 +85,17 @@ class LookupResult:
     hops: int
     queried: int
     records: list[Record] = field(default_factory=list)
+    #: for each record's raw bytes, the IDs of the nodes whose answers held it
+    held_by: dict[bytes, set[bytes]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRecords:
+    """What :meth:`DhtNode.get_held` found: the merged records, and how many distinct
+    storing nodes answered with at least one live record of each signer."""
+
+    records: list[Record]
+    support: dict[bytes, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,7 +672,7 @@ class DhtNode(asyncio.DatagramProtocol):
         )
         loop = self.loop
         wake: asyncio.Future[None] = loop.create_future()
-        found: dict[bytes, None] = {}
+        found: dict[bytes, set[bytes]] = {}
         pages: list[asyncio.Future[Any]] = []
 
         finished = False
@@ -718,14 +729,14 @@ class DhtNode(asyncio.DatagramProtocol):
             while len(cache) > 512:
                 del cache[next(iter(cache))]
         recs = self._verify(list(found)) if want_value else []
-        return LookupResult(step.closest, step.hops, step.queried, recs)
+        return LookupResult(step.closest, step.hops, step.queried, recs, found)
 
     def _absorb(
         self,
         c: Contact,
         reply: Any,
         key: bytes,
-        found: dict[bytes, None],
+        found: dict[bytes, set[bytes]],
         pages: list[asyncio.Future[Any]],
         lk: Lookup,
         want_value: bool,
@@ -742,7 +753,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 return None
             for raw in page[:64]:
                 if type(raw) is bytes:
-                    found[raw] = None
+                    found.setdefault(raw, set()).add(c.id)
             if type(nxt) is int and nxt > 0 and len(pages) < _MAX_PAGES:
                 pages.append(self.spawn(self._more_pages(c, key, nxt, found)))
         if type(items) is not list:
@@ -762,7 +773,7 @@ class DhtNode(asyncio.DatagramProtocol):
         return out
 
     async def _more_pages(
-        self, c: Contact, key: bytes, cursor: int, found: dict[bytes, None]
+        self, c: Contact, key: bytes, cursor: int, found: dict[bytes, set[bytes]]
     ) -> None:
         for _ in range(_MAX_PAGES):
             reply = await self.request(c.addr, "ds_find_value", self.ds_args(key, cursor))
@@ -770,7 +781,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 return
             for raw in reply[1][:64]:
                 if type(raw) is bytes:
-                    found[raw] = None
+                    found.setdefault(raw, set()).add(c.id)
             nxt = reply[2]
             if type(nxt) is not int or nxt <= cursor:
                 return
@@ -881,12 +892,31 @@ class DhtNode(asyncio.DatagramProtocol):
 
     async def get(self, key: bytes, *, include_tombstones: bool = False) -> list[Record]:
         """All live records under ``key`` from the nodes closest to it, verified and merged."""
+        return (await self.get_held(key, include_tombstones=include_tombstones)).records
+
+    async def get_held(self, key: bytes, *, include_tombstones: bool = False) -> HeldRecords:
+        """Like :meth:`get`, and count for each signer the distinct storing nodes whose
+        answers held a live (not tombstoned) record of theirs; our own store counts as one.
+
+        A node-ID's owner is the claimant most storing nodes hold (each refuses a second
+        claimant), which a single hostile or newly joined storing node cannot change.
+        """
         res = await self._run_lookup(key, self.config.replicas, want_value=True)
         merged = list(res.records)
+        holders: dict[bytes, set[bytes]] = {}
+        for r in res.records:
+            if not r.is_tombstone:
+                holders.setdefault(r.signer, set()).update(res.held_by.get(r.raw, ()))
         if not self.config.client_mode:
-            merged.extend(self.store.get(key, self.wallclock()))
+            mine = self.store.get(key, self.wallclock())
+            merged.extend(mine)
+            for r in mine:
+                if not r.is_tombstone:
+                    holders.setdefault(r.signer, set()).add(self.id)
         out = records.newest(merged)
-        return out if include_tombstones else [r for r in out if not r.is_tombstone]
+        if not include_tombstones:
+            out = [r for r in out if not r.is_tombstone]
+        return HeldRecords(out, {signer: len(ids) for signer, ids in holders.items()})
 
     async def get_with_hops(self, key: bytes) -> LookupResult:
         """Like :meth:`get` but returns the whole lookup result (hop count included)."""
