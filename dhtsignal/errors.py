@@ -79,6 +79,18 @@ class PutFailed(RemoteError):
     """No storing node accepted a record."""
 
 
+class StoreLimitExceeded(PutFailed):
+    """No storing node accepted a record because a storage limit is used up.
+
+    ``limit`` is the storing nodes' refusal reason: ``quota`` (records or bytes per
+    source address), ``key-full`` (values per key) or ``store-full`` (a node's total).
+    """
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class EnvelopeRejected(RemoteError):
     """A signaling envelope was refused. ``reason`` is a short machine-readable tag:
     ``malformed``, ``bad-signature``, ``wrong-recipient``, ``stale``, ``replay`` or

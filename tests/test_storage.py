@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dhtsignal.dht import records
+from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType, node_key
 from dhtsignal.dht.routing import Contact, RoutingTable
 from dhtsignal.dht.rpc import RequestHandler
 from dhtsignal.dht.storage import LegacyStore, RecordStore, StorageLimits, Subscriptions
-from dhtsignal.errors import RecordRejected
+from dhtsignal.errors import RecordRejected, StoreLimitExceeded
 from dhtsignal.signaling.identity import Identity
 from dhtsignal.wire import codec
+
+if TYPE_CHECKING:
+    from conftest import StartDht
 
 NOW = 1_700_000_000.0
 A = Identity(bytes([1]) * 32)
@@ -392,3 +398,38 @@ def test_a_held_record_is_served_next_to_a_full_contact_list() -> None:
             break
         cursor = nxt
     assert served == [big.raw]
+
+
+# -- limits, as the writer sees them over the network ---------------------------------------
+
+
+async def test_a_put_past_a_storage_limit_names_the_limit(dht: StartDht) -> None:
+    """Four real nodes with small limits: the writer's third record is refused by every
+    storing node for its source quota, the third signer under one key for the per-key cap;
+    each caller gets StoreLimitExceeded naming the limit, and what was stored stays."""
+    small = NodeConfig(limits=limits(max_records_per_source=2, max_values_per_key=2))
+    nodes = await dht(4, config=small)
+    writer = nodes[1]
+    now = time.time()
+    ident = Identity.generate()
+
+    def rec(i: int, who: Identity = ident, key: bytes | None = None) -> Record:
+        k = key or records.data_key(f"quota-{i}")
+        return records.sign(who, RecordType.DATA, k, b"v%d" % i, seq=1, expires=now + 60)
+
+    for i in range(2):
+        assert (await writer.put([rec(i)])).stored >= 3
+    with pytest.raises(StoreLimitExceeded) as exc:
+        await writer.put([rec(2)])
+    assert exc.value.limit == "quota"
+    assert "max_records_per_source" in str(exc.value)
+    assert [r.payload for r in await nodes[3].get(records.data_key("quota-1"))] == [b"v1"]
+
+    shared = records.data_key("crowded")
+    for i, n in enumerate((nodes[0], nodes[2])):  # the writer has no quota left
+        await n.put([rec(10 + i, Identity.generate(), shared)])
+    with pytest.raises(StoreLimitExceeded) as exc:
+        await nodes[3].put([rec(12, Identity.generate(), shared)])
+    assert exc.value.limit == "key-full"
+    assert "max_values_per_key" in str(exc.value)
+    assert len(await writer.get(shared)) == 2

@@ -54,11 +54,20 @@ from dhtsignal.errors import (
     NodeIdTaken,
     PutFailed,
     RecordRejected,
+    StoreLimitExceeded,
     UsageError,
 )
 from dhtsignal.wire import codec
 
 log = logging.getLogger(__name__)
+
+#: Refusal reasons of storing nodes that mean "a limit is used up", and what they mean.
+STORE_LIMITS = {
+    "quota": "the storing nodes' quota for this source address (records or bytes, "
+    "StorageLimits.max_records_per_source / max_bytes_per_source)",
+    "key-full": "the values-per-key cap of the storing nodes (StorageLimits.max_values_per_key)",
+    "store-full": "the storing nodes' total capacity (StorageLimits.max_keys / max_bytes)",
+}
 
 STATE_FILE = "state.msgpack"
 _MAX_RATE_ENTRIES = 10_000
@@ -813,7 +822,8 @@ class DhtNode(asyncio.DatagramProtocol):
     async def put(self, recs: list[Record]) -> PutResult:
         """Store records (all under one key) on the nodes closest to it.
 
-        :raises PutFailed: no node accepted any record (``NodeIdTaken`` when that was why).
+        :raises PutFailed: no node accepted any record (``NodeIdTaken`` when that was why,
+            ``StoreLimitExceeded`` when a storage limit was).
         :raises UsageError: records under different keys, or too many at once.
         """
         if not recs or len({r.key for r in recs}) != 1 or len(recs) > MAX_STORE_BATCH:
@@ -859,9 +869,19 @@ class DhtNode(asyncio.DatagramProtocol):
         if refused.get("id-taken"):
             # One storing node holding another key's live claim is enough: the ID is taken.
             raise NodeIdTaken("another key holds a live claim on this node id")
+        detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
+        limits = [r for r in refused if r in STORE_LIMITS]
         if stored == 0:
-            detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
+            if limits:
+                worst = max(limits, key=refused.__getitem__)
+                raise StoreLimitExceeded(
+                    worst, f"no node stored the record: {STORE_LIMITS[worst]} is used up ({detail})"
+                )
             raise PutFailed(f"no node stored the record ({detail})")
+        if limits:
+            log.warning(
+                "put: %d storing nodes stored the record, others refused (%s)", stored, detail
+            )
         return PutResult(stored, dict(refused), res.hops)
 
     async def _gather_stores(self, futs: list[asyncio.Future[Any]]) -> list[Any]:
