@@ -346,9 +346,10 @@ def test_legacy_store_validates_keys_and_values() -> None:
     k = b"k" * 20
     for bad_key in (b"short", "k" * 20, 5):
         assert refused(leg.put, bad_key, b"v", NOW) == "bad-legacy"
-    for bad_value in (None, [1], {"a": 1}, b"x" * 11, "y" * 11):
+    # A string is measured in UTF-8 bytes, not characters: four "é" are 8 bytes, six 12.
+    for bad_value in (None, [1], {"a": 1}, b"x" * 11, "y" * 11, "é" * 6, "\U0001f600" * 3):
         assert refused(leg.put, k, bad_value, NOW) == "bad-legacy"
-    for good in (b"x" * 10, "text", 7, 1.5, True):
+    for good in (b"x" * 10, "text", "é" * 5, 7, 1.5, True):
         leg.put(k, good, NOW)
         assert leg.get(k, NOW) == good  # last writer wins
     assert len(leg) == 1

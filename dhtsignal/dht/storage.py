@@ -216,7 +216,12 @@ class LegacyStore:
             raise RecordRejected("bad-legacy", "key must be 20 bytes")
         if type(value) not in (bytes, str, int, float, bool):
             raise RecordRejected("bad-legacy", "value must be bytes, str, int or float")
-        if isinstance(value, bytes | str) and len(value) > self.limits.legacy_max_value:
+        size = 0
+        if type(value) is str:
+            size = len(value.encode("utf-8", "surrogatepass"))  # as it travels, not characters
+        elif type(value) is bytes:
+            size = len(value)
+        if size > self.limits.legacy_max_value:
             raise RecordRejected("bad-legacy", f"value over {self.limits.legacy_max_value} bytes")
         self._values.pop(key, None)
         self._values[key] = (value, now + self.limits.legacy_ttl)
