@@ -49,6 +49,7 @@ from dhtsignal.dht.routing import KIND_DS, KIND_STOCK, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
 from dhtsignal.dht.storage import Addr, LegacyStore, RecordStore, Subscriptions
 from dhtsignal.errors import (
+    DhtSignalError,
     DhtTimeout,
     LimitExceeded,
     NodeIdTaken,
@@ -96,6 +97,16 @@ class LookupResult:
     records: list[Record] = field(default_factory=list)
     #: for each record's raw bytes, the IDs of the nodes whose answers held it
     held_by: dict[bytes, set[bytes]] = field(default_factory=dict)
+
+
+def _shaped(value: Any, shape: list[Any]) -> bool:
+    """Whether ``value`` is a list matching ``shape``: a list of types and nested shapes."""
+    if type(value) is not list or len(value) != len(shape):
+        return False
+    return all(
+        _shaped(v, t) if type(t) is list else type(v) is t
+        for v, t in zip(value, shape, strict=True)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -969,7 +980,11 @@ class DhtNode(asyncio.DatagramProtocol):
 
         Starts with the records already stored (``initial``). The subscription is
         refreshed at half its lifetime; if no storing node accepts it, the
-        records are polled every ``poll_interval`` seconds instead.
+        records are polled every ``poll_interval`` seconds instead, and once a
+        subscription is accepted again, one more poll catches what was stored in
+        between. A poll cannot tell old records from new, so a polling listener
+        with ``initial=False`` may also yield records stored before it began
+        (too much rather than too little).
         """
         queue: asyncio.Queue[Record] = asyncio.Queue()
         self._listeners.setdefault(key, []).append(queue)
@@ -977,15 +992,34 @@ class DhtNode(asyncio.DatagramProtocol):
         cfg = self.config
 
         async def keep_subscribed() -> None:
+            gap = False  # not subscribed for a while: records may have gone unpushed
             while True:
-                accepted = await self._subscribe(key)
+                try:
+                    accepted = await self._subscribe(key)
+                except DhtSignalError as exc:  # e.g. too many RPCs in flight
+                    self._stats["listen-error"] += 1
+                    self.log.debug("listen %s: %s", key.hex()[:12], exc)
+                    accepted = 0
                 if accepted:
+                    if gap:  # catch up on what was stored while we polled
+                        gap = False
+                        await poll()
                     await asyncio.sleep(cfg.listen_ttl / 2)
                     continue
+                gap = True
                 self._stats["listen-fallback-poll"] += 1
-                for r in await self.get(key, include_tombstones=True):
-                    queue.put_nowait(r)
+                await poll()
                 await asyncio.sleep(cfg.poll_interval)
+
+        async def poll() -> None:
+            try:
+                polled = await self.get(key, include_tombstones=True)
+            except DhtSignalError as exc:
+                self._stats["listen-error"] += 1
+                self.log.debug("listen %s: %s", key.hex()[:12], exc)
+                return
+            for r in polled:
+                queue.put_nowait(r)
 
         refresher = self.spawn(keep_subscribed(), name="listen-refresh")
         try:
@@ -1038,7 +1072,7 @@ class DhtNode(asyncio.DatagramProtocol):
             "id": self.id,
             "contacts": [c.wire() for c in self.table.contacts()],
             "records": [[raw, [src[0], src[1]]] for raw, src in self.store.dump(now)],
-            "legacy": [[k, v] for k, v in self.legacy.items(now)],
+            "legacy": [[k, v, exp] for k, v, exp in self.legacy.dump(now)],
         }
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / STATE_FILE
@@ -1063,26 +1097,48 @@ class DhtNode(asyncio.DatagramProtocol):
             raise UsageError(f"state file {path} is unreadable: {exc}") from exc
         if not isinstance(state, dict) or state.get("v") != 1:
             raise UsageError(f"state file {path} has an unknown format")
+
+        def section(name: str) -> list[Any]:
+            items = state.get(name, [])
+            if type(items) is not list:
+                raise UsageError(f"state file {path}: {name!r} is not a list")
+            return items
+
+        contacts, saved, legacy = section("contacts"), section("records"), section("legacy")
+        # Entries of the wrong shape (a flipped bit, a hand edit) are skipped and counted.
         mono = self.loop.time() if self._has_loop() else 0.0
-        for item in state.get("contacts", []):
+        for item in contacts:
             c = parse_contact(item)
-            if c is not None:
-                self.table.add_contact(c, mono)
+            if c is None:
+                self._stats["state:bad-entry"] += 1
+                continue
+            self.table.add_contact(c, mono)
         now = self.wallclock()
         restored = 0
-        for raw, src in state.get("records", []):
+        for item in saved:
+            if not _shaped(item, [bytes, [str, int]]):
+                self._stats["state:bad-entry"] += 1
+                continue
+            raw, (host, port) = item
             try:
                 rec = records.decode(raw)
                 records.validate(rec, now)
-                self.store.put(rec, (str(src[0]), int(src[1])), now)
+                self.store.put(rec, (host, port), now)
                 restored += 1
             except RecordRejected:
                 continue
-        for k, v in state.get("legacy", []):
-            try:
-                self.legacy.put(k, v, now)
-            except RecordRejected:
+        for item in legacy:
+            # [key, value, expires]; files written before expiry was kept have [key, value].
+            if type(item) is not list or len(item) not in (2, 3):
+                self._stats["state:bad-entry"] += 1
                 continue
+            expires = item[2] if len(item) == 3 and type(item[2]) in (int, float) else None
+            if expires is not None and expires <= now:
+                continue
+            try:
+                self.legacy.put(item[0], item[1], now, expires)
+            except RecordRejected:
+                self._stats["state:bad-entry"] += 1
         return restored
 
     @staticmethod

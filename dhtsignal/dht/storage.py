@@ -207,8 +207,10 @@ class LegacyStore:
     def __len__(self) -> int:
         return len(self._values)
 
-    def put(self, key: bytes, value: Any, now: float) -> None:
+    def put(self, key: bytes, value: Any, now: float, expires: float | None = None) -> None:
         """Keep ``value`` under ``key``, evicting the oldest key when full.
+
+        :param expires: when it lapses (restoring a saved value); at most ``legacy_ttl`` on.
 
         :raises RecordRejected: ``bad-legacy`` for a value of the wrong kind or size.
         """
@@ -224,7 +226,8 @@ class LegacyStore:
         if size > self.limits.legacy_max_value:
             raise RecordRejected("bad-legacy", f"value over {self.limits.legacy_max_value} bytes")
         self._values.pop(key, None)
-        self._values[key] = (value, now + self.limits.legacy_ttl)
+        lapse = now + self.limits.legacy_ttl
+        self._values[key] = (value, lapse if expires is None else min(expires, lapse))
         while len(self._values) > self.limits.legacy_max_keys:
             self._values.popitem(last=False)
 
@@ -247,6 +250,11 @@ class LegacyStore:
         """Live ``(key, value)`` pairs."""
         self.expire(now)
         return [(k, v) for k, (v, _) in self._values.items()]
+
+    def dump(self, now: float) -> list[tuple[bytes, Any, float]]:
+        """Live ``(key, value, expires)`` triples, for saving."""
+        self.expire(now)
+        return [(k, v, exp) for k, (v, exp) in self._values.items()]
 
 
 @dataclass
