@@ -8,8 +8,17 @@ Settings come from flags, ``DHTSIGNAL_*`` variables and a TOML file
 (:mod:`dhtsignal.config`).
 
 Exit status: 0 success; 1 the operation failed (unreachable, offline, taken,
-pinned key changed); 2 bad usage or a bad setting; 130 interrupted. Errors are
-one line on stderr, never a traceback.
+pinned key changed); 2 bad usage or a bad setting, also one that parses but
+cannot be used (an address that cannot be bound, an unusable data directory, a
+malformed known-peers file); 130 interrupted. Errors are one line on stderr,
+never a traceback.
+
+SIGTERM or SIGINT during start-up (while modules load and settings are read,
+before a daemon installs its graceful handlers) end the process at once without
+a traceback: exit 0 for ``bootstrap`` and ``peer`` (stopped before serving, as
+they report a stop during their own start), 128 + the signal number otherwise.
+The modules behind the commands are imported only once those handlers are in
+place (:func:`main` is the first code of ours that runs).
 """
 
 from __future__ import annotations
@@ -18,14 +27,18 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from dhtsignal import __version__, config
-from dhtsignal.config import Settings
+from dhtsignal import __version__
 from dhtsignal.errors import ConfigError, DhtSignalError
+
+if TYPE_CHECKING:  # config imports the DHT node: loaded after the signal handlers
+    from dhtsignal.config import Settings
 
 #: One line of ``--help`` per command.
 COMMAND_HELP: dict[str, str] = {
@@ -81,6 +94,9 @@ EPILOG = (
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: The commands that run until stopped (:mod:`dhtsignal.daemon` installs their handlers).
+DAEMON_COMMANDS = frozenset({"bootstrap", "peer"})
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +114,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dhtsignal`` parser with one sub-parser per command."""
+    from dhtsignal import config
+
     parser = _Parser(
         prog="dhtsignal",
         description="Serverless WebRTC signaling over a Kademlia DHT.",
@@ -129,9 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one ``dhtsignal`` command; returns the exit status.
 
+    Run as the program (``argv`` None, in the main thread), it first makes SIGTERM and
+    SIGINT end the process quietly (see the module docstring).
+
     :param argv: arguments after the program name (default ``sys.argv[1:]``).
     :param environ: the environment (default ``os.environ``).
     """
+    if argv is None:
+        _stop_quietly_on_signals(sys.argv[1:])
     try:
         return _main(argv, environ)
     except BrokenPipeError:  # stdout closed early (``dhtsignal peers | head``)
@@ -140,7 +163,43 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_FAILED
 
 
+def _stop_quietly_on_signals(args: Sequence[str]) -> None:
+    """Until the command runs, SIGTERM and SIGINT end the process at once, quietly.
+
+    ``os._exit``, not an exception: a signal can land anywhere (inside an import, in code
+    that catches ``BaseException``), and nothing has started yet that needs stopping. A
+    daemon replaces these handlers with its graceful ones and puts them back when it
+    stops; the other commands get the default handlers back in :func:`_main` (SIGINT:
+    KeyboardInterrupt, exit 130).
+
+    :param args: the command line, to tell a daemon from the other commands before it is
+        parsed (the command is the first word that is not an option).
+    """
+    command = next((a for a in args if not a.startswith("-")), None)
+    daemon = command in DAEMON_COMMANDS
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        os._exit(0 if daemon else 128 + signum)
+
+    try:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, stop)
+    except ValueError:  # not the main thread: leave the handlers alone
+        pass
+
+
+def _default_signal_handlers() -> None:
+    """SIGTERM and SIGINT as Python starts them (a no-op outside the main thread)."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:
+        pass
+
+
 def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
+    from dhtsignal import config
+
     env = os.environ if environ is None else environ
     try:
         ns = build_parser().parse_args(argv)
@@ -162,6 +221,8 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         return 0
     _setup_logging(settings.log_level)
     try:
+        if argv is None and command not in DAEMON_COMMANDS:
+            _default_signal_handlers()  # a daemon keeps them until it installs its own
         from dhtsignal import daemon
 
         return daemon.run(_COMMANDS[command](settings, ns))

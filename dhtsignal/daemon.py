@@ -11,7 +11,10 @@ signal. :meth:`Daemon.run` goes through four phases:
 1. *start*: load the identity key and the saved state (contacts, stored records)
    from the data directory, bind the UDP socket, join the DHT, and (for a peer)
    claim the node ID and publish presence. SIGTERM or SIGINT during start
-   cancels it.
+   cancels it (before :meth:`Daemon.run` installs its handlers, the CLI's own
+   end the process quietly; they are put back when it returns). A setting that
+   parses but cannot be used (the listen address, the data directory) raises
+   :class:`~dhtsignal.errors.ConfigError` naming it.
 2. *ready*: one line goes to the ``ready`` callback (the CLI prints it). A peer
    announces itself only after its records are published, so a reader that
    waits for the line finds it.
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dhtsignal.aio.node import DhtNode, routing_id
 from dhtsignal.config import Settings
 from dhtsignal.dht.storage import Addr
-from dhtsignal.errors import DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
+from dhtsignal.errors import ConfigError, DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
 from dhtsignal.presence import Presence, resolve
 from dhtsignal.signaling.identity import Identity
 
@@ -93,12 +96,18 @@ def _unreachable(addrs: Sequence[Addr], started: float) -> DhtTimeout:
 
 
 async def _listen(node: DhtNode, addr: Addr) -> None:
+    """Bind ``node`` to ``addr``.
+
+    :raises ConfigError: the ``listen`` setting cannot be bound or resolved.
+    """
     try:
         await node.listen_udp(*addr)
     except OSError as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # uvloop wraps it
         reason = cause.strerror or str(cause)
-        raise UsageError(f"cannot listen on {show_addr(addr)}: {reason}") from None
+        raise ConfigError("listen", f"cannot listen on {show_addr(addr)}: {reason}") from None
+    except UsageError as exc:  # the host name resolved to no address
+        raise ConfigError("listen", f"cannot listen on {show_addr(addr)}: {exc}") from None
 
 
 class DataDirLock:
@@ -114,13 +123,16 @@ class DataDirLock:
     def acquire(self) -> None:
         """Take the lock.
 
-        :raises UsageError: another process holds it, or the directory is unusable.
+        :raises ConfigError: the directory is unusable (the ``data_dir`` setting).
+        :raises UsageError: another process holds it.
         """
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileExistsError:
+            raise ConfigError("data_dir", f"{self.data_dir} is not a directory") from None
         except OSError as exc:
-            raise UsageError(f"data directory {self.data_dir}: {exc.strerror or exc}") from None
+            raise ConfigError("data_dir", f"{self.data_dir}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,6 +175,7 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
         try:
@@ -180,6 +193,8 @@ class Daemon:
                 self._lock.release()
                 for sig in _STOP_SIGNALS:
                     loop.remove_signal_handler(sig)
+                    if before[sig] is not None:  # e.g. the CLI's quiet exit
+                        signal.signal(sig, before[sig])
 
     @staticmethod
     async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
@@ -224,16 +239,19 @@ class Daemon:
     # -- helpers ------------------------------------------------------------------------
 
     async def open_node(self) -> DhtNode:
-        """Lock the data directory, load identity and state, bind, start the save task."""
+        """Lock the data directory, load identity and state, bind, start the save task.
+
+        :raises ConfigError: the data directory or the listen address is unusable.
+        """
         s = self.settings
         self._lock.acquire()
-        try:
-            self.identity = identity = Identity.load_or_create(self.data_dir)
-        except OSError as exc:
-            raise UsageError(f"data directory {self.data_dir}: {exc.strerror or exc}") from None
+        self.identity = identity = Identity.load_or_create(self.data_dir)
         node = DhtNode(routing_id(identity.public_key), s.node_config())
+        try:
+            restored = node.load_state(self.data_dir)
+        except UsageError as exc:  # corrupt: not self.node yet, so shutdown keeps the file
+            raise ConfigError("data_dir", str(exc)) from None
         self.node = node
-        restored = node.load_state(self.data_dir)
         log.info(
             "data directory %s: restored %d records and %d contacts",
             self.data_dir,
@@ -418,7 +436,7 @@ async def client_node(settings: Settings, addrs: Sequence[Addr] = ()) -> AsyncIt
     """A short-lived client-mode node with a throwaway key, joined through ``addrs``.
 
     :raises DhtTimeout: none of ``addrs`` answered.
-    :raises UsageError: the listen address cannot be bound.
+    :raises ConfigError: the listen address cannot be bound.
     """
     node = DhtNode(routing_id(os.urandom(32)), settings.node_config(client_mode=True))
     try:

@@ -248,7 +248,74 @@ BAD_CASES = [
     ("send-without-text", ["send", "bob", "--bootstrap", ENTRY], {}, None, "TEXT"),
     ("ping-needs-bootstrap", ["ping", "bob"], {}, None, "bootstrap"),
     ("unknown-command", ["serve"], {}, None, "serve"),
+    # Values that parse but fail when used: named as settings too, with value and reason.
+    # "{tmp}" is the test's directory, holding the files _bad_files() writes.
+    (
+        "listen-not-local",
+        ["bootstrap", "--listen", "192.0.2.1:4000"],
+        {},
+        None,
+        "'listen': cannot listen on 192.0.2.1:4000: ",
+    ),
+    (
+        "listen-unresolvable",
+        ["status", "--target", "127.0.0.1:9", "--listen", "nosuchhost.invalid:0"],
+        {},
+        None,
+        "'listen': cannot listen on nosuchhost.invalid:0: ",
+    ),
+    (
+        "known-peers-malformed",
+        ["lookup", "alice", "--bootstrap", ENTRY, "--known-peers", "{tmp}/bad_pins"],
+        {},
+        None,
+        "'known_peers': {tmp}/bad_pins:2: expected 'NODE_ID KEYHEX'",
+    ),
+    (
+        "known-peers-bad-key",
+        ["peers", "--bootstrap", ENTRY],
+        {"DHTSIGNAL_KNOWN_PEERS": "{tmp}/short_key_pins"},
+        None,
+        "'known_peers': {tmp}/short_key_pins:1: expected 'NODE_ID KEYHEX'",
+    ),
+    (
+        "known-peers-directory",
+        ["lookup", "alice", "--bootstrap", ENTRY, "--known-peers", "{tmp}"],
+        {},
+        None,
+        "'known_peers': cannot read {tmp}: ",
+    ),
+    (
+        "data-dir-is-a-file",
+        ["bootstrap", "--listen", "127.0.0.1:0", "--data-dir", "{tmp}/a_file"],
+        {},
+        None,
+        "'data_dir': {tmp}/a_file is not a directory",
+    ),
+    (
+        "data-dir-below-a-file",
+        ["peer", "--bootstrap", ENTRY, "--listen", "127.0.0.1:0"],
+        {"DHTSIGNAL_DATA_DIR": "{tmp}/a_file/peer"},
+        None,
+        "'data_dir': {tmp}/a_file/peer: ",
+    ),
+    (
+        "data-dir-bad-identity-key",
+        ["bootstrap", "--listen", "127.0.0.1:0", "--data-dir", "{tmp}/bad_identity"],
+        {},
+        None,
+        "'data_dir': {tmp}/bad_identity/identity.key is not a 32-byte identity key",
+    ),
 ]
+
+
+def _bad_files(tmp: Path) -> None:
+    """The unusable files the bad cases name."""
+    (tmp / "bad_pins").write_text(f"# pins\nalice {'ab' * 32} extra\n")
+    (tmp / "short_key_pins").write_text("alice abcd\n")
+    (tmp / "a_file").write_text("not a directory\n")
+    (tmp / "bad_identity").mkdir()
+    (tmp / "bad_identity" / "identity.key").write_bytes(b"short")
 
 
 @pytest.mark.parametrize(
@@ -258,6 +325,10 @@ BAD_CASES = [
 def test_bad_value_exits_2_naming_the_setting(
     tmp_path: Path, args: list[str], env: dict[str, str], toml_text: str | None, named: str
 ) -> None:
+    _bad_files(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    named = named.format(tmp=tmp_path)
     if toml_text is not None:
         env = {**env, "DHTSIGNAL_CONFIG": str(_toml(tmp_path, toml_text))}
     res = _run(tmp_path, *args, **env)
@@ -304,9 +375,11 @@ def test_every_storage_limit_is_a_setting() -> None:
         assert config.toml_path("storage_" + f.name) == ("storage", f.name)
 
 
-def test_help_names_env_variables(tmp_path: Path) -> None:
-    res = _run(tmp_path, "peer", "--help")
-    assert res.returncode == 0
+@pytest.mark.parametrize("command", config.COMMANDS)
+def test_help_names_env_variables(tmp_path: Path, command: str) -> None:
+    res = _run(tmp_path, command, "--help")
+    assert res.returncode == 0, res.stderr
     flat = " ".join(res.stdout.split())
-    for name in config.settings_of("peer"):
+    assert "--log-level" in flat and "DHTSIGNAL_LOG_LEVEL" in flat  # every command has it
+    for name in config.settings_of(command):
         assert config.flag_of(name) in flat and config.env_of(name) in flat

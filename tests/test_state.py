@@ -270,12 +270,6 @@ def test_identity_key_file_of_wrong_size_is_a_usage_error(tmp_path: Path) -> Non
     assert key_file.read_bytes() == b"\x01" * 31  # never overwritten
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="load_or_create opens identity.tmp with O_CREAT|O_TRUNC: an existing temporary "
-    "keeps its (loose) mode, and the new key file inherits it",
-)
 def test_new_identity_key_file_is_private_even_over_a_stale_temporary(tmp_path: Path) -> None:
     stale = tmp_path / "identity.tmp"
     stale.write_bytes(b"left over")

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.bindings import crypto_sign_open
 from nacl.exceptions import CryptoError
 
-from dhtsignal.errors import UsageError
+from dhtsignal.errors import ConfigError, UsageError
 
 KEY_FILE = "identity.key"
 SELF_ID_BYTES = 20
@@ -95,25 +95,36 @@ class Identity:
         """Load ``identity.key`` from ``data_dir``, creating it (mode 0600) if absent.
 
         :param data_dir: the daemon's data directory; created if missing.
+        :raises ConfigError: the directory or the key file is unusable (the ``data_dir``
+            setting): not a directory, not writable, a key file of the wrong size.
         """
-        data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / KEY_FILE
-        if path.exists():
-            seed = path.read_bytes()
-            if len(seed) != 32:
-                raise UsageError(f"{path} is not a 32-byte identity key")
-            if path.stat().st_mode & 0o077:
-                os.chmod(path, 0o600)
-            return cls(seed)
-        seed = os.urandom(32)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, seed)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                seed = path.read_bytes()
+                if len(seed) != 32:
+                    raise ConfigError(
+                        "data_dir", f"{path} is not a 32-byte identity key ({len(seed)} bytes)"
+                    )
+                if path.stat().st_mode & 0o077:
+                    os.chmod(path, 0o600)
+                return cls(seed)
+            seed = os.urandom(32)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # a stale temporary keeps its mode through O_CREAT
+                os.write(fd, seed)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except FileExistsError:
+            raise ConfigError("data_dir", f"{data_dir} is not a directory") from None
+        except OSError as exc:
+            where = exc.filename or data_dir
+            raise ConfigError("data_dir", f"{where}: {exc.strerror or exc}") from None
         return cls(seed)
 
     def seed(self) -> bytes:
