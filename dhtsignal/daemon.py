@@ -95,21 +95,6 @@ def _unreachable(addrs: Sequence[Addr], started: float) -> DhtTimeout:
     )
 
 
-async def _listen(node: DhtNode, addr: Addr) -> None:
-    """Bind ``node`` to ``addr``.
-
-    :raises ConfigError: the ``listen`` setting cannot be bound or resolved.
-    """
-    try:
-        await node.listen_udp(*addr)
-    except OSError as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc  # uvloop wraps it
-        reason = cause.strerror or str(cause)
-        raise ConfigError("listen", f"cannot listen on {show_addr(addr)}: {reason}") from None
-    except UsageError as exc:  # the host name resolved to no address
-        raise ConfigError("listen", f"cannot listen on {show_addr(addr)}: {exc}") from None
-
-
 class DataDirLock:
     """An exclusive lock on a data directory, held while a daemon runs.
 
@@ -258,7 +243,7 @@ class Daemon:
             restored,
             len(node.table),
         )
-        await _listen(node, s.listen)
+        await node.listen_udp(*s.listen)  # ConfigError("listen") if it cannot
         node.spawn(self._save_periodically(), name="save-state")
         return node
 
@@ -440,7 +425,7 @@ async def client_node(settings: Settings, addrs: Sequence[Addr] = ()) -> AsyncIt
     """
     node = DhtNode(routing_id(os.urandom(32)), settings.node_config(client_mode=True))
     try:
-        await _listen(node, settings.listen)
+        await node.listen_udp(*settings.listen)
         began = time.monotonic()
         if addrs and await node.bootstrap(addrs) == 0:
             raise _unreachable(addrs, began)

@@ -542,7 +542,7 @@ def test_ping_of_unknown_node_fails_within_3_s(net: Network) -> None:
 
 def test_sigterm_signs_a_peer_off_at_once(net: Network) -> None:
     rc, seconds = net.peers["bob"].signal_and_wait(signal.SIGTERM)
-    assert rc == 0 and seconds < 2.5, (rc, seconds)
+    assert rc == 0 and seconds < 2.0, (rc, seconds)
     res = net.lau.run("lookup", "bob", "--bootstrap", net.entry)
     assert res.returncode == 1
     assert "offline" in _one_line(res.stderr)

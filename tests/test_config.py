@@ -132,6 +132,17 @@ def test_nodes_file_in_bootstrap_list(tmp_path: Path) -> None:
     assert s.bootstrap == (("192.0.2.1", 4000), ("2001:db8::1", 4000), ("192.0.2.2", 4001))
 
 
+def test_shipped_nodes_files() -> None:
+    """bootstrap/compose-nodes.txt lists the compose file's three nodes; nodes.txt is empty
+    on purpose (no public nodes exist), and an empty list is refused naming the setting."""
+    here = Path(__file__).resolve().parent.parent / "bootstrap"
+    s = load("peers", {"bootstrap": [f"@{here / 'compose-nodes.txt'}"]}, {})
+    assert s.bootstrap == (("127.0.0.1", 4000), ("127.0.0.1", 4001), ("127.0.0.1", 4002))
+    with pytest.raises(config.ConfigError) as exc:
+        load("peers", {"bootstrap": [f"@{here / 'nodes.txt'}"]}, {})
+    assert exc.value.setting == "--bootstrap" and "no address" in str(exc.value)
+
+
 # -- bad values -----------------------------------------------------------------------------
 
 BAD_TOML = "presence_ttl = -3.0\n"
@@ -256,6 +267,13 @@ BAD_CASES = [
         {},
         None,
         "'listen': cannot listen on 192.0.2.1:4000: ",
+    ),
+    (
+        "listen-not-local-ping",  # a Peer (ping, send, chat) binds through the same path
+        ["ping", "alice", "--bootstrap", "127.0.0.1:9", "--listen", "192.0.2.1:0"],
+        {},
+        None,
+        "'listen': cannot listen on 192.0.2.1:0: ",
     ),
     (
         "listen-unresolvable",

@@ -49,6 +49,7 @@ from dhtsignal.dht.routing import KIND_DS, KIND_STOCK, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
 from dhtsignal.dht.storage import Addr, LegacyStore, RecordStore, Subscriptions
 from dhtsignal.errors import (
+    ConfigError,
     DhtSignalError,
     DhtTimeout,
     LimitExceeded,
@@ -300,11 +301,20 @@ class DhtNode(asyncio.DatagramProtocol):
         :data:`_READ_BATCH` datagrams per readiness event (their transport reads one per
         loop iteration); elsewhere it uses the loop's own datagram transport (uvloop's
         already reads in batches, in C, and measured faster than reading from Python).
+
+        :raises ConfigError: the address does not resolve or cannot be bound (names the
+            ``listen`` setting).
         """
         loop = self.loop
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConfigError(
+                "listen", f"cannot listen on {shown}: {exc.strerror or exc}"
+            ) from None
         if not infos:
-            raise UsageError(f"cannot resolve {host!r}")
+            raise ConfigError("listen", f"cannot listen on {shown}: no address")
         error: OSError | None = None
         for family, _, proto, _, sockaddr in infos:  # the first address that binds
             sock = socket.socket(family, socket.SOCK_DGRAM, proto)
@@ -318,7 +328,8 @@ class DhtNode(asyncio.DatagramProtocol):
             break
         else:
             assert error is not None
-            raise error
+            reason = error.strerror or str(error)
+            raise ConfigError("listen", f"cannot listen on {shown}: {reason}") from None
         try:
             if isinstance(loop, asyncio.SelectorEventLoop):
                 transport = _SocketTransport(self, sock, loop)
