@@ -106,14 +106,18 @@ class Proc:
         fields["kind"] = words[1]
         return fields
 
-    def line_matching(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
-        """Wait for the next stdout line that ``predicate`` accepts (earlier ones are skipped)."""
+    def _lines_within(self, timeout: float) -> Iterator[str | None]:
+        """Stdout lines as they come (None: the output ended) for up to ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                line = self._lines.get(timeout=left)
+                yield self._lines.get(timeout=left)
             except queue.Empty:
-                break
+                return
+
+    def line_matching(self, predicate: Callable[[str], bool], timeout: float = 10.0) -> str:
+        """Wait for the next stdout line that ``predicate`` accepts (earlier ones are skipped)."""
+        for line in self._lines_within(timeout):
             if line is None:
                 pytest.fail(f"{self.name} exited; stderr:\n{self.stderr()}")
             if predicate(line):
@@ -123,12 +127,7 @@ class Proc:
     def rest(self, timeout: float = 10.0) -> list[str]:
         """The stdout lines not read yet, up to the end of the output (once it exits)."""
         lines: list[str] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
+        for line in self._lines_within(timeout):
             if line is None:
                 return lines
             lines.append(line)
