@@ -112,7 +112,7 @@ class DataDirLock:
         :raises UsageError: another process holds it.
         """
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, pins, state
             fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         except FileExistsError:
             raise ConfigError("data_dir", f"{self.data_dir} is not a directory") from None

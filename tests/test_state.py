@@ -238,12 +238,13 @@ def _mode(path: Path) -> int:
 
 
 def test_identity_key_file_is_private_and_stable(tmp_path: Path) -> None:
-    """``load_or_create`` creates the directory and a 0600 key file; loading again gives
-    the same key."""
+    """``load_or_create`` creates the directory (0700) and a 0600 key file; loading again
+    gives the same key."""
     data_dir = tmp_path / "data"
     first = Identity.load_or_create(data_dir)
     key_file = data_dir / KEY_FILE
     assert _mode(key_file) == 0o600
+    assert _mode(data_dir) == 0o700
     assert len(key_file.read_bytes()) == 32
     assert sorted(p.name for p in data_dir.iterdir()) == [KEY_FILE]
     again = Identity.load_or_create(data_dir)

@@ -1085,7 +1085,7 @@ class DhtNode(asyncio.DatagramProtocol):
             "records": [[raw, [src[0], src[1]]] for raw, src in self.store.dump(now)],
             "legacy": [[k, v, exp] for k, v, exp in self.legacy.dump(now)],
         }
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:

@@ -100,7 +100,7 @@ class Identity:
         """
         path = data_dir / KEY_FILE
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if path.exists():
                 seed = path.read_bytes()
                 if len(seed) != 32:
