@@ -292,10 +292,18 @@ async def test_aclose_cancels_the_refresher_and_leaves_other_listeners_working(
 
     await writer.put([rec2])
     assert (await second.next()).raw == rec2.raw
+    holders = [n for n in nodes if node.address in n.subs.listeners(key, n.wallclock())]
+    assert holders, "no storing node held the subscription"
     await second.close()
     await asyncio.wait_for(asyncio.gather(*refreshers, return_exceptions=True), STEP)
     assert _refreshers(node) == []
     assert key not in node._listeners
+    # The last listener gone, the node unsubscribed: a ping sent after the ds_unlisten on
+    # the same socket pair is answered after it was handled (loopback keeps the order).
+    for n in holders:
+        assert n.address is not None
+        await asyncio.wait_for(node.ping(n.address), STEP)
+        assert node.address not in n.subs.listeners(key, n.wallclock())
     assert not _unowned_tasks(nodes)
     assert node.stats["task-error"] == 0
 

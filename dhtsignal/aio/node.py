@@ -269,6 +269,8 @@ class DhtNode(asyncio.DatagramProtocol):
         self._rate: dict[Addr, list[float]] = {}
         self._pinging: dict[bytes, None] = {}
         self._listeners: dict[bytes, list[asyncio.Queue[Record]]] = {}
+        #: per listened key, the storing nodes that accepted our last subscription
+        self._subscribed_at: dict[bytes, list[Addr]] = {}
         self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -984,7 +986,25 @@ class DhtNode(asyncio.DatagramProtocol):
             if c.kind == KIND_DS
         ]
         replies = await asyncio.gather(*futs, return_exceptions=True)
-        return sum(1 for r in replies if type(r) in (int, float))
+        accepted = [
+            c.addr
+            for c, r in zip([c for c in res.closest if c.kind == KIND_DS], replies, strict=True)
+            if type(r) in (int, float)
+        ]
+        if key in self._listeners:  # not if the last listener left meanwhile
+            self._subscribed_at[key] = accepted
+        return len(accepted)
+
+    def _unsubscribe(self, key: bytes) -> None:
+        """Tell the storing nodes we stopped listening on ``key`` (no answer awaited)."""
+        for addr in self._subscribed_at.pop(key, []):
+            if self._closed:
+                return
+            try:
+                fut = self.request(addr, "ds_unlisten", self.ds_args(key))
+            except DhtSignalError:  # too many RPCs in flight: the subscription just lapses
+                return
+            fut.add_done_callback(ignore_outcome)
 
     async def listen(self, key: bytes, *, initial: bool = True) -> AsyncIterator[Record]:
         """Records under ``key`` as storing nodes push them (newest per slot, no repeats).
@@ -1050,6 +1070,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 qs.remove(queue)
             if not qs:
                 self._listeners.pop(key, None)
+                self._unsubscribe(key)  # the storing nodes need not push to us any more
 
     # -- maintenance & persistence ------------------------------------------------------
 
