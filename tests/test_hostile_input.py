@@ -309,6 +309,9 @@ async def test_bad_rpcs_are_counted_by_reason(
             _ds("ds_store", "not a list"),
             _ds("ds_store", []),
             _ds("ds_store", [b"r"] * 5),
+            _ds("ds_store_find", b"k", [b"r"]),
+            _ds("ds_store_find", nid, "not a list"),
+            _ds("ds_store_find", nid, [b"r"] * 5),
             _ds("ds_listen", nid, "60"),
             _ds("ds_listen", b"k", 60),
             _ds("ds_notify", nid, [b"r"] * 5),
@@ -317,7 +320,7 @@ async def test_bad_rpcs_are_counted_by_reason(
             _req("ping", [12345]),
             _req("store", ["not an id", nid, 1]),
         ],
-        {"drop:bad-args": 18},
+        {"drop:bad-args": 21},
     )
     assert len(node.table) == before_table  # no contact was made of any of them
     await _expect(
@@ -481,6 +484,7 @@ DS_NAMES = [
     "ds_find_node",
     "ds_find_value",
     "ds_store",
+    "ds_store_find",
     "ds_listen",
     "ds_unlisten",
     "ds_notify",

@@ -216,7 +216,7 @@ async def test_records_arrive_by_polling_when_no_storing_node_accepts(
     await writer.put([first])
     assert (await lst.next()).raw == first.raw
     polls = node.stats["listen-fallback-poll"]
-    assert polls >= 2  # the first poll ran before the put
+    assert polls >= 1  # (whether the first poll ran before the put or after it is a race)
     await writer.put([second])
     assert (await lst.next()).raw == second.raw
     assert node.stats["listen-fallback-poll"] > polls

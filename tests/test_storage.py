@@ -434,3 +434,34 @@ async def test_a_put_past_a_storage_limit_names_the_limit(dht: StartDht) -> None
     assert exc.value.limit == "key-full"
     assert "max_values_per_key" in str(exc.value)
     assert len(await writer.get(shared)) == 2
+
+
+async def test_a_put_stores_on_the_k_closest_with_one_rpc_per_node_asked(dht: StartDht) -> None:
+    """A put's lookup stores as it goes (ds_store_find): each node it asks answers once,
+    no separate store follows, and the k closest of all nodes hold the record."""
+    nodes = await dht(24)
+    writer = nodes[5]
+    rec = records.sign(
+        Identity.generate(),
+        RecordType.DATA,
+        records.data_key("k-closest"),
+        b"v",
+        seq=1,
+        expires=time.time() + 60,
+    )
+
+    def calls(name: str) -> int:
+        return sum(n.stats["rpc:" + name] for n in nodes)
+
+    before = calls("ds_store_find")
+    res = await writer.put([rec])
+    asked = calls("ds_store_find") - before
+    assert calls("ds_store") == 0
+    remote = res.stored - (1 if writer.store.get(rec.key, time.time()) else 0)  # own copy
+    assert asked >= remote == writer.config.replicas
+    target = int.from_bytes(rec.key, "big")
+    others = sorted((n for n in nodes if n is not writer), key=lambda n: n.table.own_long ^ target)
+    closest = others[: writer.config.replicas]
+    assert all(n.store.get(rec.key, time.time()) for n in closest)
+    spare = sum(1 for n in others[writer.config.replicas :] if n.store.get(rec.key, time.time()))
+    assert spare == writer.stats["put:spare-copies"] == asked - remote

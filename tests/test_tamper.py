@@ -62,8 +62,9 @@ class HostileNode(DhtNode):
             msg = codec.decode(data)
         except codec.MalformedDatagram:
             msg = None
-        if isinstance(msg, codec.Request) and msg.name == "ds_store" and len(msg.args) == 4:
-            for raw in msg.args[3] if isinstance(msg.args[3], list) else []:
+        stores = {"ds_store": 4, "ds_store_find": 5}  # the batch is the last argument
+        if isinstance(msg, codec.Request) and stores.get(msg.name) == len(msg.args):
+            for raw in msg.args[-1] if isinstance(msg.args[-1], list) else []:
                 try:
                     rec = records.decode(raw)
                 except RecordRejected:

@@ -98,6 +98,8 @@ class LookupResult:
     records: list[Record] = field(default_factory=list)
     #: for each record's raw bytes, the IDs of the nodes whose answers held it
     held_by: dict[bytes, set[bytes]] = field(default_factory=dict)
+    #: a storing lookup's store results, per ID of the node that answered
+    stored: dict[bytes, Any] = field(default_factory=dict)
 
 
 def _shaped(value: Any, shape: list[Any]) -> bool:
@@ -671,9 +673,13 @@ class DhtNode(asyncio.DatagramProtocol):
 
     # -- lookups ------------------------------------------------------------------------
 
-    def _query(self, c: Contact, key: bytes, want_value: bool) -> asyncio.Future[Any]:
+    def _query(
+        self, c: Contact, key: bytes, want_value: bool, store: list[bytes] | None
+    ) -> asyncio.Future[Any]:
         if c.kind == KIND_STOCK:
             return self.request(c.addr, "find_node", [self.id, key])
+        if store is not None:
+            return self.request(c.addr, "ds_store_find", self.ds_args(key, store))
         if want_value:
             return self.request(c.addr, "ds_find_value", self.ds_args(key, 0))
         return self.request(c.addr, "ds_find_node", self.ds_args(key))
@@ -689,10 +695,18 @@ class DhtNode(asyncio.DatagramProtocol):
         return await self._run_lookup(key, k or self.config.ksize, want_value=False, remember=False)
 
     async def _run_lookup(
-        self, key: bytes, k: int, *, want_value: bool, remember: bool = True
+        self,
+        key: bytes,
+        k: int,
+        *,
+        want_value: bool,
+        remember: bool = True,
+        store: list[bytes] | None = None,
     ) -> LookupResult:
         """One iterative lookup. ``remember``: keep its result for ``lookup_cache_ttl``
-        to start the next lookup of ``key`` from (put/get/listen; not table refreshes)."""
+        to start the next lookup of ``key`` from (put/get/listen; not table refreshes).
+        ``store``: records every node asked stores on the way (``ds_store_find``; the
+        lookup only ever asks nodes among the k closest it knows at the time)."""
         cfg = self.config
         initial, warm = self._initial(key, k)
         lk = Lookup(
@@ -706,6 +720,7 @@ class DhtNode(asyncio.DatagramProtocol):
         loop = self.loop
         wake: asyncio.Future[None] = loop.create_future()
         found: dict[bytes, set[bytes]] = {}
+        stored: dict[bytes, Any] = {}
         pages: list[asyncio.Future[Any]] = []
 
         finished = False
@@ -723,7 +738,13 @@ class DhtNode(asyncio.DatagramProtocol):
             if finished:
                 self._learned(c)
                 return
-            closer = self._absorb(c, f.result(), key, found, pages, lk, want_value)
+            reply = f.result()
+            if store is not None and c.kind == KIND_DS:
+                if type(reply) is not list or len(reply) != 2:
+                    reply = None
+                else:
+                    stored[c.id], reply = reply
+            closer = self._absorb(c, reply, key, found, pages, lk, want_value)
             if closer is None:
                 self._stats["drop:bad-reply"] += 1
                 lk.on_failure(c)
@@ -735,7 +756,7 @@ class DhtNode(asyncio.DatagramProtocol):
             step = lk.next(self.loop.time())
             if isinstance(step, Query):
                 for c in step.contacts:
-                    f = self._query(c, key, want_value)
+                    f = self._query(c, key, want_value, store)
                     f.add_done_callback(functools.partial(answered, c))
                 continue
             if isinstance(step, Finished):
@@ -762,7 +783,7 @@ class DhtNode(asyncio.DatagramProtocol):
             while len(cache) > 512:
                 del cache[next(iter(cache))]
         recs = self._verify(list(found)) if want_value else []
-        return LookupResult(step.closest, step.hops, step.queried, recs, found)
+        return LookupResult(step.closest, step.hops, step.queried, recs, found, stored)
 
     def _absorb(
         self,
@@ -853,8 +874,11 @@ class DhtNode(asyncio.DatagramProtocol):
         if not recs or len({r.key for r in recs}) != 1 or len(recs) > MAX_STORE_BATCH:
             raise UsageError(f"put takes 1 to {MAX_STORE_BATCH} records under one key")
         key = recs[0].key
-        res = await self._run_lookup(key, self.config.replicas, want_value=False)
         raws = [r.raw for r in recs]
+        # Each node the lookup asks stores the records as it answers (ds_store_find): the
+        # k closest hold them when it ends; nodes it asked early that turned out farther
+        # keep a spare copy until it expires.
+        res = await self._run_lookup(key, self.config.replicas, want_value=False, store=raws)
         refused: Counter[str] = Counter()
         stored = 0
         if self._stores_locally(key, res.closest):
@@ -873,16 +897,12 @@ class DhtNode(asyncio.DatagramProtocol):
             # Our own copy proves nothing about a node-ID claim: only others' acceptance does.
             if not any(r.kind in (RecordType.CLAIM, RecordType.PRESENCE) for r in recs):
                 stored += local_ok
-        futs = [
-            self.request(c.addr, "ds_store", self.ds_args(raws))
-            for c in res.closest
-            if c.kind == KIND_DS
-        ]
-        replies = await self._gather_stores(futs)
+        replies = [res.stored.get(c.id) for c in res.closest if c.kind == KIND_DS]
+        spare = len(res.stored) - len(replies)
+        if spare > 0:
+            self._stats["put:spare-copies"] += spare
         for reply in replies:
-            if isinstance(reply, BaseException):
-                refused["timeout"] += 1
-            elif type(reply) is list and reply and all(x == "ok" for x in reply):
+            if type(reply) is list and reply and all(x == "ok" for x in reply):
                 stored += 1
             elif type(reply) is list:
                 for x in reply:
@@ -907,32 +927,6 @@ class DhtNode(asyncio.DatagramProtocol):
                 "put: %d storing nodes stored the record, others refused (%s)", stored, detail
             )
         return PutResult(stored, dict(refused), res.hops)
-
-    async def _gather_stores(self, futs: list[asyncio.Future[Any]]) -> list[Any]:
-        """Replies of store RPCs: all of them, but once one succeeded, the slow ones get
-        ``store_wait`` seconds more (they finish in the background)."""
-        if not futs:
-            return []
-        pending = set(futs)
-        deadline: float | None = None
-        loop = self.loop
-        while pending:
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
-            done, pending = await asyncio.wait(
-                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                break
-            if deadline is None and any(not f.exception() for f in done):
-                deadline = loop.time() + self.config.store_wait
-        for f in pending:
-            f.add_done_callback(ignore_outcome)
-        return [
-            f.result()
-            if f.done() and not f.cancelled() and f.exception() is None
-            else TimeoutError("store")
-            for f in futs
-        ]
 
     async def get(self, key: bytes, *, include_tombstones: bool = False) -> list[Record]:
         """All live records under ``key`` from the nodes closest to it, verified and merged."""

@@ -28,8 +28,6 @@ class NodeConfig:
     peer_timeout: float = 0.3
     """Soft per-peer timeout of a lookup: a peer slower than this stops holding a
     parallelism slot and the lookup no longer waits for it."""
-    store_wait: float = 0.8
-    """Seconds ``put`` waits for the slowest storing nodes once one has accepted."""
     max_failures: int = 3
     """Consecutive failed RPCs before a contact is evicted (one lost reply never evicts)."""
     replacements: int = 5

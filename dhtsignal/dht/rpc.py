@@ -23,10 +23,16 @@ RPC                   arguments after (network, id, flags)       reply
 ``ds_find_node``      target                                     ``[contact, ...]``
 ``ds_find_value``     key, cursor                                ``[contacts, records, next]``
 ``ds_store``          ``[record, ...]`` (at most 4)              ``["ok" | reason, ...]``
+``ds_store_find``     key, ``[record, ...]``                     ``[["ok" | reason, ...],
+                                                                 [contact, ...]]``
 ``ds_listen``         key, ttl                                   granted ttl or reason
 ``ds_unlisten``       key                                        ``True``
 ``ds_notify``         key, ``[record, ...]``                     ``True`` / ``False``
 ====================  =========================================  =========================
+
+``ds_store_find`` is a put's lookup step: the node stores the records (as
+``ds_store``) and names its contacts closest to ``key`` (as ``ds_find_node``), so
+a put costs one RPC per node it asks instead of a FIND_NODE and then a STORE.
 
 A contact on the wire is ``[id, ip, port, kind]``; the address a request came
 from is the one we record, never one the sender claims. Find replies are built
@@ -316,6 +322,16 @@ class RequestHandler:
         out.reply = results
         out.has_reply = True
 
+    def _ds_store_find(self, args: list[Any], addr: Addr, out: Outcome) -> None:
+        key = args[3]
+        if not _is_id(key):
+            self._stats["drop:bad-args"] += 1
+            return
+        self._ds_store([args[0], args[1], args[2], args[4]], addr, out)
+        if out.has_reply:
+            results, out.reply = out.reply, None
+            out.raw = b"\x92" + codec.pack(results) + pack_contacts(self._neighbours(key, addr))
+
     def _ds_listen(self, args: list[Any], addr: Addr, out: Outcome) -> None:
         key, ttl = args[3], args[4]
         if not _is_id(key) or type(ttl) not in (int, float):
@@ -376,6 +392,7 @@ for _name, _arity in (
     ("ds_find_node", 1),
     ("ds_find_value", 2),
     ("ds_store", 1),
+    ("ds_store_find", 2),
     ("ds_listen", 2),
     ("ds_unlisten", 1),
     ("ds_notify", 2),
