@@ -191,7 +191,7 @@ async def _dhtsignal(a: argparse.Namespace, tag: str, payload: bytes) -> Samples
     from dhtsignal.aio.node import DhtNode
     from dhtsignal.dht import records
     from dhtsignal.dht.records import RecordType
-    from dhtsignal.signaling.identity import Identity
+    from dhtsignal.identity import Identity
 
     out = Samples()
     nodes: list[Any] = []

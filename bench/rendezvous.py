@@ -934,7 +934,8 @@ async def _until_stopped(lifetime: float) -> None:
 async def serve_dht(args: argparse.Namespace) -> None:
     """``--dht-count`` DhtNodes in this process. Without ``--bootstrap`` the first one is the
     bootstrap node (its address goes on the READY line) and the others join through it."""
-    from dhtsignal.aio.node import DhtNode, parse_addr
+    from dhtsignal.aio.node import DhtNode
+    from dhtsignal.wire.addr import parse_addr
 
     nodes: list[DhtNode] = []
     try:

@@ -38,7 +38,7 @@ from typing import Any
 from kademlia.node import Node
 from kademlia.routing import RoutingTable as StockTable
 
-from dhtsignal.dht.routing import KIND_DS, Contact, RoutingTable
+from dhtsignal.dht.routing import DIALECT_DS, Contact, RoutingTable
 
 K = 20
 TABLES = 30
@@ -68,7 +68,7 @@ def _stock(me: bytes, ids: list[bytes]) -> tuple[StockTable, list[bytes]]:
 def _ours(me: bytes, ids: list[bytes]) -> tuple[RoutingTable, list[bytes]]:
     t = RoutingTable(me, K)
     for i, nid in enumerate(ids):
-        t.add_contact(Contact(nid, "10.0.0.1", 5000 + i, KIND_DS), 0.0)
+        t.add_contact(Contact(nid, "10.0.0.1", 5000 + i, DIALECT_DS), 0.0)
     return t, [c.id for c in t.closest(me, len(t))]
 
 

@@ -39,7 +39,7 @@ from kademlia.node import Node
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
 from dhtsignal.dht.records import Record, RecordType
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.identity import Identity
 from dhtsignal.testing import simnet
 from dhtsignal.wire import codec
 

@@ -1,18 +1,41 @@
 """dhtsignal: serverless WebRTC signaling over a hardened Kademlia DHT.
 
-``Peer``, ``Session``, ``ChannelOptions`` and ``DialFailed`` are imported on first use,
-so that commands which never touch WebRTC do not pay for importing aiortc.
+``Peer``, ``Session`` and ``ChannelOptions`` are imported on first use, so that
+commands which never touch WebRTC do not pay for importing aiortc. Every error type
+is exported here (see :mod:`dhtsignal.errors` for the naming rule).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dhtsignal.errors import DhtSignalError
+from dhtsignal.errors import (
+    ConfigError,
+    ConnectFailed,
+    DependencyChanged,
+    DhtSignalError,
+    DhtTimeout,
+    DialFailed,
+    EnvelopeRejected,
+    LimitExceeded,
+    NodeIdTaken,
+    PeerNotFound,
+    PinnedKeyChanged,
+    ProtocolError,
+    PutFailed,
+    RecordRejected,
+    RemoteError,
+    RpcTimeout,
+    SessionClosed,
+    SessionClosedError,
+    SimulationStalled,
+    StoreLimitExceeded,
+    UsageError,
+)
 
 __version__ = "0.1.0"
 
-_LAZY = {"ChannelOptions", "DialFailed", "Peer", "Session"}
+_LAZY = {"ChannelOptions", "Peer", "Session"}
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +46,30 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dhtsignal' has no attribute {name!r}")
 
 
-__all__ = ["ChannelOptions", "DhtSignalError", "DialFailed", "Peer", "Session", "__version__"]
+__all__ = [
+    "ChannelOptions",
+    "ConfigError",
+    "ConnectFailed",
+    "DependencyChanged",
+    "DhtSignalError",
+    "DhtTimeout",
+    "DialFailed",
+    "EnvelopeRejected",
+    "LimitExceeded",
+    "NodeIdTaken",
+    "Peer",
+    "PeerNotFound",
+    "PinnedKeyChanged",
+    "ProtocolError",
+    "PutFailed",
+    "RecordRejected",
+    "RemoteError",
+    "RpcTimeout",
+    "Session",
+    "SessionClosed",
+    "SessionClosedError",
+    "SimulationStalled",
+    "StoreLimitExceeded",
+    "UsageError",
+    "__version__",
+]

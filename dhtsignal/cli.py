@@ -280,7 +280,8 @@ async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
 
 async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import client_node
-    from dhtsignal.presence import KnownPeers, PeerInfo, room_peers
+    from dhtsignal.datadir import KnownPeers
+    from dhtsignal.presence import PeerInfo, room_peers
 
     known = KnownPeers(settings.known_peers)
     found: dict[str, PeerInfo] = {}
@@ -323,7 +324,8 @@ def _addr(a: tuple[str, int]) -> str:
 
 async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import client_node
-    from dhtsignal.presence import KnownPeers, resolve
+    from dhtsignal.datadir import KnownPeers
+    from dhtsignal.presence import resolve
 
     known = KnownPeers(settings.known_peers)
     async with client_node(settings, settings.bootstrap) as node:
@@ -344,9 +346,9 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
 
 
 async def _status(settings: Settings, ns: argparse.Namespace) -> int:
-    from dhtsignal.aio.node import RpcTimeout
-    from dhtsignal.daemon import client_node, show_addr
-    from dhtsignal.errors import DhtTimeout
+    from dhtsignal.daemon import client_node
+    from dhtsignal.errors import DhtTimeout, RpcTimeout
+    from dhtsignal.wire.addr import show_addr
 
     assert settings.target is not None
     shown = show_addr(settings.target)

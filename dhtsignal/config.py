@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :class:`Settings` is the single declaration of every setting. Each field carries
 a :class:`Spec` in its metadata (made by :func:`spec`): how the value is
-written and checked (a :class:`Kind`), the ``--help`` line, the commands that
+written and checked (a :class:`ValueType`), the ``--help`` line, the commands that
 read it, and where it sits in a TOML file. Everything else is derived from that
 table, with no per-setting code:
 
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dhtsignal.aio.node import parse_addr
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import MAX_TTL, RecordType, check_label
-from dhtsignal.dht.storage import Addr, StorageLimits
+from dhtsignal.dht.storage import StorageLimits
 from dhtsignal.errors import ConfigError
+from dhtsignal.wire.addr import Addr, parse_addr, show_addr
 
 #: The commands, in the order ``--help`` lists them.
 COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status", "ping", "send", "chat", "demo")
@@ -66,11 +66,11 @@ _NODE = NodeConfig()
 _LIMITS = StorageLimits()
 
 
-# -- kinds of values ----------------------------------------------------------------------
+# -- types of values ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Kind:
+class ValueType:
     """How the values of a setting are written and checked.
 
     Both parsers raise ValueError with a message that does not repeat the setting's name.
@@ -100,7 +100,7 @@ def _expect(value: object, types: tuple[type, ...], what: str) -> None:
         raise ValueError(f"expected {what}, got {type(value).__name__} {value!r}")
 
 
-def text(check: Callable[[str], str] | None = None, metavar: str = "TEXT") -> Kind:
+def text(check: Callable[[str], str] | None = None, metavar: str = "TEXT") -> ValueType:
     """A string, optionally checked by ``check`` (which raises ValueError)."""
 
     def parse(s: str) -> str:
@@ -113,10 +113,10 @@ def text(check: Callable[[str], str] | None = None, metavar: str = "TEXT") -> Ki
         assert isinstance(v, str)
         return parse(v)
 
-    return Kind(metavar, parse, from_toml)
+    return ValueType(metavar, parse, from_toml)
 
 
-def choice(options: Sequence[str]) -> Kind:
+def choice(options: Sequence[str]) -> ValueType:
     """One of ``options`` (case-insensitive)."""
 
     def check(s: str) -> str:
@@ -139,7 +139,7 @@ def _bounded(lo: float | None, hi: float | None, lo_open: bool) -> Callable[[flo
     return check
 
 
-def integer(lo: int | None = 0, hi: int | None = None) -> Kind:
+def integer(lo: int | None = 0, hi: int | None = None) -> ValueType:
     """A whole number in ``[lo, hi]``."""
     check = _bounded(lo, hi, lo_open=False)
 
@@ -157,7 +157,7 @@ def integer(lo: int | None = 0, hi: int | None = None) -> Kind:
         check(v)
         return v
 
-    return Kind("N", from_text, from_toml, to_toml=str)
+    return ValueType("N", from_text, from_toml, to_toml=str)
 
 
 def number(
@@ -166,7 +166,7 @@ def number(
     *,
     lo_open: bool = False,
     metavar: str = "SECONDS",
-) -> Kind:
+) -> ValueType:
     """A real number (seconds, rates) in ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``)."""
     check = _bounded(lo, hi, lo_open)
 
@@ -184,14 +184,14 @@ def number(
         check(float(v))
         return float(v)
 
-    return Kind(metavar, from_text, from_toml, show=lambda x: f"{x:g}", to_toml=repr)
+    return ValueType(metavar, from_text, from_toml, show=lambda x: f"{x:g}", to_toml=repr)
 
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def boolean() -> Kind:
+def boolean() -> ValueType:
     """A switch: ``--x``/``--no-x``; ``true``/``false`` (or 1/0, yes/no, on/off) elsewhere."""
 
     def from_text(s: str) -> bool:
@@ -208,14 +208,10 @@ def boolean() -> Kind:
     def show(b: bool) -> str:
         return "true" if b else "false"
 
-    return Kind("BOOL", from_text, from_toml, show=show, is_bool=True, to_toml=show)
+    return ValueType("BOOL", from_text, from_toml, show=show, is_bool=True, to_toml=show)
 
 
-def _show_addr(a: Addr) -> str:
-    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
-
-
-def address() -> Kind:
+def address() -> ValueType:
     """A UDP address ``HOST:PORT`` (``[V6]:PORT`` for IPv6); HOST may be a name."""
 
     def from_text(s: str) -> Addr:
@@ -233,12 +229,12 @@ def address() -> Kind:
         return from_text(v)
 
     def to_toml(a: Addr) -> str:
-        return json.dumps(_show_addr(a))
+        return json.dumps(show_addr(a))
 
-    return Kind("HOST:PORT", from_text, from_toml, show=_show_addr, to_toml=to_toml)
+    return ValueType("HOST:PORT", from_text, from_toml, show=show_addr, to_toml=to_toml)
 
 
-def path(*, optional: bool = False) -> Kind:
+def path(*, optional: bool = False) -> ValueType:
     """A file system path (``~`` expanded); with ``optional``, the word ``none`` is None."""
 
     def from_text(s: str) -> Path | None:
@@ -256,7 +252,7 @@ def path(*, optional: bool = False) -> Kind:
     def show(p: Path | None) -> str:
         return NONE_WORD if p is None else str(p)
 
-    return Kind(
+    return ValueType(
         "PATH",
         from_text,
         from_toml,
@@ -266,7 +262,7 @@ def path(*, optional: bool = False) -> Kind:
     )
 
 
-def listof(item: Kind) -> Kind:
+def listof(item: ValueType) -> ValueType:
     """Several values of ``item``: a repeatable flag, comma-separated text, a TOML array."""
 
     def from_text(s: str) -> tuple[Any, ...]:
@@ -283,10 +279,10 @@ def listof(item: Kind) -> Kind:
     def to_toml(values: tuple[Any, ...]) -> str:
         return "[" + ", ".join(item.to_toml(x) for x in values) + "]"
 
-    return Kind(item.metavar, from_text, from_toml, show=show, is_list=True, to_toml=to_toml)
+    return ValueType(item.metavar, from_text, from_toml, show=show, is_list=True, to_toml=to_toml)
 
 
-def address_list() -> Kind:
+def address_list() -> ValueType:
     """Several ``HOST:PORT`` addresses; an item ``@FILE`` reads a nodes file.
 
     A nodes file (``bootstrap/nodes.txt``) holds one ``HOST:PORT`` per line; ``#``
@@ -328,12 +324,14 @@ def address_list() -> Kind:
         return tuple(out)
 
     def show(values: tuple[Addr, ...]) -> str:
-        return ",".join(_show_addr(a) for a in values) or "none"
+        return ",".join(show_addr(a) for a in values) or "none"
 
     def to_toml(values: tuple[Addr, ...]) -> str:
-        return "[" + ", ".join(json.dumps(_show_addr(a)) for a in values) + "]"
+        return "[" + ", ".join(json.dumps(show_addr(a)) for a in values) + "]"
 
-    return Kind("HOST:PORT|@FILE", from_text, from_toml, show=show, is_list=True, to_toml=to_toml)
+    return ValueType(
+        "HOST:PORT|@FILE", from_text, from_toml, show=show, is_list=True, to_toml=to_toml
+    )
 
 
 def _label(what: str) -> Callable[[str], str]:
@@ -371,7 +369,7 @@ DefaultFactory = Callable[[str, Mapping[str, str]], Any]
 class Spec:
     """Everything the loader needs to know about one setting (see :func:`spec`)."""
 
-    kind: Kind
+    vtype: ValueType
     """How values are written and checked."""
     help: str
     """One line for ``--help``."""
@@ -388,7 +386,7 @@ class Spec:
 
 
 def spec(
-    kind: Kind,
+    vtype: ValueType,
     help: str,
     commands: frozenset[str] = ALL,
     *,
@@ -399,10 +397,10 @@ def spec(
 ) -> dict[str, Spec]:
     """The metadata declaring one field of :class:`Settings` as a setting.
 
-    Used as ``field(default=..., metadata=spec(kind, help, ...))``; the field's default is
+    Used as ``field(default=..., metadata=spec(vtype, help, ...))``; the field's default is
     the value when nothing sets it (and for the commands that do not read it).
 
-    :param kind: how values are written and checked.
+    :param vtype: how values are written and checked.
     :param help: one line for ``--help``.
     :param commands: the commands that read it.
     :param toml: path of the key in a TOML file; ``()`` is the field name; None: not in TOML.
@@ -410,7 +408,7 @@ def spec(
     :param default_help: how ``--help`` shows a computed default.
     :param required: the commands that read it need a non-empty value.
     """
-    return {"spec": Spec(kind, help, commands, toml, per_command, default_help, required)}
+    return {"spec": Spec(vtype, help, commands, toml, per_command, default_help, required)}
 
 
 def data_home(environ: Mapping[str, str]) -> Path:
@@ -434,8 +432,8 @@ def _default_known_peers(command: str, environ: Mapping[str, str]) -> Path:
 def _limit(name: str, help: str) -> Any:
     """A storage limit: default and type from :class:`StorageLimits`, TOML table ``[storage]``."""
     default = getattr(_LIMITS, name)
-    kind = integer(lo=1) if isinstance(default, int) else number(lo=0.0, lo_open=True)
-    return field(default=default, metadata=spec(kind, help, DAEMONS, toml=("storage", name)))
+    vtype = integer(lo=1) if isinstance(default, int) else number(lo=0.0, lo_open=True)
+    return field(default=default, metadata=spec(vtype, help, DAEMONS, toml=("storage", name)))
 
 
 @dataclass(frozen=True)
@@ -778,22 +776,22 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """
     for name in settings_of(command):
         spec = SPECS[name]
-        kind = spec.kind
+        vtype = spec.vtype
         if spec.default_help is not None:
             shown = spec.default_help
         elif spec.per_command is not None:
-            shown = kind.show(spec.per_command(command, os.environ))
+            shown = vtype.show(spec.per_command(command, os.environ))
         else:
-            shown = kind.show(_DEFAULTS[name])
+            shown = vtype.show(_DEFAULTS[name])
         help_text = f"{spec.help} (default: {shown}; env {env_of(name)})"
         help_text = help_text.replace("%", "%%")
         common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if kind.is_bool:
+        if vtype.is_bool:
             parser.add_argument(flag_of(name), action=argparse.BooleanOptionalAction, **common)
-        elif kind.is_list:
-            parser.add_argument(flag_of(name), action="append", metavar=kind.metavar, **common)
+        elif vtype.is_list:
+            parser.add_argument(flag_of(name), action="append", metavar=vtype.metavar, **common)
         else:
-            parser.add_argument(flag_of(name), metavar=kind.metavar, **common)
+            parser.add_argument(flag_of(name), metavar=vtype.metavar, **common)
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -801,17 +799,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def _parse_text(name: str, raw: str, label: str) -> Any:
     try:
-        return SPECS[name].kind.from_text(raw)
+        return SPECS[name].vtype.from_text(raw)
     except ValueError as exc:
         raise ConfigError(label, str(exc)) from None
 
 
 def _from_flag(name: str, raw: Any) -> Any:
-    kind = SPECS[name].kind
+    vtype = SPECS[name].vtype
     label = flag_of(name)
-    if kind.is_bool:
+    if vtype.is_bool:
         return bool(raw)
-    if kind.is_list:
+    if vtype.is_list:
         items: list[Any] = []
         for occurrence in raw:
             items.extend(_parse_text(name, occurrence, label))
@@ -850,7 +848,7 @@ def _toml_table(
         if section is not None and section not in SPECS[name].commands:
             raise ConfigError(label, f"does not apply to the {section} command (in {file})")
         try:
-            out[name] = SPECS[name].kind.from_toml(value)
+            out[name] = SPECS[name].vtype.from_toml(value)
         except ValueError as exc:
             raise ConfigError(label, f"{exc} (in {file})") from None
     return out
@@ -913,7 +911,7 @@ def load(
         if spec.required and not values.get(name, _DEFAULTS[name]):
             raise ConfigError(
                 name,
-                f"required by '{command}' ({flag_of(name)} {spec.kind.metavar}, "
+                f"required by '{command}' ({flag_of(name)} {spec.vtype.metavar}, "
                 f"{env_of(name)}, or {name} in the config file)",
             )
     return Settings(**values)
@@ -931,10 +929,10 @@ def dump(settings: Settings, command: str) -> str:
         if where is None:
             continue
         value = getattr(settings, name)
-        if value is None and not SPECS[name].kind.nullable:
+        if value is None and not SPECS[name].vtype.nullable:
             line = f"# {where[-1]} is not set"
         else:
-            line = f"{where[-1]} = {SPECS[name].kind.to_toml(value)}"
+            line = f"{where[-1]} = {SPECS[name].vtype.to_toml(value)}"
         (tables.setdefault(where[0], []) if len(where) > 1 else top).append(line)
     parts = ["\n".join(top)]
     parts += [f"[{table}]\n" + "\n".join(lines) for table, lines in tables.items()]

@@ -35,21 +35,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dhtsignal.aio.node import DhtNode, routing_id
 from dhtsignal.config import Settings
-from dhtsignal.dht.storage import Addr
+from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock
 from dhtsignal.errors import ConfigError, DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
+from dhtsignal.identity import Identity
 from dhtsignal.presence import Presence, resolve
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.wire.addr import Addr, show_addr, show_addrs
 
 if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
     from dhtsignal.peer import Peer
@@ -62,7 +61,6 @@ T = TypeVar("T")
 SHUTDOWN_BUDGET = 1.6
 #: Of which a peer may spend this long publishing its tombstones.
 SIGNOFF_BUDGET = 1.0
-LOCK_FILE = "lock"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 ReadyCallback = Callable[[str], None]
@@ -81,57 +79,11 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def show_addr(addr: Addr | None) -> str:
-    """``HOST:PORT`` (``[V6]:PORT``) for messages and ready lines."""
-    if addr is None:
-        return "-"
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
 def _unreachable(addrs: Sequence[Addr], started: float) -> DhtTimeout:
-    listed = ", ".join(show_addr(a) for a in addrs)
+    listed = show_addrs(addrs)
     return DhtTimeout(
         f"joining the DHT (no bootstrap node answered: {listed})", time.monotonic() - started
     )
-
-
-class DataDirLock:
-    """An exclusive lock on a data directory, held while a daemon runs.
-
-    :param data_dir: the directory (created if missing).
-    """
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock.
-
-        :raises ConfigError: the directory is unusable (the ``data_dir`` setting).
-        :raises UsageError: another process holds it.
-        """
-        try:
-            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, pins, state
-            fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        except FileExistsError:
-            raise ConfigError("data_dir", f"{self.data_dir} is not a directory") from None
-        except OSError as exc:
-            raise ConfigError("data_dir", f"{self.data_dir}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(
-                f"data directory {self.data_dir} is in use by another dhtsignal process"
-            ) from None
-        self._fd = fd
-
-    def release(self) -> None:
-        """Drop the lock (closing the file releases it)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class Daemon:
@@ -290,7 +242,7 @@ class BootstrapDaemon(Daemon):
         if addrs and size == 0:
             log.warning(
                 "no node to join answered (%s); serving alone, retrying every %g s",
-                ", ".join(show_addr(a) for a in addrs),
+                show_addrs(addrs),
                 self.settings.rejoin_interval,
             )
         log.info("routing table: %d contacts", size)
@@ -358,7 +310,7 @@ class PeerDaemon(Daemon):
             identity=self.identity,
             accept=list(s.accept) or None,
             ice_servers=s.ice_servers(),
-            known_peers=self.data_dir / "known_peers",
+            known_peers=self.data_dir / KNOWN_PEERS_FILE,
             presence_ttl=s.presence_ttl,
         )
         await self.peer.start()

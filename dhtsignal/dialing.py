@@ -20,9 +20,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from dhtsignal.dht.storage import Addr
-from dhtsignal.errors import DhtTimeout
-from dhtsignal.peer import Peer, Session, SessionClosedError
+from dhtsignal.errors import DhtTimeout, SessionClosed
+from dhtsignal.peer import Peer, Session
+from dhtsignal.wire.addr import Addr
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ async def chat(
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = task.exception()
-                if exc is not None and not isinstance(exc, SessionClosedError):
+                if exc is not None and not isinstance(exc, SessionClosed):
                     raise exc
             if not session.is_open:
                 emit(f"{target} closed the session")

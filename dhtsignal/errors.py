@@ -1,12 +1,24 @@
-"""Error types.
+"""Every error type dhtsignal raises on purpose, all exported from :mod:`dhtsignal`.
 
 One base class, :class:`DhtSignalError`. Local misuse (:class:`UsageError`,
-:class:`ConfigError`, :class:`LimitExceeded`) and remote misbehaviour
-(:class:`RemoteError`, :class:`ProtocolError`, :class:`ForgedRecord`) are
-different branches; timeouts are typed and carry what timed out.
+:class:`ConfigError`, :class:`LimitExceeded`) and what a remote party sent, did or
+failed to do (:class:`RemoteError` and everything below it) are different branches;
+timeouts are typed and carry what timed out.
+
+Naming rule: a *branch* (a class meant to be caught for a whole family) ends in
+``Error``; a *leaf* is named for what happened, as a past participle or a short
+statement (:class:`NodeIdTaken`, :class:`PeerNotFound`, :class:`DialFailed`,
+:class:`RecordRejected`, :class:`SessionClosed`), and a timeout ends in ``Timeout``
+(:class:`DhtTimeout`, :class:`RpcTimeout`).
+
+A refusal carries a short machine-readable ``reason`` tag where the caller may act on
+it (:class:`RecordRejected`, :class:`EnvelopeRejected`, :class:`DialFailed`,
+:class:`ConnectFailed`); the message is for people.
 """
 
 from __future__ import annotations
+
+from dhtsignal.wire.addr import Addr, show_addr
 
 
 class DhtSignalError(Exception):
@@ -75,6 +87,14 @@ class DhtTimeout(RemoteError):
         self.seconds = seconds
 
 
+class RpcTimeout(DhtTimeout):
+    """An RPC got no reply after all its tries. ``addr`` is where it was sent."""
+
+    def __init__(self, name: str, addr: Addr, seconds: float) -> None:
+        super().__init__(f"{name} to {show_addr(addr)}", seconds)
+        self.addr = addr
+
+
 class PutFailed(RemoteError):
     """No storing node accepted a record."""
 
@@ -99,6 +119,26 @@ class EnvelopeRejected(RemoteError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"envelope rejected ({reason})" + (f": {detail}" if detail else ""))
         self.reason = reason
+
+
+class DialFailed(RemoteError):
+    """A session could not be set up before ICE: the callee did not resolve in time, did
+    not answer, or refused. ``reason`` is a short tag, ``detail`` says why. (Failures of
+    ICE and DTLS themselves raise :class:`ConnectFailed`.)"""
+
+    def __init__(self, node_id: str, reason: str, detail: str) -> None:
+        super().__init__(f"{node_id}: {detail}")
+        self.node_id = node_id
+        self.reason = reason
+        self.detail = detail
+
+
+class SessionClosed(DhtSignalError):
+    """The session is closed: it can no longer send, and nothing more will arrive."""
+
+
+SessionClosedError = SessionClosed
+"""The former name of :class:`SessionClosed`, kept for programs that catch it."""
 
 
 class ConnectFailed(RemoteError):
@@ -137,3 +177,8 @@ class ConnectFailed(RemoteError):
 
 class DependencyChanged(DhtSignalError):
     """An installed library no longer has the internals dhtsignal reads (after an upgrade)."""
+
+
+class SimulationStalled(UsageError):
+    """The simulated network would wait forever (nothing in flight, no timer) or passed
+    its virtual-time limit (:mod:`dhtsignal.testing.simnet`)."""

@@ -44,23 +44,24 @@ from types import TracebackType
 from typing import Any
 
 from dhtsignal.aio import rtc
-from dhtsignal.aio.node import DhtNode, ignore_outcome, parse_addr, routing_id
+from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
+from dhtsignal.datadir import KNOWN_PEERS_FILE, KnownPeers
 from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType, inbox_key
-from dhtsignal.dht.storage import Addr
 from dhtsignal.errors import (
     ConnectFailed,
     DhtSignalError,
+    DialFailed,
     EnvelopeRejected,
     PeerNotFound,
-    RemoteError,
+    SessionClosed,
     UsageError,
 )
-from dhtsignal.presence import KnownPeers, PeerInfo, Presence, resolve
+from dhtsignal.identity import Identity, self_certifying_id
+from dhtsignal.presence import PeerInfo, Presence, resolve
 from dhtsignal.signaling import envelope, sdp
-from dhtsignal.signaling.envelope import Kind, ReplayCache
-from dhtsignal.signaling.identity import Identity, self_certifying_id
+from dhtsignal.signaling.envelope import MessageType, ReplayCache
 from dhtsignal.signaling.session import (
     Phases,
     SessionMachine,
@@ -68,6 +69,7 @@ from dhtsignal.signaling.session import (
     glare_winner,
 )
 from dhtsignal.wire import codec
+from dhtsignal.wire.addr import Addr, parse_addr, show_addrs
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +94,6 @@ NO_CANDIDATES = (
     "gathered no ICE candidates: no usable local address and no STUN/TURN server answered "
     "(check the ICE host addresses and the TURN credentials)"
 )
-
-
-class DialFailed(RemoteError):
-    """A session could not be set up before ICE: the callee did not resolve in time, did
-    not answer, or refused. ``reason`` is a short tag, ``detail`` says why. (Failures of
-    ICE and DTLS themselves raise :class:`~dhtsignal.errors.ConnectFailed`.)"""
-
-    def __init__(self, node_id: str, reason: str, detail: str) -> None:
-        super().__init__(f"{node_id}: {detail}")
-        self.node_id = node_id
-        self.reason = reason
-        self.detail = detail
-
-
-class SessionClosedError(DhtSignalError):
-    """The session is closed."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +180,7 @@ class Session:
             waiters += self._pongs.values()
             for fut in waiters:
                 if not fut.done():
-                    fut.set_exception(SessionClosedError("session closed"))
+                    fut.set_exception(SessionClosed("session closed"))
             self.peer._forget(self)
 
     def _on_data(self, message: bytes | str) -> None:
@@ -229,24 +215,24 @@ class Session:
     def _on_ctl(self, message: bytes | str) -> None:
         try:
             msg = json.loads(message)
-            kind, n = msg["t"], msg["n"]
+            tag, n = msg["t"], msg["n"]
             if not isinstance(n, int):
                 raise ValueError("n")
         except (ValueError, KeyError, TypeError, RecursionError):
             self.peer.stats["ctl-malformed"] += 1
             return
-        if kind == "ping":
+        if tag == "ping":
             self._ctl_send({"t": "pong", "n": n})
-        elif kind == "pong":
+        elif tag == "pong":
             pong = self._pongs.pop(n, None)
             if pong is not None and not pong.done():
                 pong.set_result(time.perf_counter())
-        elif kind == "sync":
+        elif tag == "sync":
             if n <= self._received:
                 self._ctl_send({"t": "synced", "n": n})
             elif len(self._pending_syncs) < 64:
                 self._pending_syncs.append(n)
-        elif kind == "synced":
+        elif tag == "synced":
             for m in [m for m in self._sync_waiters if m <= n]:
                 synced = self._sync_waiters.pop(m)
                 if not synced.done():
@@ -267,23 +253,23 @@ class Session:
     async def recv(self, timeout: float | None = None) -> bytes | str:
         """The next message.
 
-        :raises SessionClosedError: the session closed first.
+        :raises SessionClosed: the session closed first.
         :raises TimeoutError: nothing arrived within ``timeout`` seconds.
         """
         msg = await asyncio.wait_for(self._inbox.get(), timeout)
         if msg is None:
             self._inbox.put_nowait(None)
-            raise SessionClosedError("session closed")
+            raise SessionClosed("session closed")
         self._buffered -= len(msg)
         return msg
 
     async def send(self, data: bytes | str) -> None:
         """Queue one message on the data channel.
 
-        :raises SessionClosedError: the session is closed.
+        :raises SessionClosed: the session is closed.
         """
         if not self.is_open:
-            raise SessionClosedError("session closed")
+            raise SessionClosed("session closed")
         self.data.send(data)
         self._sent += 1
 
@@ -291,10 +277,10 @@ class Session:
         """Wait until the remote application has received every message sent so far.
 
         :raises TimeoutError: no acknowledgement within ``timeout`` seconds.
-        :raises SessionClosedError: the session is closed.
+        :raises SessionClosed: the session is closed.
         """
         if self._closed.is_set():
-            raise SessionClosedError("session closed")
+            raise SessionClosed("session closed")
         n = self._sent
         if n == 0:
             return
@@ -309,10 +295,10 @@ class Session:
     async def ping(self, timeout: float = 5.0) -> float:
         """One round trip over the control channel; returns seconds.
 
-        :raises SessionClosedError: the session is closed.
+        :raises SessionClosed: the session is closed.
         """
         if self._closed.is_set():
-            raise SessionClosedError("session closed")
+            raise SessionClosed("session closed")
         self._ping_seq += 1
         n = self._ping_seq
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -416,7 +402,7 @@ class Peer:
         self.node = node
         pins = Path(known_peers) if known_peers else None
         if pins is None and self.data_dir is not None:
-            pins = self.data_dir / "known_peers"
+            pins = self.data_dir / KNOWN_PEERS_FILE
         self.known = KnownPeers(pins)
         self.presence: Presence | None = None
         self.stats: Counter[str] = Counter()
@@ -458,7 +444,7 @@ class Peer:
             joined = await self.node.bootstrap(self.bootstrap_addrs)
             if joined == 0:
                 await self.node.close()
-                addrs = ", ".join(f"{h}:{p}" for h, p in self.bootstrap_addrs)
+                addrs = show_addrs(self.bootstrap_addrs)
                 raise PeerNotFound(f"no bootstrap node answered ({addrs})")
         await self._listen_inbox()
         if self.node_id is not None:
@@ -522,7 +508,7 @@ class Peer:
         recipient_key: bytes,
         recipient_x: bytes,
         session_id: bytes,
-        kind: Kind,
+        msg_type: MessageType,
         body: dict[str, Any],
         direct: Sequence[Addr],
         settled: asyncio.Future[Any] | None = None,
@@ -532,7 +518,7 @@ class Peer:
         ``settled`` completes within :data:`STORE_DELAY` (the direct push worked)."""
         now = self.node.wallclock()
         blob = envelope.seal(
-            self.identity, recipient_key, recipient_x, session_id, kind, codec.pack(body), now
+            self.identity, recipient_key, recipient_x, session_id, msg_type, codec.pack(body), now
         )
         key = inbox_key(recipient_key)
         rec = records.sign(
@@ -542,7 +528,7 @@ class Peer:
             blob,
             seq=int(now * 1000),
             expires=now + INBOX_TTL,
-            sub=session_id + bytes([int(kind)]),
+            sub=session_id + bytes([int(msg_type)]),
         )
         for addr in direct[:_DIRECT_PUSH_ADDRS]:
             fut = self.node.request(addr, "ds_notify", self.node.ds_args(key, [rec.raw]))
@@ -586,7 +572,7 @@ class Peer:
                 log.debug("inbox record dropped: %r", exc)
 
     def _on_inbox(self, rec: Record) -> None:
-        if rec.kind != RecordType.INBOX or rec.is_tombstone:
+        if rec.type != RecordType.INBOX or rec.is_tombstone:
             return
         if rec.raw in self._seen:
             self.stats["duplicate"] += 1
@@ -618,9 +604,9 @@ class Peer:
         if not isinstance(body, dict):
             self.stats["refused:malformed-body"] += 1
             return
-        if opened.kind == Kind.OFFER:
+        if opened.msg_type == MessageType.OFFER:
             self._on_offer(opened.sender_key, opened.session_id, body)
-        elif opened.kind == Kind.ANSWER:
+        elif opened.msg_type == MessageType.ANSWER:
             dial = self._dials.get(opened.session_id)
             if dial is None or dial.remote_key != opened.sender_key:
                 self.stats["refused:unexpected-answer"] += 1
@@ -696,7 +682,9 @@ class Peer:
                 remote_id = await self._check_policy(sender, label)
             if remote_id is None:
                 self.stats["refused:policy"] += 1
-                self._deliver(sender, x, session_id, Kind.REJECT, {"why": "not accepted"}, direct)
+                self._deliver(
+                    sender, x, session_id, MessageType.REJECT, {"why": "not accepted"}, direct
+                )
                 return
             sdp_type, sdp_text = sdp.expand(offer)
             if sdp_type != "offer":
@@ -711,7 +699,7 @@ class Peer:
             if _CANDIDATE_LINE.search(answer) is None:
                 self.stats["incoming-failed:no-candidates"] += 1
                 why = "the callee " + NO_CANDIDATES
-                self._deliver(sender, x, session_id, Kind.REJECT, {"why": why}, direct)
+                self._deliver(sender, x, session_id, MessageType.REJECT, {"why": why}, direct)
                 log.warning("incoming session %s: %s", session_id.hex(), why)
                 return
             opened: asyncio.Future[None] = loop.create_future()
@@ -719,7 +707,7 @@ class Peer:
                 sender,
                 x,
                 session_id,
-                Kind.ANSWER,
+                MessageType.ANSWER,
                 {"sdp": sdp.compact(answer, "answer"), "x": self.identity.x25519_public},
                 direct,
                 opened,
@@ -826,7 +814,7 @@ class Peer:
                 info.public_key,
                 info.x25519,
                 session_id,
-                Kind.OFFER,
+                MessageType.OFFER,
                 body,
                 info.addresses,
                 dial.answer,

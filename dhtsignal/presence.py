@@ -23,21 +23,16 @@ known_hosts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
-import os
-import stat
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dhtsignal.aio.node import DhtNode
+from dhtsignal.datadir import KnownPeers
 from dhtsignal.dht import records
 from dhtsignal.dht.records import Record, RecordType, node_key, room_key
-from dhtsignal.errors import ConfigError, PeerNotFound, PinnedKeyChanged, UsageError
-from dhtsignal.signaling.identity import Identity, is_self_certifying, self_certifying_id
+from dhtsignal.errors import PeerNotFound, PinnedKeyChanged, UsageError
+from dhtsignal.identity import Identity, is_self_certifying, self_certifying_id
 from dhtsignal.wire import codec
 
 log = logging.getLogger(__name__)
@@ -82,131 +77,6 @@ class PeerInfo:
             "addresses": [[h, p] for h, p in self.addresses],
             "expires_in": round(self.expires_in, 1),
         }
-
-
-class KnownPeers:
-    """Pinned keys of node IDs, one ``NODE_ID KEYHEX`` per line (``#`` starts a comment).
-
-    Several processes may pin into one file at once (two ``lookup`` runs, ``peers``
-    beside a dialer). :meth:`pin` therefore holds an exclusive :func:`fcntl.flock` on
-    ``FILE.lock`` next to it while it re-reads the file, adds its line to what it
-    read, and replaces the file through a temporary file of its own (``mkstemp`` in
-    the same directory, fsynced, ``os.replace``): no pin is lost and a reader never
-    sees half a file. The file is the truth: a pin another process wrote since this
-    object read the file counts for it too. A new file is created with mode 0600; a
-    rewrite keeps the mode the file had.
-
-    :param path: the file; None keeps the pins in memory only.
-    :raises ConfigError: the file cannot be read or is malformed (names ``known_peers``).
-    """
-
-    SETTING = "known_peers"
-    """The setting named by the errors (``--known-peers``)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._pins: dict[str, str] = {}
-        if path is not None:
-            self._pins = self._parse(self._read(path), path)
-
-    def get(self, node_id: str) -> str | None:
-        """The pinned key of ``node_id`` (hex), if any."""
-        return self._pins.get(node_id)
-
-    def pin(self, node_id: str, key: str) -> None:
-        """Pin ``key`` for ``node_id`` (trust on first use).
-
-        :raises PinnedKeyChanged: another key is pinned already (also by another process).
-        :raises ConfigError: the file cannot be written.
-        """
-        key = key.lower()
-        old = self._pins.get(node_id)
-        if old == key:
-            return
-        if old is not None:
-            raise PinnedKeyChanged(node_id, old, key)
-        if self.path is None:
-            self._pins[node_id] = key
-            return
-        try:
-            self._pins = self._add_to_file(self.path, node_id, key)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConfigError(self.SETTING, f"cannot write {self.path}: {reason}") from None
-        if self._pins[node_id] != key:
-            raise PinnedKeyChanged(node_id, self._pins[node_id], key)
-
-    @classmethod
-    def _read(cls, path: Path) -> str:
-        try:
-            return path.read_text()
-        except FileNotFoundError:
-            return ""
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(cls.SETTING, f"cannot read {path}: {reason}") from None
-
-    @classmethod
-    def _parse(cls, text: str, path: Path) -> dict[str, str]:
-        pins: dict[str, str] = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not cls._is_key(parts[1]):
-                raise ConfigError(
-                    cls.SETTING,
-                    f"{path}:{n}: expected 'NODE_ID KEYHEX' (64 hex digits), got {line[:80]!r}",
-                )
-            pins[parts[0]] = parts[1].lower()
-        return pins
-
-    @staticmethod
-    def _is_key(text: str) -> bool:
-        try:
-            return len(bytes.fromhex(text)) == 32
-        except ValueError:
-            return False
-
-    @classmethod
-    def _add_to_file(cls, path: Path, node_id: str, key: str) -> dict[str, str]:
-        """Under the lock: re-read, append ``node_id key`` unless pinned, replace the file.
-
-        :returns: the pins in the file afterwards.
-        """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # held for one small read and write
-            text = cls._read(path)
-            pins = cls._parse(text, path)
-            if node_id in pins:
-                return pins
-            if text and not text.endswith("\n"):
-                text += "\n"
-            text += f"{node_id} {key}\n"
-            try:
-                mode: int | None = stat.S_IMODE(path.stat().st_mode)
-            except FileNotFoundError:
-                mode = None
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(text)
-                    fh.flush()
-                    if mode is not None:
-                        os.fchmod(fh.fileno(), mode)
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            pins[node_id] = key
-            return pins
-        finally:
-            os.close(lock)  # closing the file releases the lock
 
 
 def _addresses(node: DhtNode) -> list[tuple[str, int]]:
@@ -352,7 +222,7 @@ def _owner(
     """
     claims: dict[bytes, tuple[int, float, bytes]] = {}
     for r in recs:
-        if r.kind in (RecordType.CLAIM, RecordType.PRESENCE) and not r.is_tombstone:
+        if r.type in (RecordType.CLAIM, RecordType.PRESENCE) and not r.is_tombstone:
             t = r.fields().get("t")
             at = float(t) if isinstance(t, int | float) else float("inf")
             rank = (-support.get(r.signer, 0), at, r.signer)
@@ -411,7 +281,7 @@ async def resolve(node: DhtNode, node_id: str, known: KnownPeers | None = None) 
     owner = _owner(node_id, recs, held.support, known)
     if owner is None:
         raise PeerNotFound(f"{node_id}: unknown (no claim or presence record in the DHT)")
-    mine = [r for r in recs if r.signer == owner and r.kind == RecordType.PRESENCE]
+    mine = [r for r in recs if r.signer == owner and r.type == RecordType.PRESENCE]
     if not mine:
         raise PeerNotFound(f"{node_id}: offline (its presence record expired)")
     if mine[0].is_tombstone:
@@ -434,7 +304,7 @@ async def room_peers(node: DhtNode, room: str, known: KnownPeers | None = None) 
     members: dict[str, bytes] = {}
     for r in recs:
         label = r.fields().get("id")
-        if isinstance(label, str) and r.kind == RecordType.ROOM:
+        if isinstance(label, str) and r.type == RecordType.ROOM:
             members.setdefault(label, r.signer)
     sem = asyncio.Semaphore(ROOM_RESOLVE_CONCURRENCY)
 

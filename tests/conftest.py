@@ -12,8 +12,8 @@ import pytest
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht.params import NodeConfig
-from dhtsignal.dht.storage import Addr
 from dhtsignal.peer import Peer
+from dhtsignal.wire.addr import Addr
 
 
 class StartDht(Protocol):

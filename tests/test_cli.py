@@ -33,9 +33,9 @@ from typing import Any
 import pytest
 
 from dhtsignal import __version__
+from dhtsignal.datadir import KnownPeers
 from dhtsignal.errors import PinnedKeyChanged
-from dhtsignal.presence import KnownPeers
-from dhtsignal.signaling.identity import self_certifying_id
+from dhtsignal.identity import self_certifying_id
 
 READY_TIMEOUT = 20.0
 RUN_TIMEOUT = 20.0
@@ -395,7 +395,7 @@ def test_two_pin_file_readers_keep_both_pins(tmp_path: Path) -> None:
 _PINNER = """
 import hashlib, sys
 from pathlib import Path
-from dhtsignal.presence import KnownPeers
+from dhtsignal.datadir import KnownPeers
 path, who, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 known = KnownPeers(path)
 print("ready", flush=True)

@@ -7,9 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dhtsignal.errors import EnvelopeRejected, UsageError
+from dhtsignal.identity import Identity
 from dhtsignal.signaling import envelope
-from dhtsignal.signaling.envelope import Kind, ReplayCache, open_envelope, seal
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.signaling.envelope import MessageType, ReplayCache, open_envelope, seal
 
 ALICE = Identity(bytes(range(32)))
 BOB = Identity(bytes(range(1, 33)))
@@ -19,8 +19,8 @@ SESSION = b"\x01" * 8
 BODY = b"compact offer" * 10
 
 
-def _seal(kind: Kind = Kind.OFFER, now: float = NOW, body: bytes = BODY) -> bytes:
-    return seal(ALICE, BOB.public_key, BOB.x25519_public, SESSION, kind, body, now)
+def _seal(msg_type: MessageType = MessageType.OFFER, now: float = NOW, body: bytes = BODY) -> bytes:
+    return seal(ALICE, BOB.public_key, BOB.x25519_public, SESSION, msg_type, body, now)
 
 
 def _reason(blob: bytes, now: float = NOW, replay: ReplayCache | None = None) -> str:
@@ -33,11 +33,11 @@ def _resign(signer: Identity, unsigned: bytes) -> bytes:
     return unsigned + signer.sign(envelope.DOMAIN + BOB.public_key + unsigned)
 
 
-@pytest.mark.parametrize("kind", list(Kind))
-def test_round_trip(kind: Kind) -> None:
-    blob = _seal(kind, now=NOW + 0.123)
+@pytest.mark.parametrize("msg_type", list(MessageType))
+def test_round_trip(msg_type: MessageType) -> None:
+    blob = _seal(msg_type, now=NOW + 0.123)
     opened = open_envelope(BOB, blob, NOW, ReplayCache())
-    assert opened == envelope.Opened(ALICE.public_key, SESSION, kind, BODY, NOW + 0.123)
+    assert opened == envelope.Opened(ALICE.public_key, SESSION, msg_type, BODY, NOW + 0.123)
     assert len(blob) == len(BODY) + envelope.OVERHEAD == len(BODY) + 170
 
 
@@ -50,7 +50,7 @@ def test_each_envelope_is_encrypted_afresh() -> None:
 # Where a flipped byte lands decides the first check that fails.
 REGIONS = [
     (0, 1, {"malformed"}),  # version
-    (1, 2, {"malformed", "bad-signature"}),  # kind: another valid kind fails the signature
+    (1, 2, {"malformed", "bad-signature"}),  # msg_type: another valid msg_type fails the signature
     (2, 18, {"bad-signature"}),  # session id, time
     (18, 26, {"wrong-recipient"}),  # recipient hint
 ]
@@ -88,12 +88,14 @@ def test_rebinding_a_ciphertext_to_another_sender_fails_decryption() -> None:
 
 
 def test_wrong_recipient_is_refused() -> None:
-    blob = seal(ALICE, MALLORY.public_key, MALLORY.x25519_public, SESSION, Kind.OFFER, BODY, NOW)
+    blob = seal(
+        ALICE, MALLORY.public_key, MALLORY.x25519_public, SESSION, MessageType.OFFER, BODY, NOW
+    )
     assert _reason(blob) == "wrong-recipient"
 
 
 def test_encrypted_to_another_x25519_key_fails_decryption() -> None:
-    blob = seal(ALICE, BOB.public_key, MALLORY.x25519_public, SESSION, Kind.OFFER, BODY, NOW)
+    blob = seal(ALICE, BOB.public_key, MALLORY.x25519_public, SESSION, MessageType.OFFER, BODY, NOW)
     assert _reason(blob) == "decrypt-failed"
 
 
@@ -138,9 +140,9 @@ def test_bad_version_and_kind_are_malformed() -> None:
 
 def test_seal_refuses_bad_sizes() -> None:
     with pytest.raises(UsageError):
-        seal(ALICE, BOB.public_key, BOB.x25519_public, b"short", Kind.OFFER, BODY, NOW)
+        seal(ALICE, BOB.public_key, BOB.x25519_public, b"short", MessageType.OFFER, BODY, NOW)
     with pytest.raises(UsageError):
-        seal(ALICE, BOB.public_key, b"\x00" * 31, SESSION, Kind.OFFER, BODY, NOW)
+        seal(ALICE, BOB.public_key, b"\x00" * 31, SESSION, MessageType.OFFER, BODY, NOW)
 
 
 def test_replay_cache_forgets_expired_entries() -> None:

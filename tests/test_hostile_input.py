@@ -25,14 +25,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dhtsignal.aio.node import DhtNode, RpcTimeout
+from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
 from dhtsignal.dht.params import DEFAULT_NETWORK, NodeConfig
 from dhtsignal.dht.records import RecordType, node_key
-from dhtsignal.dht.routing import KIND_DS, Contact, RoutingTable
+from dhtsignal.dht.routing import DIALECT_DS, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, RequestHandler
 from dhtsignal.dht.storage import LegacyStore, RecordStore, StorageLimits, Subscriptions
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.errors import RpcTimeout
+from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 
 NET = DEFAULT_NETWORK
@@ -577,7 +578,7 @@ async def test_a_reply_to_the_second_try_counts_as_success(
         assert n.stats["rpc-retry"] == 1
         assert n.stats["rpc-timeout"] == 0
         c = n.table.get(peer.id)
-        assert c is not None and c.failures == 0 and c.kind == KIND_DS
+        assert c is not None and c.failures == 0 and c.dialect == DIALECT_DS
         assert loop_errors == []
     finally:
         await n.close()

@@ -18,9 +18,10 @@ from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.utils import digest
 
-from dhtsignal.aio.node import DhtNode, RpcTimeout
+from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht.params import NodeConfig
-from dhtsignal.dht.routing import KIND_STOCK, Contact
+from dhtsignal.dht.routing import DIALECT_STOCK, Contact
+from dhtsignal.errors import RpcTimeout
 
 Addr = tuple[str, int]
 #: Quick to give up on a silent node (only the other-network test meets one).
@@ -78,7 +79,7 @@ async def join_via_stock(n: DhtNode, addr: Addr, *, lookup: bool = True) -> None
     sid = await asyncio.wait_for(n.request(addr, "ping", [n.id]), WAIT)
     assert type(sid) is bytes and len(sid) == 20
     n.table.add_contact(
-        Contact(sid, addr[0], addr[1], KIND_STOCK), asyncio.get_running_loop().time()
+        Contact(sid, addr[0], addr[1], DIALECT_STOCK), asyncio.get_running_loop().time()
     )
     if lookup:
         await asyncio.wait_for(n.find_nodes(n.id), WAIT)

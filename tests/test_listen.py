@@ -20,7 +20,7 @@ from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.errors import LimitExceeded
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.identity import Identity
 
 if TYPE_CHECKING:
     from conftest import StartDht

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dhtsignal.aio.node import DhtNode
+from dhtsignal.datadir import KnownPeers
 from dhtsignal.dht import records
 from dhtsignal.dht.records import RecordType, node_key
 from dhtsignal.errors import NodeIdTaken, PinnedKeyChanged
-from dhtsignal.presence import KnownPeers, Presence, _owner, resolve
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.identity import Identity
+from dhtsignal.presence import Presence, _owner, resolve
 from dhtsignal.wire import codec
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ async def test_a_backdated_claim_on_a_minority_of_storing_nodes_does_not_win(
     held = await reader.get_held(key, include_tombstones=True)
     assert held.support[mallory.public_key] == 2
     assert held.support[alice.public_key] >= 6
-    ts = {r.signer: r.fields()["t"] for r in held.records if r.kind == RecordType.CLAIM}
+    ts = {r.signer: r.fields()["t"] for r in held.records if r.type == RecordType.CLAIM}
     assert ts[mallory.public_key] < ts[alice.public_key]  # the old rule would pick mallory
 
     info = await resolve(reader, "alice")

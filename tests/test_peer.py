@@ -15,11 +15,11 @@ import pytest
 from dhtsignal import peer as peer_module
 from dhtsignal.aio import rtc
 from dhtsignal.dialing import _one_line
-from dhtsignal.errors import ConnectFailed, PeerNotFound
-from dhtsignal.peer import ChannelOptions, DialFailed, Peer, Session, SessionClosedError
+from dhtsignal.errors import ConnectFailed, DialFailed, PeerNotFound, SessionClosed
+from dhtsignal.identity import Identity
+from dhtsignal.peer import ChannelOptions, Peer, Session
 from dhtsignal.presence import resolve
-from dhtsignal.signaling.envelope import Kind
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.signaling.envelope import MessageType
 from dhtsignal.signaling.session import SessionMachine, SessionTimeouts
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ async def test_session_carries_bytes_and_text_both_ways(peers: StartPeer, boot: 
 
     await out.close()
     assert not out.is_open
-    with pytest.raises(SessionClosedError):
+    with pytest.raises(SessionClosed):
         await out.send(b"after close")
 
 
@@ -128,7 +128,7 @@ async def test_unread_messages_are_bounded(
     await session.send(b"x" * 60)
     await session.send(b"y" * 60)  # bob has read nothing: 120 unread bytes
     assert await incoming.recv(STEP) == b"x" * 60  # within the limit: kept
-    with pytest.raises(SessionClosedError):  # the second message passed it: closed
+    with pytest.raises(SessionClosed):  # the second message passed it: closed
         await incoming.recv(STEP)
     assert bob.stats["closed:unread-limit"] == 1
     assert not incoming.is_open
@@ -365,7 +365,7 @@ async def test_restarted_peer_can_be_dialed_again(
 @pytest.mark.timeout(20)
 async def test_close_ends_both_sides_and_fails_fast(peers: StartPeer, boot: list[str]) -> None:
     """Closing one end ends the other's iteration; flush, ping and send on a closed session
-    raise SessionClosedError at once; concurrent flushes of the same messages both return."""
+    raise SessionClosed at once; concurrent flushes of the same messages both return."""
     alice = await peers("alice", boot)
     bob = await peers("bob", boot)
     out = await dial(alice, "bob")
@@ -381,14 +381,14 @@ async def test_close_ends_both_sides_and_fails_fast(peers: StartPeer, boot: list
     assert not inc.is_open
     loop = asyncio.get_running_loop()
     for s in (out, inc):
-        with pytest.raises(SessionClosedError):
+        with pytest.raises(SessionClosed):
             await s.recv(STEP)
         t0 = loop.time()
-        with pytest.raises(SessionClosedError):
+        with pytest.raises(SessionClosed):
             await s.flush(STEP)
-        with pytest.raises(SessionClosedError):
+        with pytest.raises(SessionClosed):
             await s.ping(STEP)
-        with pytest.raises(SessionClosedError):
+        with pytest.raises(SessionClosed):
             await s.send(b"too late")
         assert loop.time() - t0 < 0.5
 
@@ -435,11 +435,11 @@ async def test_glare_loser_sends_no_offer_after_yielding(
     real_deliver = loser._deliver
 
     def deliver(
-        key: bytes, x: bytes, sid: bytes, kind: Kind, body: Any, direct: Any, *rest: Any
+        key: bytes, x: bytes, sid: bytes, msg_type: MessageType, body: Any, direct: Any, *rest: Any
     ) -> Any:
-        if kind == Kind.OFFER:
+        if msg_type == MessageType.OFFER:
             offers.append(sid)
-        return real_deliver(key, x, sid, kind, body, direct, *rest)
+        return real_deliver(key, x, sid, msg_type, body, direct, *rest)
 
     monkeypatch.setattr(rtc, "local_description", late_offer)
     monkeypatch.setattr(loser, "_deliver", deliver)

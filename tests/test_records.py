@@ -21,7 +21,7 @@ from dhtsignal.dht.records import (
     room_key,
 )
 from dhtsignal.errors import RecordRejected
-from dhtsignal.signaling.identity import Identity, verify
+from dhtsignal.identity import Identity, verify
 from dhtsignal.wire import codec
 
 NOW = 1_700_000_000.0
@@ -57,7 +57,7 @@ def _claim(identity: Identity, label: str, *, seq: int = 1, ttl: float = 600.0) 
     )
 
 
-kinds = st.sampled_from(list(RecordType))
+record_types = st.sampled_from(list(RecordType))
 payloads = st.binary(max_size=600)
 subs = st.binary(max_size=records.MAX_SUB)
 seqs = st.one_of(
@@ -68,7 +68,7 @@ seqs = st.one_of(
 
 @settings(max_examples=60, deadline=None)
 @given(
-    kind=kinds,
+    record_type=record_types,
     key=st.binary(min_size=20, max_size=20),
     payload=payloads,
     sub=subs,
@@ -77,27 +77,35 @@ seqs = st.one_of(
     tombstone=st.booleans(),
 )
 def test_sign_decode_round_trip(
-    kind: RecordType, key: bytes, payload: bytes, sub: bytes, seq: int, ttl: float, tombstone: bool
+    record_type: RecordType,
+    key: bytes,
+    payload: bytes,
+    sub: bytes,
+    seq: int,
+    ttl: float,
+    tombstone: bool,
 ) -> None:
     rec = records.sign(
-        ALICE, kind, key, payload, seq=seq, expires=NOW + ttl, sub=sub, tombstone=tombstone
+        ALICE, record_type, key, payload, seq=seq, expires=NOW + ttl, sub=sub, tombstone=tombstone
     )
     back = records.decode(rec.raw)
     assert back == rec
     assert back.signer == ALICE.public_key
-    assert back.kind == kind
+    assert back.type == record_type
     assert back.is_tombstone is tombstone
     assert back.payload == (b"" if tombstone else payload)
-    assert back.slot == (ALICE.public_key, int(kind), sub)
+    assert back.slot == (ALICE.public_key, int(record_type), sub)
     assert len(rec.raw) <= MAX_RECORD
 
 
 @st.composite
 def record_and_change(draw: st.DrawFn) -> tuple[bytes, int, int]:
     seq = draw(seqs)
-    kind = draw(kinds)
+    record_type = draw(record_types)
     payload = draw(st.binary(max_size=64))
-    rec = records.sign(ALICE, kind, records.data_key("x"), payload, seq=seq, expires=NOW + 60)
+    rec = records.sign(
+        ALICE, record_type, records.data_key("x"), payload, seq=seq, expires=NOW + 60
+    )
     pos = draw(st.integers(0, len(rec.raw) - 1))
     mask = draw(st.integers(1, 255))
     return rec.raw, pos, mask
@@ -231,26 +239,28 @@ def test_sign_refuses_bad_fields() -> None:
         assert info.value.reason == "bad-field"
 
 
-@pytest.mark.parametrize("kind", list(RecordType))
-def test_ttl_bounds(kind: RecordType) -> None:
+@pytest.mark.parametrize("record_type", list(RecordType))
+def test_ttl_bounds(record_type: RecordType) -> None:
     key = records.data_key("ttl")
     payload = b""
-    if kind in (RecordType.CLAIM, RecordType.PRESENCE):
+    if record_type in (RecordType.CLAIM, RecordType.PRESENCE):
         key, payload = node_key("alice"), codec.pack({"id": "alice"})
-    elif kind == RecordType.ROOM:
+    elif record_type == RecordType.ROOM:
         key, payload = room_key("lobby"), codec.pack({"room": "lobby"})
 
     def at(expires: float) -> records.Record:
-        return records.decode(records.sign(ALICE, kind, key, payload, seq=1, expires=expires).raw)
+        return records.decode(
+            records.sign(ALICE, record_type, key, payload, seq=1, expires=expires).raw
+        )
 
     records.validate(at(NOW + 1), NOW)
-    records.validate(at(NOW + MAX_TTL[kind] + CLOCK_SKEW), NOW)
+    records.validate(at(NOW + MAX_TTL[record_type] + CLOCK_SKEW), NOW)
     for expires in (NOW, NOW - 1, 0.0):
         with pytest.raises(RecordRejected) as info:
             records.validate(at(expires), NOW)
         assert info.value.reason == "expired"
     with pytest.raises(RecordRejected) as info:
-        records.validate(at(NOW + MAX_TTL[kind] + CLOCK_SKEW + 1), NOW)
+        records.validate(at(NOW + MAX_TTL[record_type] + CLOCK_SKEW + 1), NOW)
     assert info.value.reason == "ttl-too-long"
 
 
@@ -273,10 +283,10 @@ def test_validate_refuses_a_nan_expiry_it_is_handed() -> None:
     assert info.value.reason == "expired"
 
 
-@pytest.mark.parametrize("kind", [RecordType.CLAIM, RecordType.PRESENCE])
-def test_node_id_records_must_sit_under_their_label_key(kind: RecordType) -> None:
+@pytest.mark.parametrize("record_type", [RecordType.CLAIM, RecordType.PRESENCE])
+def test_node_id_records_must_sit_under_their_label_key(record_type: RecordType) -> None:
     def make(key: bytes, payload: bytes) -> records.Record:
-        return records.sign(ALICE, kind, key, payload, seq=1, expires=NOW + 60)
+        return records.sign(ALICE, record_type, key, payload, seq=1, expires=NOW + 60)
 
     records.validate(make(node_key("alice"), codec.pack({"id": "alice"})), NOW)
     bad = [
@@ -293,7 +303,7 @@ def test_node_id_records_must_sit_under_their_label_key(kind: RecordType) -> Non
         assert info.value.reason == "wrong-key"
     # A tombstone carries no payload, so it is bound to nothing but its slot.
     tomb = records.sign(
-        ALICE, kind, node_key("alice"), b"", seq=2, expires=NOW + 60, tombstone=True
+        ALICE, record_type, node_key("alice"), b"", seq=2, expires=NOW + 60, tombstone=True
     )
     records.validate(records.decode(tomb.raw), NOW)
 

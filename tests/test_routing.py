@@ -18,8 +18,8 @@ from kademlia.node import Node
 from kademlia.routing import RoutingTable as StockTable
 
 from dhtsignal.dht.routing import (
-    KIND_DS,
-    KIND_STOCK,
+    DIALECT_DS,
+    DIALECT_STOCK,
     Contact,
     RoutingTable,
     pack_contacts,
@@ -335,13 +335,13 @@ def test_add_contact_to_full_bucket_returns_head_and_starts_no_io(
 def test_add_contact_refresh_keeps_kind_ds_and_resets_failures() -> None:
     table = RoutingTable(_id(0), ksize=4, max_failures=3)
     nid = _id(ID_SPACE - 5)
-    table.add_contact(Contact(nid, "10.0.0.1", 1, KIND_STOCK), now=1.0)
+    table.add_contact(Contact(nid, "10.0.0.1", 1, DIALECT_STOCK), now=1.0)
     assert table.failed(nid) is False
     assert table.get(nid).failures == 1  # type: ignore[union-attr]
-    table.add_contact(Contact(nid, "10.0.0.1", 1, KIND_DS), now=2.0)
+    table.add_contact(Contact(nid, "10.0.0.1", 1, DIALECT_DS), now=2.0)
     c = table.get(nid)
     assert c is not None
-    assert (c.failures, c.kind, c.last_seen) == (0, KIND_DS, 2.0)
+    assert (c.failures, c.dialect, c.last_seen) == (0, DIALECT_DS, 2.0)
     # Our own ID is never added.
     assert table.add_contact(Contact(_id(0), "10.0.0.9", 9), now=3.0) is None
     assert table.get(_id(0)) is None
@@ -414,7 +414,7 @@ _contact = st.builds(
         st.text("0123456789abcdef:.", min_size=1, max_size=64),  # IPv6 text, str8 lengths
     ),
     st.integers(1, 65535),
-    st.sampled_from([KIND_STOCK, KIND_DS]),
+    st.sampled_from([DIALECT_STOCK, DIALECT_DS]),
 )
 
 
@@ -429,7 +429,7 @@ def test_cached_wire_form_is_the_msgpack_of_the_contact(
     pack_contacts(contacts)  # fill the caches
     if upgrade:
         for c in contacts:
-            c.set_kind(KIND_DS)
+            c.set_dialect(DIALECT_DS)
     assert pack_contacts(contacts) == codec.pack([c.wire() for c in contacts])
     assert pack_stock_contacts(contacts) == codec.pack([[c.id, c.ip, c.port] for c in contacts])
     for c in contacts:

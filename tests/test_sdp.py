@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from dhtsignal.dht import records
 from dhtsignal.dht.records import RecordType, inbox_key
 from dhtsignal.errors import ProtocolError, UsageError
+from dhtsignal.identity import Identity
 from dhtsignal.signaling import envelope, sdp
-from dhtsignal.signaling.envelope import Kind
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.signaling.envelope import MessageType
 from dhtsignal.wire import codec
 
 ICE_CHARS = string.ascii_letters + string.digits + "+/"
@@ -43,7 +43,7 @@ ports = st.integers(0, 65535)
 
 @st.composite
 def candidate_lines(draw: st.DrawFn) -> str:
-    kind = draw(st.sampled_from(sdp.CANDIDATE_TYPES))
+    cand_type = draw(st.sampled_from(sdp.CANDIDATE_TYPES))
     foundation = draw(
         st.one_of(
             st.binary(min_size=1, max_size=16).map(bytes.hex),
@@ -52,9 +52,9 @@ def candidate_lines(draw: st.DrawFn) -> str:
     )
     line = (
         f"a=candidate:{foundation} {draw(st.integers(1, 256))} udp "
-        f"{draw(st.integers(0, 2**32 - 1))} {draw(ips)} {draw(ports)} typ {kind}"
+        f"{draw(st.integers(0, 2**32 - 1))} {draw(ips)} {draw(ports)} typ {cand_type}"
     )
-    if kind != "host":
+    if cand_type != "host":
         line += f" raddr {draw(ips)} rport {draw(ports)}"
     return line
 
@@ -160,7 +160,7 @@ def test_largest_offer_body_fits_an_inbox_record() -> None:
         recipient.public_key,
         recipient.x25519_public,
         bytes(8),
-        Kind.OFFER,
+        MessageType.OFFER,
         codec.pack(body),
         now,
     )
@@ -171,7 +171,7 @@ def test_largest_offer_body_fits_an_inbox_record() -> None:
         blob,
         seq=2**62,
         expires=now + 60,
-        sub=bytes(8) + bytes([int(Kind.OFFER)]),
+        sub=bytes(8) + bytes([int(MessageType.OFFER)]),
     )
     assert len(rec.raw) <= records.MAX_RECORD
 

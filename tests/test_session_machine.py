@@ -10,7 +10,7 @@ from dhtsignal.errors import ConfigError, UsageError
 from dhtsignal.signaling.session import (
     Phases,
     SessionAdvanced,
-    SessionClosed,
+    SessionEnded,
     SessionFailed,
     SessionMachine,
     SessionOpened,
@@ -119,7 +119,7 @@ def test_caller_happy_path_events_and_phases() -> None:
         "ice_connected": T0 + 2.25,
         "channel_open": T0 + 3.0,
     }
-    assert machine.closed(T0 + 9) == SessionClosed(S.OPEN, 9.0)
+    assert machine.closed(T0 + 9) == SessionEnded(S.OPEN, 9.0)
 
 
 def test_callee_phases_have_no_resolve() -> None:

@@ -22,8 +22,8 @@ from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.errors import PeerNotFound
+from dhtsignal.identity import Identity
 from dhtsignal.presence import PeerInfo, Presence, resolve
-from dhtsignal.signaling.identity import Identity
 from dhtsignal.testing import simnet
 from dhtsignal.wire import codec
 

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from dhtsignal.aio import node as node_module
-from dhtsignal.aio.node import STATE_FILE, DhtNode
+from dhtsignal.aio.node import DhtNode
+from dhtsignal.datadir import KEY_FILE, STATE_FILE
 from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType
-from dhtsignal.dht.routing import KIND_DS, Contact
+from dhtsignal.dht.routing import DIALECT_DS, Contact
 from dhtsignal.dht.storage import StorageLimits
 from dhtsignal.errors import UsageError
-from dhtsignal.signaling.identity import KEY_FILE, Identity
+from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 
 if TYPE_CHECKING:
@@ -49,14 +49,14 @@ def _rec(who: Identity, key: bytes, seq: int, expires: float) -> Record:
 
 
 def _contacts(n: DhtNode) -> set[tuple[bytes, str, int, int]]:
-    return {(c.id, c.ip, c.port, c.kind) for c in n.table.contacts()}
+    return {(c.id, c.ip, c.port, c.dialect) for c in n.table.contacts()}
 
 
 def _offline_node(clock: Clock, config: NodeConfig | None = None) -> DhtNode:
     """A node with a few contacts, two records (one short-lived) and a plain value."""
     n = DhtNode(os.urandom(20), config, wallclock=clock)
     for i in range(3):
-        n.table.add_contact(Contact(os.urandom(20), "127.0.0.1", 5000 + i, KIND_DS))
+        n.table.add_contact(Contact(os.urandom(20), "127.0.0.1", 5000 + i, DIALECT_DS))
     key = records.data_key("offline")
     n.store.put(_rec(Identity.generate(), key, 1, NOW + 3600), SOURCE, NOW)
     n.store.put(_rec(Identity.generate(), key, 1, NOW + 10), SOURCE, NOW)
@@ -225,11 +225,12 @@ def test_failed_save_leaves_the_previous_state(
     def fail(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(node_module.os, "fsync", fail)
+    monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(OSError, match="No space"):
         node.save_state(tmp_path)
     monkeypatch.undo()
     assert (tmp_path / STATE_FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # the temporary is gone
     assert DhtNode(node.id, wallclock=clock).load_state(tmp_path) == 2
 
 

@@ -17,7 +17,7 @@ from dhtsignal.dht.routing import Contact, RoutingTable
 from dhtsignal.dht.rpc import RequestHandler
 from dhtsignal.dht.storage import LegacyStore, RecordStore, StorageLimits, Subscriptions
 from dhtsignal.errors import RecordRejected, StoreLimitExceeded
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 
 if TYPE_CHECKING:
@@ -40,19 +40,24 @@ def data(
     payload: bytes = b"v",
     sub: bytes = b"",
     ttl: float = 60.0,
-    kind: RecordType = RecordType.DATA,
+    record_type: RecordType = RecordType.DATA,
     tombstone: bool = False,
 ) -> Record:
     return records.sign(
-        who, kind, key, payload, seq=seq, expires=NOW + ttl, sub=sub, tombstone=tombstone
+        who, record_type, key, payload, seq=seq, expires=NOW + ttl, sub=sub, tombstone=tombstone
     )
 
 
 def node_record(
-    who: Identity, kind: RecordType, label: str, seq: int = 1, ttl: float = 60.0
+    who: Identity, record_type: RecordType, label: str, seq: int = 1, ttl: float = 60.0
 ) -> Record:
     return data(
-        who, seq, key=node_key(label), payload=codec.pack({"id": label}), ttl=ttl, kind=kind
+        who,
+        seq,
+        key=node_key(label),
+        payload=codec.pack({"id": label}),
+        ttl=ttl,
+        record_type=record_type,
     )
 
 
@@ -76,7 +81,7 @@ def test_one_slot_per_signer_type_and_sub() -> None:
         data(B),
         data(A, sub=b"session-1"),
         data(A, sub=b"session-2"),
-        data(A, kind=RecordType.INBOX),
+        data(A, record_type=RecordType.INBOX),
     ]
     for rec in held:
         assert st_.put(rec, SRC, NOW) is True
@@ -145,12 +150,12 @@ def test_first_live_claim_wins_until_it_expires(first: RecordType, second: Recor
     assert st_.put(node_record(A, first, "alice", ttl=60), SRC, NOW)
     assert st_.owner(node_key("alice"), NOW) == A.public_key
     assert refused(st_.put, node_record(B, second, "alice", ttl=60), SRC2, NOW) == "id-taken"
-    # The owner keeps refreshing and adding its other record kind.
+    # The owner keeps refreshing and adding its other record record_type.
     assert st_.put(node_record(A, first, "alice", seq=2, ttl=60), SRC, NOW + 30)
     other = RecordType.PRESENCE if first == RecordType.CLAIM else RecordType.CLAIM
     assert st_.put(node_record(A, other, "alice", ttl=10), SRC, NOW + 30)
     assert refused(st_.put, node_record(B, second, "alice", ttl=90), SRC2, NOW + 50) == "id-taken"
-    # Another label is free; other record kinds under the key are not claims.
+    # Another label is free; other record types under the key are not claims.
     assert st_.put(node_record(B, second, "bob"), SRC2, NOW + 50)
     assert st_.put(data(B, key=node_key("alice")), SRC2, NOW + 50)
     # Once every claim of A has expired (refreshed one: NOW + 30 + 60), B may take the label.
@@ -167,9 +172,11 @@ def test_tombstones_release_a_claim_but_cannot_be_forged_by_others() -> None:
     st_ = RecordStore(StorageLimits())
     key = node_key("alice")
     st_.put(node_record(A, RecordType.CLAIM, "alice"), SRC, NOW)
-    tomb_b = data(B, 5, key=key, kind=RecordType.CLAIM, payload=b"", tombstone=True)
+    tomb_b = data(B, 5, key=key, record_type=RecordType.CLAIM, payload=b"", tombstone=True)
     assert refused(st_.put, tomb_b, SRC2, NOW) == "id-taken"
-    st_.put(data(A, 2, key=key, kind=RecordType.CLAIM, payload=b"", tombstone=True), SRC, NOW)
+    st_.put(
+        data(A, 2, key=key, record_type=RecordType.CLAIM, payload=b"", tombstone=True), SRC, NOW
+    )
     assert st_.owner(key, NOW) is None
     assert st_.put(node_record(B, RecordType.CLAIM, "alice"), SRC2, NOW)
 

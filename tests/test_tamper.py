@@ -28,11 +28,11 @@ from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType, inbox_key
-from dhtsignal.errors import RecordRejected
-from dhtsignal.peer import DialFailed, Peer, Session
+from dhtsignal.errors import DialFailed, RecordRejected
+from dhtsignal.identity import Identity
+from dhtsignal.peer import Peer, Session
 from dhtsignal.signaling import envelope, sdp
-from dhtsignal.signaling.envelope import Kind
-from dhtsignal.signaling.identity import Identity
+from dhtsignal.signaling.envelope import MessageType
 from dhtsignal.signaling.session import SessionTimeouts
 from dhtsignal.wire import codec
 
@@ -69,7 +69,7 @@ class HostileNode(DhtNode):
                     rec = records.decode(raw)
                 except RecordRejected:
                     continue
-                if rec.kind == RecordType.INBOX:
+                if rec.type == RecordType.INBOX:
                     self.inbox_stores.append(rec)
                     if self.before_store is not None:
                         self.before_store(rec)
@@ -121,10 +121,10 @@ class Net:
     """A third party that is not online."""
 
     def offers(self) -> list[Record]:
-        return [r for r in self.hostile.inbox_stores if _kind(r) == Kind.OFFER]
+        return [r for r in self.hostile.inbox_stores if _msg_type(r) == MessageType.OFFER]
 
     def answers(self) -> list[Record]:
-        return [r for r in self.hostile.inbox_stores if _kind(r) == Kind.ANSWER]
+        return [r for r in self.hostile.inbox_stores if _msg_type(r) == MessageType.ANSWER]
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ async def net(dht: StartDht, peers: StartPeer, monkeypatch: pytest.MonkeyPatch) 
 # -- forging helpers -----------------------------------------------------------------------
 
 
-def _kind(rec: Record) -> int:
+def _msg_type(rec: Record) -> int:
     return rec.sub[-1] if len(rec.sub) == envelope.SESSION_ID_SIZE + 1 else -1
 
 
@@ -188,7 +188,13 @@ def own_envelope(
     x = to.identity.x25519_public if isinstance(to, Peer) else to.x25519_public
     key = to.public_key
     return envelope.seal(
-        sender, key, x, session_id, Kind.OFFER, body, _now() if sealed_at is None else sealed_at
+        sender,
+        key,
+        x,
+        session_id,
+        MessageType.OFFER,
+        body,
+        _now() if sealed_at is None else sealed_at,
     )
 
 
@@ -309,7 +315,11 @@ async def test_forged_offer_ahead_of_the_real_one_is_refused(net: Net, name: str
     pushed: list[asyncio.Future[Any]] = []
 
     def before_store(rec: Record) -> None:
-        if not pushed and _kind(rec) == Kind.OFFER and rec.signer == net.alice.public_key:
+        if (
+            not pushed
+            and _msg_type(rec) == MessageType.OFFER
+            and rec.signer == net.alice.public_key
+        ):
             raw, key = forge(net, rec)
             pushed.append(net.hostile.push(net.bob, raw, key))
 
@@ -333,7 +343,7 @@ async def test_relayed_answer_ahead_of_the_real_one_is_refused(net: Net) -> None
     pushed: list[asyncio.Future[Any]] = []
 
     def before_store(rec: Record) -> None:
-        if not pushed and _kind(rec) == Kind.ANSWER and rec.signer == net.bob.public_key:
+        if not pushed and _msg_type(rec) == MessageType.ANSWER and rec.signer == net.bob.public_key:
             raw, key = relayed(net, rec)
             pushed.append(net.hostile.push(net.alice, raw, key))
 
@@ -398,16 +408,17 @@ async def test_inbox_records_fit_one_datagram(net: Net, peers: StartPeer) -> Non
         await asyncio.wait_for(caller.connect("picky"), STEP)
     assert refused.value.reason == "rejected"
 
-    kinds = {_kind(r) for r in hostile.inbox_stores}
-    assert kinds == {Kind.OFFER, Kind.ANSWER, Kind.REJECT}
+    msg_types = {_msg_type(r) for r in hostile.inbox_stores}
+    assert msg_types == {MessageType.OFFER, MessageType.ANSWER, MessageType.REJECT}
     for rec in hostile.inbox_stores:
-        assert len(rec.raw) <= records.MAX_RECORD, (_kind(rec), len(rec.raw))
+        assert len(rec.raw) <= records.MAX_RECORD, (_msg_type(rec), len(rec.raw))
         assert len(rec.payload) <= records.MAX_RECORD - 128
         store = codec.encode_request(bytes(20), "ds_store", hostile.ds_args([rec.raw]))
         notify = codec.encode_request(bytes(20), "ds_notify", hostile.ds_args(rec.key, [rec.raw]))
         assert max(len(store), len(notify)) <= codec.MAX_DATAGRAM
     offer = max(
-        (r for r in hostile.inbox_stores if _kind(r) == Kind.OFFER), key=lambda r: len(r.raw)
+        (r for r in hostile.inbox_stores if _msg_type(r) == MessageType.OFFER),
+        key=lambda r: len(r.raw),
     )
     # One host candidate here; each more costs about 40 bytes of the remaining room.
     assert len(offer.raw) < 800, len(offer.raw)
@@ -451,7 +462,7 @@ async def test_largest_valid_compact_offer_fits_an_inbox_record(
     stored: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
 
     def before_store(rec: Record) -> None:
-        if _kind(rec) == Kind.OFFER and not stored.done():
+        if _msg_type(rec) == MessageType.OFFER and not stored.done():
             stored.set_result(rec)
 
     net.hostile.before_store = before_store

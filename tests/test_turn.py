@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dhtsignal.aio import rtc
-from dhtsignal.peer import DialFailed, Peer
+from dhtsignal.errors import DialFailed
+from dhtsignal.peer import Peer
 
 if TYPE_CHECKING:
     from conftest import StartDht

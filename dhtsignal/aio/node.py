@@ -41,25 +41,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dhtsignal.datadir import STATE_FILE, atomic_write, ensure_dir
 from dhtsignal.dht import records
 from dhtsignal.dht.lookup import Finished, Lookup, Query
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType
-from dhtsignal.dht.routing import KIND_DS, KIND_STOCK, Contact, RoutingTable
+from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
-from dhtsignal.dht.storage import Addr, LegacyStore, RecordStore, Subscriptions
+from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
 from dhtsignal.errors import (
     ConfigError,
     DhtSignalError,
-    DhtTimeout,
     LimitExceeded,
     NodeIdTaken,
     PutFailed,
     RecordRejected,
+    RpcTimeout,
     StoreLimitExceeded,
     UsageError,
 )
 from dhtsignal.wire import codec
+from dhtsignal.wire.addr import Addr, show_addr
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +73,12 @@ STORE_LIMITS = {
     "store-full": "the storing nodes' total capacity (StorageLimits.max_keys / max_bytes)",
 }
 
-STATE_FILE = "state.msgpack"
 _MAX_RATE_ENTRIES = 10_000
 _MAX_PAGES = 16
 #: Datagrams read per readiness event of the socket (one event loop callback).
 _READ_BATCH = 64
 #: Bytes read per datagram: anything over codec.MAX_DATAGRAM is refused anyway.
 _RECV_BYTES = 2048
-
-
-class RpcTimeout(DhtTimeout):
-    """An RPC got no reply after all its tries."""
-
-    def __init__(self, name: str, addr: Addr, seconds: float) -> None:
-        super().__init__(f"{name} to {addr[0]}:{addr[1]}", seconds)
-        self.addr = addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,18 +126,6 @@ class PutResult:
 def routing_id(public_key: bytes) -> bytes:
     """A node's 20-byte routing ID, derived from its identity key (stable across restarts)."""
     return hashlib.sha256(b"dhtsignal/routing/" + public_key).digest()[:20]
-
-
-def parse_addr(text: str) -> Addr:
-    """``"HOST:PORT"`` (``"[v6]:PORT"`` for IPv6) to ``(host, port)``; ValueError if invalid."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    host = host.strip("[]")
-    p = int(port)
-    if not 0 <= p < 65536:
-        raise ValueError(f"port {p} out of range in {text!r}")
-    return (host, p)
 
 
 class _Pending:
@@ -310,7 +291,7 @@ class DhtNode(asyncio.DatagramProtocol):
             ``listen`` setting).
         """
         loop = self.loop
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        shown = show_addr((host, port))
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except OSError as exc:
@@ -587,7 +568,7 @@ class DhtNode(asyncio.DatagramProtocol):
         self._after_call(head, fut)
 
     def _ping_future(self, c: Contact) -> asyncio.Future[Any]:
-        if c.kind == KIND_DS:
+        if c.dialect == DIALECT_DS:
             return self.request(c.addr, "ds_ping", self.ds_args())
         return self.request(c.addr, "ping", [self.id])
 
@@ -625,7 +606,7 @@ class DhtNode(asyncio.DatagramProtocol):
         seen = reply[1]
         if type(seen) is list and len(seen) == 2:
             self.observed[(str(seen[0]), int(seen[1]))] += 1
-        self._learned(Contact(nid, addr[0], addr[1], KIND_DS))
+        self._learned(Contact(nid, addr[0], addr[1], DIALECT_DS))
         return bytes(nid)
 
     async def resolve(self, addrs: Iterable[Addr]) -> list[Addr]:
@@ -676,7 +657,7 @@ class DhtNode(asyncio.DatagramProtocol):
     def _query(
         self, c: Contact, key: bytes, want_value: bool, store: list[bytes] | None
     ) -> asyncio.Future[Any]:
-        if c.kind == KIND_STOCK:
+        if c.dialect == DIALECT_STOCK:
             return self.request(c.addr, "find_node", [self.id, key])
         if store is not None:
             return self.request(c.addr, "ds_store_find", self.ds_args(key, store))
@@ -739,7 +720,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 self._learned(c)
                 return
             reply = f.result()
-            if store is not None and c.kind == KIND_DS:
+            if store is not None and c.dialect == DIALECT_DS:
                 if type(reply) is not list or len(reply) != 2:
                     reply = None
                 else:
@@ -799,7 +780,7 @@ class DhtNode(asyncio.DatagramProtocol):
 
         Contacts the lookup would ignore (known, or too far to be kept) are not parsed."""
         items: Any = reply
-        if want_value and c.kind == KIND_DS:
+        if want_value and c.dialect == DIALECT_DS:
             if type(reply) is not list or len(reply) != 3:
                 return None
             items, page, nxt = reply
@@ -895,9 +876,9 @@ class DhtNode(asyncio.DatagramProtocol):
                     for listener in self.subs.listeners(key, now):
                         self._send_notify(listener, key, [r.raw])
             # Our own copy proves nothing about a node-ID claim: only others' acceptance does.
-            if not any(r.kind in (RecordType.CLAIM, RecordType.PRESENCE) for r in recs):
+            if not any(r.type in (RecordType.CLAIM, RecordType.PRESENCE) for r in recs):
                 stored += local_ok
-        replies = [res.stored.get(c.id) for c in res.closest if c.kind == KIND_DS]
+        replies = [res.stored.get(c.id) for c in res.closest if c.dialect == DIALECT_DS]
         spare = len(res.stored) - len(replies)
         if spare > 0:
             self._stats["put:spare-copies"] += spare
@@ -977,12 +958,14 @@ class DhtNode(asyncio.DatagramProtocol):
         futs = [
             self.request(c.addr, "ds_listen", self.ds_args(key, self.config.listen_ttl))
             for c in res.closest
-            if c.kind == KIND_DS
+            if c.dialect == DIALECT_DS
         ]
         replies = await asyncio.gather(*futs, return_exceptions=True)
         accepted = [
             c.addr
-            for c, r in zip([c for c in res.closest if c.kind == KIND_DS], replies, strict=True)
+            for c, r in zip(
+                [c for c in res.closest if c.dialect == DIALECT_DS], replies, strict=True
+            )
             if type(r) in (int, float)
         ]
         if key in self._listeners:  # not if the last listener left meanwhile
@@ -1100,14 +1083,8 @@ class DhtNode(asyncio.DatagramProtocol):
             "records": [[raw, [src[0], src[1]]] for raw, src in self.store.dump(now)],
             "legacy": [[k, v, exp] for k, v, exp in self.legacy.dump(now)],
         }
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = data_dir / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(codec.pack(state))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        ensure_dir(data_dir)
+        atomic_write(data_dir / STATE_FILE, codec.pack(state))
 
     def load_state(self, data_dir: Path) -> int:
         """Restore what :meth:`save_state` wrote; returns how many records were restored.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dhtsignal.errors import RecordRejected
-from dhtsignal.signaling.identity import Identity, is_self_certifying, self_certifying_id, verify
+from dhtsignal.identity import Identity, is_self_certifying, self_certifying_id, verify
 from dhtsignal.wire import codec
 
 VERSION = 1
@@ -118,7 +118,7 @@ class Record:
     raw: bytes
 
     @property
-    def kind(self) -> int:
+    def type(self) -> int:
         """The record type without the tombstone bit."""
         return self.rtype & ~TOMBSTONE
 
@@ -245,15 +245,15 @@ def validate(record: Record, now: float) -> None:
     """
     if not record.expires > now:  # also refuses a NaN expiry
         raise RecordRejected("expired")
-    if record.expires > now + MAX_TTL[record.kind] + CLOCK_SKEW:
+    if record.expires > now + MAX_TTL[record.type] + CLOCK_SKEW:
         raise RecordRejected("ttl-too-long")
-    if record.kind in (RecordType.CLAIM, RecordType.PRESENCE) and not record.is_tombstone:
+    if record.type in (RecordType.CLAIM, RecordType.PRESENCE) and not record.is_tombstone:
         label = record.fields().get("id")
         if not isinstance(label, str) or node_key(label) != record.key:
             raise RecordRejected("wrong-key", "node-id record not under node_key(id)")
         if is_self_certifying(label) and self_certifying_id(record.signer) != label:
             raise RecordRejected("wrong-key", "self-certifying id does not match signer")
-    elif record.kind == RecordType.ROOM and not record.is_tombstone:
+    elif record.type == RecordType.ROOM and not record.is_tombstone:
         room = record.fields().get("room")
         if not isinstance(room, str) or room_key(room) != record.key:
             raise RecordRejected("wrong-key", "room record not under room_key(room)")

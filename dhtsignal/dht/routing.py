@@ -23,7 +23,7 @@ order anyway. Corrections:
   replacement.
 * A datagram claiming a known contact's ID from another address does not move the
   contact (the stock bucket would): the known contact is returned to be pinged.
-* Contacts remember whether they speak our RPCs (:attr:`Contact.kind`) or only
+* Contacts remember whether they speak our RPCs (:attr:`Contact.dialect`) or only
   the stock ``kademlia`` ones, and client-mode peers never enter the table.
 
 How ``closest`` stays exact without sorting the table
@@ -50,8 +50,8 @@ from dhtsignal.wire.codec import array_header, pack
 
 ID_BITS = 160
 
-KIND_STOCK = 0
-KIND_DS = 1
+DIALECT_STOCK = 0
+DIALECT_DS = 1
 #: Contacts kept per bucket in the replacement cache (the stock table keeps 5k = 100;
 #: lookups keep discovering contacts, so a few fresh ones are enough to refill a bucket).
 DEFAULT_REPLACEMENTS = 5
@@ -80,17 +80,17 @@ class Contact:
     :param node_id: the 20-byte routing ID.
     :param ip: IP address (text).
     :param port: UDP port.
-    :param kind: :data:`KIND_DS` for dhtsignal nodes, :data:`KIND_STOCK` otherwise.
+    :param dialect: :data:`DIALECT_DS` for dhtsignal nodes, :data:`DIALECT_STOCK` otherwise.
     """
 
-    __slots__ = ("_packed", "failures", "id", "ip", "kind", "last_seen", "long_id", "port")
+    __slots__ = ("_packed", "dialect", "failures", "id", "ip", "last_seen", "long_id", "port")
 
-    def __init__(self, node_id: bytes, ip: str, port: int, kind: int = KIND_DS) -> None:
+    def __init__(self, node_id: bytes, ip: str, port: int, dialect: int = DIALECT_DS) -> None:
         self.id = node_id
         self.ip = ip
         self.port = port
         self.long_id = int.from_bytes(node_id, "big")
-        self.kind = kind
+        self.dialect = dialect
         self.failures = 0
         self.last_seen = 0.0
         self._packed: bytes | None = None
@@ -101,20 +101,20 @@ class Contact:
         return (self.ip, self.port)
 
     def wire(self) -> list[object]:
-        """The contact as sent in our find replies: ``[id, ip, port, kind]``."""
-        return [self.id, self.ip, self.port, self.kind]
+        """The contact as sent in our find replies: ``[id, ip, port, dialect]``."""
+        return [self.id, self.ip, self.port, self.dialect]
 
     def packed(self) -> bytes:
         """msgpack of :meth:`wire`, computed once (replies are built by concatenation)."""
         p = self._packed
         if p is None:
-            p = self._packed = pack([self.id, self.ip, self.port, self.kind])
+            p = self._packed = pack([self.id, self.ip, self.port, self.dialect])
         return p
 
-    def set_kind(self, kind: int) -> None:
+    def set_dialect(self, dialect: int) -> None:
         """Change what the contact speaks (drops the cached wire form)."""
-        if kind != self.kind:
-            self.kind = kind
+        if dialect != self.dialect:
+            self.dialect = dialect
             self._packed = None
 
     def same_home_as(self, node: _NodeLike) -> bool:
@@ -129,7 +129,7 @@ class Contact:
         return iter((self.id, self.ip, self.port))
 
     def __repr__(self) -> str:
-        return f"Contact({self.id.hex()[:12]}, {self.ip}:{self.port}, kind={self.kind})"
+        return f"Contact({self.id.hex()[:12]}, {self.ip}:{self.port}, dialect={self.dialect})"
 
 
 def pack_contacts(contacts: list[Contact]) -> bytes:
@@ -139,7 +139,7 @@ def pack_contacts(contacts: list[Contact]) -> bytes:
 
 def pack_stock_contacts(contacts: list[Contact]) -> bytes:
     """msgpack of ``[[c.id, c.ip, c.port] for c in contacts]`` (the stock reply form): each
-    cached ``[id, ip, port, kind]`` less its array header and its one-byte kind."""
+    cached ``[id, ip, port, dialect]`` less its array header and its one-byte dialect."""
     return array_header(len(contacts)) + b"".join(
         [b"\x93" + (c._packed or c.packed())[1:-1] for c in contacts]
     )
@@ -279,7 +279,7 @@ class RoutingTable:
         longs = self._longs
         i = bisect.bisect_left(longs, long_id)
         if i < len(longs) and longs[i] == long_id:
-            return self._refresh(self._sorted[i], node.ip, node.port, node.kind, now)
+            return self._refresh(self._sorted[i], node.ip, node.port, node.dialect, now)
         index = bisect.bisect_left(self._uppers, long_id)
         bucket = self.buckets[index]
         node.last_seen = now
@@ -302,7 +302,7 @@ class RoutingTable:
         return bucket.nodes[0]
 
     def heard_from(
-        self, node_id: bytes, ip: str, port: int, kind: int, now: float
+        self, node_id: bytes, ip: str, port: int, dialect: int, now: float
     ) -> Contact | None:
         """:meth:`add_contact` for a contact given by its fields: a known contact is
         refreshed without building a :class:`Contact` (the per-request path)."""
@@ -310,11 +310,11 @@ class RoutingTable:
         longs = self._longs
         i = bisect.bisect_left(longs, long_id)
         if i < len(longs) and longs[i] == long_id:
-            return self._refresh(self._sorted[i], ip, port, kind, now)
-        return self.add_contact(Contact(node_id, ip, port, kind), now)
+            return self._refresh(self._sorted[i], ip, port, dialect, now)
+        return self.add_contact(Contact(node_id, ip, port, dialect), now)
 
     def _refresh(
-        self, existing: Contact, ip: str, port: int, kind: int, now: float
+        self, existing: Contact, ip: str, port: int, dialect: int, now: float
     ) -> Contact | None:
         if existing.port != port or existing.ip != ip:
             # The same ID from another address. Anyone can send a datagram claiming any
@@ -323,8 +323,8 @@ class RoutingTable:
             return existing
         existing.failures = 0
         existing.last_seen = now
-        if kind == KIND_DS and existing.kind != KIND_DS:
-            existing.set_kind(KIND_DS)
+        if dialect == DIALECT_DS and existing.dialect != DIALECT_DS:
+            existing.set_dialect(DIALECT_DS)
         nodes = self.buckets[bisect.bisect_left(self._uppers, existing.long_id)].nodes
         if nodes[-1] is not existing:  # move to the tail: most recently seen
             nodes.remove(existing)

@@ -34,7 +34,7 @@ RPC                   arguments after (network, id, flags)       reply
 ``ds_store``) and names its contacts closest to ``key`` (as ``ds_find_node``), so
 a put costs one RPC per node it asks instead of a FIND_NODE and then a STORE.
 
-A contact on the wire is ``[id, ip, port, kind]``; the address a request came
+A contact on the wire is ``[id, ip, port, dialect]``; the address a request came
 from is the one we record, never one the sender claims. Find replies are built
 by concatenating each contact's cached msgpack form (:attr:`Outcome.raw`), and
 requests answered are counted in plain integers, folded into :attr:`stats` when
@@ -52,16 +52,17 @@ from typing import Any
 from dhtsignal.dht import records
 from dhtsignal.dht.records import Record
 from dhtsignal.dht.routing import (
-    KIND_DS,
-    KIND_STOCK,
+    DIALECT_DS,
+    DIALECT_STOCK,
     Contact,
     RoutingTable,
     pack_contacts,
     pack_stock_contacts,
 )
-from dhtsignal.dht.storage import Addr, LegacyStore, RecordStore, Subscriptions
+from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
 from dhtsignal.errors import RecordRejected
 from dhtsignal.wire import codec
+from dhtsignal.wire.addr import Addr
 from dhtsignal.wire.codec import Request
 
 FLAG_CLIENT = 0x01
@@ -103,12 +104,12 @@ def parse_contact(item: object) -> Contact | None:
     if type(item) is not list or len(item) not in (3, 4):
         return None
     nid, ip, port = item[0], item[1], item[2]
-    kind = item[3] if len(item) == 4 else KIND_STOCK
+    dialect = item[3] if len(item) == 4 else DIALECT_STOCK
     if not _is_id(nid) or type(ip) is not str or not 0 < len(ip) <= 64:
         return None
-    if type(port) is not int or not 0 < port < 65536 or kind not in (KIND_STOCK, KIND_DS):
+    if type(port) is not int or not 0 < port < 65536 or dialect not in (DIALECT_STOCK, DIALECT_DS):
         return None
-    return Contact(nid, ip, port, kind)
+    return Contact(nid, ip, port, dialect)
 
 
 class RequestHandler:
@@ -184,7 +185,7 @@ class RequestHandler:
             if type(nid) is not bytes or len(nid) != _ID or type(flags) is not int:
                 return self.drop("bad-args")
             if not flags & FLAG_CLIENT and nid != self.own_id:
-                out.ping = self.table.heard_from(nid, addr[0], addr[1], KIND_DS, now)
+                out.ping = self.table.heard_from(nid, addr[0], addr[1], DIALECT_DS, now)
             self._calls[slot] += 1
             fn(self, args, addr, out)
             return out
@@ -202,7 +203,7 @@ class RequestHandler:
                 return self.drop("bad-args")
             if sender != self.own_id:
                 # A new contact is stock; a known one keeps what it speaks.
-                out.ping = self.table.heard_from(sender, addr[0], addr[1], KIND_STOCK, now)
+                out.ping = self.table.heard_from(sender, addr[0], addr[1], DIALECT_STOCK, now)
         self._calls[slot] += 1
         fn(self, args, addr, out)
         return out

@@ -30,9 +30,9 @@ from typing import Any
 
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.errors import RecordRejected
+from dhtsignal.wire.addr import Addr
 
-Addr = tuple[str, int]
-_NODE_KINDS = (RecordType.CLAIM, RecordType.PRESENCE)
+_NODE_TYPES = (RecordType.CLAIM, RecordType.PRESENCE)
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class RecordStore:
         """The signer holding the live node-ID claim under ``key``, if any."""
         for held in self._live(key, now).values():
             r = held.record
-            if r.kind in _NODE_KINDS and not r.is_tombstone:
+            if r.type in _NODE_TYPES and not r.is_tombstone:
                 return r.signer
         return None
 
@@ -146,7 +146,7 @@ class RecordStore:
                 if record.raw == held.record.raw:
                     return False
                 raise RecordRejected("stale-seq", "same seq, different content")
-        if record.kind in _NODE_KINDS:
+        if record.type in _NODE_TYPES:
             owner = self.owner(record.key, now)
             if owner is not None and owner != record.signer:
                 raise RecordRejected("id-taken", "another key holds a live claim on this node id")

@@ -11,7 +11,7 @@ Layout (all integers big-endian)::
 
     offset  size  field
          0     1  version (1)
-         1     1  kind (:class:`Kind`)
+         1     1  msg_type (:class:`MessageType`)
          2     8  session id
         10     8  sent at, milliseconds since the Unix epoch
         18     8  recipient hint: the first 8 bytes of the recipient's Ed25519 key
@@ -25,7 +25,7 @@ Overhead: 90 + 16 + 64 = **170 bytes** on top of the body.
 Sealing: a fresh ephemeral X25519 key agrees a secret with the recipient's X25519 key
 (RFC 7748); HKDF-SHA256 (RFC 5869, salt = ephemeral key || recipient X25519 key) turns it
 into a ChaCha20-Poly1305 key (RFC 8439). The key is new for every envelope, so the nonce
-is fixed at zero. The AEAD's associated data is the first 58 bytes (version, kind, session
+is fixed at zero. The AEAD's associated data is the first 58 bytes (version, msg_type, session
 id, time, hint, sender key) followed by the recipient's full Ed25519 key. The sender signs
 ``DOMAIN || recipient Ed25519 key || everything before the signature``, so the signature
 covers the ciphertext, cannot be swapped by a relaying node, and cannot be mistaken for a
@@ -36,7 +36,7 @@ with its reason tag: shape and version (``malformed``), hint (``wrong-recipient`
 signature (``bad-signature``), ``|now - sent_at| <= max_age`` (``stale``), the
 :class:`ReplayCache` (``replay``), then decryption (``decrypt-failed``: a sender that
 rebinds someone else's ciphertext to its own key lands here). Only envelopes that pass
-every check enter the replay cache, keyed on a hash of (sender, session id, kind,
+every check enter the replay cache, keyed on a hash of (sender, session id, msg_type,
 ephemeral key), until they would be stale anyway.
 """
 
@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dhtsignal.errors import EnvelopeRejected, UsageError
-from dhtsignal.signaling.identity import Identity, verify
+from dhtsignal.identity import Identity, verify
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ VERSION = 1
 DOMAIN = b"dhtsignal/envelope/v1\x00"
 """Signature and key-derivation context: keeps envelope signatures apart from records'."""
 HEADER = struct.Struct("!BB8sQ8s32s32s")
-"""version, kind, session id, sent-at ms, recipient hint, sender key, ephemeral key."""
+"""version, msg_type, session id, sent-at ms, recipient hint, sender key, ephemeral key."""
 AAD_END = 58
 """The header bytes bound as associated data (all but the ephemeral key)."""
 HINT_SIZE = 8
@@ -80,7 +80,7 @@ DEFAULT_REPLAY_ENTRIES = 4096
 REPLAY_KEY_SIZE = 16
 
 
-class Kind(IntEnum):
+class MessageType(IntEnum):
     """What an envelope carries."""
 
     OFFER = 1
@@ -90,7 +90,7 @@ class Kind(IntEnum):
     REJECT = 3
 
 
-_KINDS = frozenset(Kind)
+_MESSAGE_TYPES = frozenset(MessageType)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Opened:
     sender_key: bytes
     """The sender's Ed25519 public key."""
     session_id: bytes
-    kind: Kind
+    msg_type: MessageType
     body: bytes
     sent_at: float
     """The sender's clock at sealing, in seconds since the Unix epoch."""
@@ -152,7 +152,7 @@ def seal(
     recipient_ed25519: bytes,
     recipient_x25519: bytes,
     session_id: bytes,
-    kind: Kind,
+    msg_type: MessageType,
     body: bytes,
     now: float,
 ) -> bytes:
@@ -163,7 +163,7 @@ def seal(
     :param recipient_x25519: the recipient's X25519 public key (32 bytes), taken from its
         signed presence record.
     :param session_id: 8 bytes naming the session.
-    :param kind: what the body is.
+    :param msg_type: what the body is.
     :param body: the plaintext.
     :param now: the current time, seconds since the Unix epoch.
     :raises UsageError: for keys or a session id of the wrong size.
@@ -180,7 +180,7 @@ def seal(
         raise UsageError(f"invalid recipient X25519 key: {exc}") from exc
     header = HEADER.pack(
         VERSION,
-        Kind(kind),
+        MessageType(msg_type),
         session_id,
         round(now * 1000),
         recipient_ed25519[:HINT_SIZE],
@@ -212,11 +212,11 @@ def open_envelope(
     """
     if len(blob) < OVERHEAD:
         raise _reject("malformed", f"{len(blob)} bytes is shorter than {OVERHEAD}")
-    version, kind, session_id, sent_ms, hint, sender_key, ephemeral_public = HEADER.unpack_from(
+    version, msg_type, session_id, sent_ms, hint, sender_key, ephemeral_public = HEADER.unpack_from(
         blob
     )
-    if version != VERSION or kind not in _KINDS:
-        raise _reject("malformed", f"version {version}, kind {kind}")
+    if version != VERSION or msg_type not in _MESSAGE_TYPES:
+        raise _reject("malformed", f"version {version}, msg_type {msg_type}")
     if hint != recipient.public_key[:HINT_SIZE]:
         raise _reject("wrong-recipient", f"hint {hint.hex()}")
     signed, signature = blob[:-SIGNATURE_SIZE], blob[-SIGNATURE_SIZE:]
@@ -240,7 +240,7 @@ def open_envelope(
     except (ValueError, InvalidTag) as exc:
         raise _reject("decrypt-failed", type(exc).__name__) from None
     replay.add(replay_key, sent_at + max_age, now)
-    return Opened(sender_key, session_id, Kind(kind), body, sent_at)
+    return Opened(sender_key, session_id, MessageType(msg_type), body, sent_at)
 
 
 def _key(shared: bytes, ephemeral_public: bytes, recipient_x25519: bytes) -> bytes:

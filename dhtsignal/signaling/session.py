@@ -18,7 +18,7 @@ local bug and raises :class:`~dhtsignal.errors.UsageError`. The machine enforces
 by itself: the caller feeds it inputs with the time ``now`` and arms one timer for
 :attr:`SessionMachine.deadline`; :meth:`SessionMachine.timer` turns a missed deadline
 into failure. Each input returns a past-tense event: :class:`SessionAdvanced`,
-:class:`SessionOpened` (with the :class:`Phases` split), :class:`SessionClosed` or
+:class:`SessionOpened` (with the :class:`Phases` split), :class:`SessionEnded` or
 :class:`SessionFailed`.
 
 Deadlines (:class:`SessionTimeouts`) run per stage, not per input: resolving has its own,
@@ -93,7 +93,7 @@ class SessionOpened:
 
 
 @dataclass(frozen=True)
-class SessionClosed:
+class SessionEnded:
     """The session was closed while in ``state``."""
 
     state: SessionMachine.State
@@ -110,7 +110,7 @@ class SessionFailed:
     elapsed: float
 
 
-SessionEvent = SessionAdvanced | SessionOpened | SessionClosed | SessionFailed
+SessionEvent = SessionAdvanced | SessionOpened | SessionEnded | SessionFailed
 
 
 class SessionMachine:
@@ -252,7 +252,7 @@ class SessionMachine:
         if target is _S.OPEN:
             return SessionOpened(self.phases)
         if target is _S.CLOSED:
-            return SessionClosed(previous, elapsed)
+            return SessionEnded(previous, elapsed)
         if target is _S.FAILED:
             return SessionFailed(reason, previous, elapsed)
         return SessionAdvanced(name, target, elapsed)

@@ -76,8 +76,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht.params import NodeConfig
-from dhtsignal.dht.storage import Addr
-from dhtsignal.errors import UsageError
+from dhtsignal.errors import SimulationStalled, UsageError
+from dhtsignal.wire.addr import Addr
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
@@ -106,10 +106,6 @@ _MASK64 = (1 << 64) - 1
 #: millions of long-lived objects; with CPython's default (700, 10, 10) the collector
 #: took about 40% of the CPU time of building a 3,000-node network, with these about 10%.
 SIM_GC_THRESHOLD = (20_000, 20, 20)
-
-
-class SimulationStalled(UsageError):
-    """The virtual-time loop has nothing left to run, or passed its time limit."""
 
 
 # -- virtual time --------------------------------------------------------------------------

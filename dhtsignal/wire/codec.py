@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A datagram is one byte of kind (``0x00`` request, ``0x01`` response), a 20-byte
+A datagram is one marker byte (``0x00`` request, ``0x01`` response), a 20-byte
 message id, and a msgpack body. A request body is ``[name, args]``; a response
 body is the bare result. Stock ``kademlia`` nodes speak exactly this, with
 u-msgpack; we use the C ``msgpack`` package, which produces the same bytes for
@@ -120,16 +120,16 @@ def decode(data: bytes) -> Request | Response:
         raise MalformedDatagram("oversized")
     if len(data) < HEADER_BYTES + 1:
         raise MalformedDatagram("short")
-    kind = data[0]
+    marker = data[0]
     msg_id = data[1:HEADER_BYTES]
     body = unpack(data[HEADER_BYTES:])
-    if kind == REQUEST:
+    if marker == REQUEST:
         if type(body) is not list or len(body) != 2:
             raise MalformedDatagram("bad-shape")
         name, args = body
         if type(name) is not str or type(args) is not list:
             raise MalformedDatagram("bad-shape")
         return Request(msg_id, name, args)
-    if kind == RESPONSE:
+    if marker == RESPONSE:
         return Response(msg_id, body)
-    raise MalformedDatagram("bad-kind")
+    raise MalformedDatagram("bad-kind")  # counter name kept: operators read it

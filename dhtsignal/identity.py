@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.bindings import crypto_sign_open
 from nacl.exceptions import CryptoError
 
+from dhtsignal.datadir import KEY_FILE, atomic_write, ensure_dir
 from dhtsignal.errors import ConfigError, UsageError
 
-KEY_FILE = "identity.key"
 SELF_ID_BYTES = 20
 _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
@@ -99,8 +99,8 @@ class Identity:
             setting): not a directory, not writable, a key file of the wrong size.
         """
         path = data_dir / KEY_FILE
+        ensure_dir(data_dir)
         try:
-            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if path.exists():
                 seed = path.read_bytes()
                 if len(seed) != 32:
@@ -111,17 +111,7 @@ class Identity:
                     os.chmod(path, 0o600)
                 return cls(seed)
             seed = os.urandom(32)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)  # a stale temporary keeps its mode through O_CREAT
-                os.write(fd, seed)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except FileExistsError:
-            raise ConfigError("data_dir", f"{data_dir} is not a directory") from None
+            atomic_write(path, seed, mode=0o600)
         except OSError as exc:
             where = exc.filename or data_dir
             raise ConfigError("data_dir", f"{where}: {exc.strerror or exc}") from None
