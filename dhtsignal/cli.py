@@ -30,62 +30,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dhtsignal import __version__
+from dhtsignal.commands import BY_NAME, COMMANDS, DAEMONS
 from dhtsignal.errors import ConfigError, DhtSignalError
 
 if TYPE_CHECKING:  # config imports the DHT node: loaded after the signal handlers
     from dhtsignal.config import Settings
 
-#: One line of ``--help`` per command.
-COMMAND_HELP: dict[str, str] = {
-    "bootstrap": "run a long-lived bootstrap node",
-    "peer": "run a peer daemon: claim a node ID and stay online",
-    "peers": "list the online peers of a room",
-    "lookup": "show one peer's presence (exit 1 if offline or unknown)",
-    "status": "ping a node: print its routing ID and round-trip time (exit 1 if silent)",
-    "ping": "open a WebRTC session to a node ID and measure setup time and round trips",
-    "send": "deliver one message to a node ID (exit 0 once its daemon acknowledged it)",
-    "chat": "an interactive chat with a node ID over a WebRTC data channel",
-    "demo": "the embedded demo: a whole network on loopback, one dial, a timeline",
-}
-_DESCRIPTIONS: dict[str, str] = {
-    "bootstrap": "Run a long-lived DHT node others join through. Prints one line "
-    "'ready bootstrap id=... addr=HOST:PORT' when it serves; keeps routing contacts and "
-    "stored records in the data directory across restarts; SIGTERM or SIGINT stop it.",
-    "peer": "Join the DHT, claim a node ID (first live claim wins), publish presence in "
-    "its rooms, print 'ready peer node_id=... key=... addr=...', and stay online. SIGTERM "
-    "or SIGINT sign it off at once.",
-    "peers": "List the peers online in one or more rooms (default: lobby).",
-    "lookup": "Show the presence of NODE_ID (a label or a self-certifying ID). Exit 1 "
-    "with the reason on stderr if it is offline or unknown, or if its key differs from "
-    "the one pinned in the known-peers file.",
-    "status": "Ping the node at --target; prints its routing ID and the round-trip time.",
-    "ping": "Run a short-lived peer with a throwaway key, open a WebRTC session to NODE_ID "
-    "through the DHT, measure --count round trips over the data channel, and print the "
-    "setup time split into resolve, signaling, ICE and DTLS/SCTP, and the selected "
-    "candidate pair's types. Exit 1 with the reason on stderr if no session opens.",
-    "send": "Open a session to NODE_ID with a throwaway key, send TEXT, and exit 0 once the "
-    "receiving application acknowledged it (a peer daemon prints it as 'message from "
-    "NODE_ID: TEXT'). Exit 1 with the reason otherwise.",
-    "chat": "Open a session to NODE_ID; each line typed is sent, each message received is "
-    "printed. End of input (Ctrl-D) or the remote closing ends it.",
-    "demo": "On loopback only: start a bootstrap node, a few DHT nodes and two peers, dial "
-    "by node ID, exchange messages, and print a timeline with the measured setup time.",
-}
-#: Positional arguments of the commands that take them: (dest, metavar, help).
-POSITIONALS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "lookup": (("target_id", "NODE_ID", "label or self-certifying ID"),),
-    "ping": (("target_id", "NODE_ID", "label or self-certifying ID to dial"),),
-    "send": (
-        ("target_id", "NODE_ID", "label or self-certifying ID to dial"),
-        ("text", "TEXT", "the message"),
-    ),
-    "chat": (("target_id", "NODE_ID", "label or self-certifying ID to dial"),),
-}
 EPILOG = (
     "Every option can also be set in the environment (DHTSIGNAL_<OPTION>, lists "
     "comma-separated) or in the TOML file given by --config; flags win over the "
@@ -94,8 +49,6 @@ EPILOG = (
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-#: The commands that run until stopped (:mod:`dhtsignal.daemon` installs their handlers).
-DAEMON_COMMANDS = frozenset({"bootstrap", "peer"})
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 log = logging.getLogger(__name__)
@@ -124,17 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     version = f"dhtsignal {__version__}"
     parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in config.COMMANDS:
+    for command in COMMANDS:
         p = sub.add_parser(
-            command,
-            help=COMMAND_HELP[command],
-            description=_DESCRIPTIONS[command],
+            command.name,
+            help=command.summary,
+            description=command.description,
             epilog=EPILOG,
         )
         p.add_argument("--version", action="version", version=version)
-        for dest, metavar, text in POSITIONALS.get(command, ()):
-            p.add_argument(dest, metavar=metavar, help=text)
-        config.add_arguments(p, command)
+        for arg in command.positionals:
+            p.add_argument(arg.dest, metavar=arg.metavar, help=arg.help)
+        config.add_arguments(p, command.name)
         p.add_argument(
             "--print-config",
             action="store_true",
@@ -176,7 +129,7 @@ def _stop_quietly_on_signals(args: Sequence[str]) -> None:
         parsed (the command is the first word that is not an option).
     """
     command = next((a for a in args if not a.startswith("-")), None)
-    daemon = command in DAEMON_COMMANDS
+    daemon = command in DAEMONS
 
     def stop(signum: int, frame: FrameType | None) -> None:
         os._exit(0 if daemon else 128 + signum)
@@ -211,7 +164,7 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     command: str = ns.command
     try:
         settings = config.load(command, vars(ns), env)
-        if command in POSITIONALS:
+        if hasattr(ns, "target_id"):
             _check_node_id(ns.target_id)
     except ConfigError as exc:
         _err(f"dhtsignal {command}: {exc}")
@@ -221,11 +174,11 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         return 0
     _setup_logging(settings.log_level)
     try:
-        if argv is None and command not in DAEMON_COMMANDS:
+        if argv is None and command not in DAEMONS:
             _default_signal_handlers()  # a daemon keeps them until it installs its own
         from dhtsignal import daemon
 
-        return daemon.run(_COMMANDS[command](settings, ns))
+        return daemon.run(_HANDLERS[command](settings, ns))
     except ConfigError as exc:
         _err(f"dhtsignal {command}: {exc}")
         return EXIT_USAGE
@@ -264,6 +217,24 @@ def _check_node_id(node_id: str) -> None:
 # -- commands -----------------------------------------------------------------------------
 
 
+_Handler = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
+#: The code of each command of :data:`~dhtsignal.commands.COMMANDS`, attached by :func:`_runs`.
+_HANDLERS: dict[str, _Handler] = {}
+
+
+def _runs(name: str) -> Callable[[_Handler], _Handler]:
+    """Attach the decorated coroutine function to the command ``name``."""
+    if name not in BY_NAME:
+        raise ValueError(f"no command {name!r} in dhtsignal.commands")
+
+    def attach(handler: _Handler) -> _Handler:
+        _HANDLERS[name] = handler
+        return handler
+
+    return attach
+
+
+@_runs("bootstrap")
 async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import BootstrapDaemon
 
@@ -271,6 +242,7 @@ async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
     return 0
 
 
+@_runs("peer")
 async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import PeerDaemon
 
@@ -278,6 +250,7 @@ async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
     return 0
 
 
+@_runs("peers")
 async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
@@ -322,6 +295,7 @@ def _addr(a: tuple[str, int]) -> str:
     return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
 
 
+@_runs("lookup")
 async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
@@ -345,6 +319,7 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
     return 0
 
 
+@_runs("status")
 async def _status(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import client_node
     from dhtsignal.errors import DhtTimeout, RpcTimeout
@@ -383,6 +358,7 @@ def _dialer_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+@_runs("ping")
 async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal import dialing
 
@@ -396,6 +372,7 @@ async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
     )
 
 
+@_runs("send")
 async def _send(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal import dialing
 
@@ -409,6 +386,7 @@ async def _send(settings: Settings, ns: argparse.Namespace) -> int:
     )
 
 
+@_runs("chat")
 async def _chat(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal import dialing
 
@@ -417,23 +395,11 @@ async def _chat(settings: Settings, ns: argparse.Namespace) -> int:
     )
 
 
+@_runs("demo")
 async def _demo(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.demo import run_demo
 
     return await run_demo(_out)
-
-
-_COMMANDS = {
-    "bootstrap": _bootstrap,
-    "peer": _peer,
-    "peers": _peers,
-    "lookup": _lookup,
-    "status": _status,
-    "ping": _ping,
-    "send": _send,
-    "chat": _chat,
-    "demo": _demo,
-}
 
 
 if __name__ == "__main__":

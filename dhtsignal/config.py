@@ -38,23 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dhtsignal.commands import ALL, DAEMONS, DIALERS, NODES, QUERIES, SESSIONS
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import MAX_TTL, RecordType, check_label
 from dhtsignal.dht.storage import StorageLimits
 from dhtsignal.errors import ConfigError
 from dhtsignal.wire.addr import Addr, parse_addr, show_addr
 
-#: The commands, in the order ``--help`` lists them.
-COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status", "ping", "send", "chat", "demo")
-DAEMONS = frozenset({"bootstrap", "peer"})
-QUERIES = frozenset({"peers", "lookup"})
-#: Short-lived peers that open one session.
-DIALERS = frozenset({"ping", "send", "chat"})
-#: The commands that run WebRTC sessions.
-SESSIONS = DIALERS | {"peer"}
-ALL = frozenset(COMMANDS)
-#: The commands that run a DHT node of their own (``demo`` runs a whole network inside).
-NODES = ALL - {"demo"}
 ENV_PREFIX = "DHTSIGNAL_"
 #: The word that turns an optional file setting off (``--known-peers none``).
 NONE_WORD = "none"

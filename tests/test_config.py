@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dhtsignal import config
+from dhtsignal import commands, config
 from dhtsignal.config import Settings, load
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.storage import StorageLimits
@@ -393,7 +393,7 @@ def test_every_storage_limit_is_a_setting() -> None:
         assert config.toml_path("storage_" + f.name) == ("storage", f.name)
 
 
-@pytest.mark.parametrize("command", config.COMMANDS)
+@pytest.mark.parametrize("command", commands.NAMES)
 def test_help_names_env_variables(tmp_path: Path, command: str) -> None:
     res = _run(tmp_path, command, "--help")
     assert res.returncode == 0, res.stderr
