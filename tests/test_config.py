@@ -138,7 +138,7 @@ def test_shipped_nodes_files() -> None:
     here = Path(__file__).resolve().parent.parent / "bootstrap"
     s = load("peers", {"bootstrap": [f"@{here / 'compose-nodes.txt'}"]}, {})
     assert s.bootstrap == (("127.0.0.1", 4000), ("127.0.0.1", 4001), ("127.0.0.1", 4002))
-    with pytest.raises(config.ConfigError) as exc:
+    with pytest.raises(ConfigError) as exc:
         load("peers", {"bootstrap": [f"@{here / 'nodes.txt'}"]}, {})
     assert exc.value.setting == "--bootstrap" and "no address" in str(exc.value)
 
