@@ -688,6 +688,7 @@ class SimNetwork:
         self._armed: list[float | None] = []
         self._seq = 0
         self._awaited: dict[tuple[int, int], Event | None] = {}
+        self._ended_at: dict[tuple[int, int], float] = {}
 
     # -- clocks & addresses -------------------------------------------------------------
 
@@ -754,6 +755,7 @@ class SimNetwork:
                 op_id = getattr(ev, "op_id", None)
                 if op_id is not None and (i, op_id) in awaited:
                     awaited[(i, op_id)] = ev
+                    self._ended_at[(i, op_id)] = self.now
             node.events = []
         if node.timer_changed or after_timer:
             node.timer_changed = False
@@ -808,11 +810,18 @@ class SimNetwork:
         self._service(i)
         return op
 
-    def wait(self, ops: Iterable[SimOp], *, timeout: float | None = None) -> list[Any]:
+    def wait(
+        self,
+        ops: Iterable[SimOp],
+        *,
+        timeout: float | None = None,
+        ended_at: list[float] | None = None,
+    ) -> list[Any]:
         """Run the network until every operation of ``ops`` has ended.
 
         :param ops: operations from :meth:`start`.
         :param timeout: virtual seconds to allow (None: only ``time_limit``).
+        :param ended_at: if given, the virtual time each operation ended is appended.
         :returns: per operation, its result, or the exception it failed with.
         :raises SimulationStalled: nothing left to happen, or time ran out.
         """
@@ -829,6 +838,9 @@ class SimNetwork:
         out: list[Any] = []
         for k in keys:
             ev = awaited.pop(k)
+            at = self._ended_at.pop(k)
+            if ended_at is not None:
+                ended_at.append(at)
             out.append(_outcome(ev))
         return out
 
