@@ -626,7 +626,6 @@ def profile_cases(a: argparse.Namespace) -> dict[str, str]:
 def breakdown(a: argparse.Namespace) -> dict[str, float]:
     """Time each stage of dhtsignal's reply path in-process (no sockets, no loop overhead)."""
     import timeit
-    from dataclasses import replace
 
     import msgpack
 
@@ -665,7 +664,7 @@ def breakdown(a: argparse.Namespace) -> dict[str, float]:
         n = 20000
         cases = {
             "codec.decode(ds_find_node)": lambda: codec.decode(ds),
-            "node._admit(src)": lambda: node._admit(src[0], now),
+            "rate.admit(src)": lambda: node.core.rate.admit(src[0], now),
             "handler.handle(ds_find_node)": lambda: h.handle(req, src[0], now),
             "handler.handle(find_node)": lambda: h.handle(sreq, src[0], now),
             "table.add_contact(existing)": lambda: t.add_contact(
@@ -683,13 +682,13 @@ def breakdown(a: argparse.Namespace) -> dict[str, float]:
                 + b"".join([c.packed() for c in twenty])
             ),
             "outcome.body() (ds_find_node)": out.body,
-            "node._receive(ds_find_node) total (transport=None)": None,
+            "core.receive_datagram(ds_find_node) total": None,
         }
         transport = node.transport
         node.transport = None
-        node.config = replace(node.config, rate_per_source=0.0)  # _admit timed above
-        cases["node._receive(ds_find_node) total (transport=None)"] = lambda: node._receive(
-            ds, src[1]
+        node.core.rate.rate = 0.0  # rate.admit timed above
+        cases["core.receive_datagram(ds_find_node) total"] = lambda: node.core.receive_datagram(
+            ds, src[1], now
         )
         res: dict[str, float] = {}
         for name, fn in cases.items():

@@ -1,6 +1,6 @@
 """Scale benchmark: a large simulated dhtsignal network on a virtual clock.
 
-Builds ``--nodes`` real :class:`~dhtsignal.aio.node.DhtNode` objects in one process
+Builds ``--nodes`` real sans-I/O :class:`~dhtsignal.dht.node.Node` objects in one process
 (:mod:`dhtsignal.testing.simnet`), then reports:
 
 * lookup success rate over ``--gets`` gets of ``--keys`` values put by random nodes;
@@ -21,7 +21,6 @@ Progress goes to stderr, the report to stdout.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import random
@@ -36,8 +35,8 @@ from typing import Any
 from kademlia.network import Server  # type: ignore[import-untyped]
 from kademlia.node import Node
 
-from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
+from dhtsignal.dht.node import Node as CoreNode
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.identity import Identity
 from dhtsignal.testing import simnet
@@ -90,7 +89,7 @@ def stock_nodes(ids: list[bytes], contacts: list[list[tuple[bytes, str, int]]]) 
     return servers
 
 
-async def measure_stock(net: simnet.SimNetwork, count: int, rng: random.Random) -> dict[str, Any]:
+def measure_stock(net: simnet.SimNetwork, count: int, rng: random.Random) -> dict[str, Any]:
     """Bytes per stock node (empty and with our sample's contacts), and ours empty."""
     sample = rng.sample(range(len(net.nodes)), min(count, len(net.nodes)))
     ids = [bytes(bytearray(net.nodes[i].id)) for i in sample]
@@ -101,7 +100,6 @@ async def measure_stock(net: simnet.SimNetwork, count: int, rng: random.Random) 
 
     before = traced()
     full = stock_nodes(ids, contacts)
-    await asyncio.sleep(0)  # let any ping tasks finish
     stock_full = (traced() - before) / n
     del full
 
@@ -111,7 +109,7 @@ async def measure_stock(net: simnet.SimNetwork, count: int, rng: random.Random) 
     del empty
 
     before = traced()
-    ours = [DhtNode(nid, net.config.node_config, wallclock=net.wallclock) for nid in ids]
+    ours = [CoreNode(nid, net.config.node_config, wallclock=net.wallclock) for nid in ids]
     ours_empty = (traced() - before) / n
     del ours
 
@@ -124,15 +122,7 @@ async def measure_stock(net: simnet.SimNetwork, count: int, rng: random.Random) 
     }
 
 
-async def timed_get(node: DhtNode, key: bytes) -> tuple[Any, float]:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    res = await node.get_with_hops(key)
-    return res, loop.time() - started
-
-
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
+def bench(args: argparse.Namespace) -> dict[str, Any]:
     cfg = simnet.SimConfig(seed=args.seed, loss=args.loss)
     rng = random.Random(args.seed ^ 0x5EED)
     out: dict[str, Any] = {"nodes": args.nodes, "seed": args.seed, "loss": args.loss}
@@ -150,23 +140,23 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 last[0] = now
                 progress(
                     f"  joined {offset + done}/{args.nodes} nodes, {now - started:.0f} s real, "
-                    f"{loop.time():.1f} s virtual, {net.traffic.sent} datagrams"
+                    f"{net.now:.1f} s virtual, {net.traffic.sent} datagrams"
                 )
 
         return report
 
     if untraced:
         progress(f"building {untraced} nodes (tracemalloc off)")
-        await net.grow(untraced, progress=reporter(0))
+        net.grow(untraced, progress=reporter(0))
     progress(f"building {args.nodes - untraced} nodes (tracemalloc on)")
     tracemalloc.start(1)
     base = traced()
     before = tracemalloc.take_snapshot() if args.breakdown else None
-    await net.grow(args.nodes - untraced, progress=reporter(untraced))
+    net.grow(args.nodes - untraced, progress=reporter(untraced))
     build_real = time.monotonic() - started
-    build_virtual = loop.time()
+    build_virtual = net.now
     build_datagrams = net.traffic.sent
-    await asyncio.sleep(5)  # settle: in-flight datagrams land, RPC timers expire
+    net.run_for(5)  # settle: in-flight datagrams land, RPC timers expire
     after = traced()
     per_node = (after - base) / (args.nodes - untraced)
     if before is not None:
@@ -188,7 +178,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "contacts_max": max(sizes),
     }
     progress(f"measuring {args.stock} stock kademlia nodes")
-    mem = await measure_stock(net, args.stock, rng)
+    mem = measure_stock(net, args.stock, rng)
     tracemalloc.stop()
     mem["ours_bytes"] = per_node
     mem["method"] = (
@@ -215,7 +205,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.keys)
     ]
     t0 = net.traffic.copy()
-    puts = await asyncio.gather(*(net.random_node().put([v]) for v in values))
+    puts = net.wait(
+        [net.start(net.random_node(), lambda n, now, v=v: n.start_put([v], now)) for v in values]
+    )
     put_dgrams = (net.traffic - t0).sent / len(values)
 
     progress(f"getting {args.gets} times")
@@ -230,10 +222,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     for start in range(0, len(wanted), args.batch):
         chunk = wanted[start : start + args.batch]
         askers = [net.random_node() for _ in chunk]
-        results = await asyncio.gather(
-            *(timed_get(a, w.key) for a, w in zip(askers, chunk, strict=True))
-        )
-        for asker, want, (res, took) in zip(askers, chunk, results, strict=True):
+        began = net.now
+        ops = [
+            net.start(a, lambda n, now, key=w.key: n.start_lookup(key, now, k=8, want_value=True))
+            for a, w in zip(askers, chunk, strict=True)
+        ]
+        ended: list[float] = []
+        results = net.wait(ops, ended_at=ended)
+        for asker, want, res, end in zip(askers, chunk, results, ended, strict=True):
+            took = end - began
             held = asker.store.get(want.key, net.wallclock())
             if any(r.raw == want.raw for r in [*res.records, *held]):
                 found += 1
@@ -257,7 +254,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "put_replicas_mean": statistics.fmean(p.stored for p in puts),
         "datagrams_per_put": put_dgrams,
     }
-    await net.close()
+    net.close()
     return out
 
 
@@ -326,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory == "marginal" and not 0 < args.marginal < args.nodes:
         p.error("--marginal must be between 1 and --nodes - 1")
     started = time.monotonic()
-    result = simnet.run(bench(args))
+    saved = gc.get_threshold()
+    gc.set_threshold(*simnet.SIM_GC_THRESHOLD)
+    try:
+        result = bench(args)
+    finally:
+        gc.set_threshold(*saved)
     result["total_real_s"] = time.monotonic() - started
     render(result)
     print(f"  total      {result['total_real_s']:.0f} s real")

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
+from dhtsignal.dht.node import Event, RequestFailed
 from dhtsignal.dht.params import DEFAULT_NETWORK, NodeConfig
 from dhtsignal.dht.records import RecordType, node_key
 from dhtsignal.dht.routing import DIALECT_DS, Contact, RoutingTable
@@ -126,7 +127,7 @@ async def open_peer() -> AsyncIterator[Callable[[], Awaitable[RawPeer]]]:
 
 def _unowned_tasks(n: DhtNode) -> set[asyncio.Task[Any]]:
     me = asyncio.current_task()
-    return {t for t in asyncio.all_tasks() if t is not me and not t.done()} - n._tasks
+    return {t for t in asyncio.all_tasks() if t is not me and not t.done()} - n.tasks
 
 
 def _refusals(stats: Counter[str]) -> Counter[str]:
@@ -544,7 +545,7 @@ async def test_random_streams_never_break_the_node(
     assert node.stats["task-error"] == 0
     assert loop_errors == []
     assert not _unowned_tasks(node)
-    assert len(node._pending) <= node.config.max_inflight // 2 + 1
+    assert node.outstanding() <= node.config.max_inflight // 2 + 1
 
 
 # -- the client side: retries, lost replies, eviction -------------------------------------------
@@ -620,6 +621,23 @@ async def _learn(n: DhtNode, peer: RawPeer) -> None:
         ping.cancel()
 
 
+class Failures:
+    """The RPCs of a node to ``addr`` that ran out of tries, in order (watched through
+    :meth:`DhtNode.observe`; the node has done its own bookkeeping when one is reported)."""
+
+    def __init__(self, node: DhtNode, addr: Addr) -> None:
+        self._queue: asyncio.Queue[RpcTimeout] = asyncio.Queue()
+
+        def seen(ev: Event) -> None:
+            if isinstance(ev, RequestFailed) and ev.error.addr == addr:
+                self._queue.put_nowait(ev.error)
+
+        node.observe(seen)
+
+    async def next(self) -> RpcTimeout:
+        return await self._queue.get()
+
+
 @contextlib.asynccontextmanager
 async def _full_far_bucket(
     open_peer: Callable[[], Awaitable[RawPeer]],
@@ -644,14 +662,14 @@ async def test_one_failed_ping_does_not_evict_max_failures_do(
     """With k=1, a newcomer to the silent contact's bucket makes the node ping it (the
     bucket head); each unanswered ping is one failure, and only the third evicts it."""
     async with _full_far_bucket(open_peer) as (n, silent, newcomer):
+        failures = Failures(n, silent.addr)
         for round_ in range(1, n.config.max_failures + 1):
             reply = await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
             assert reply[0] == n.id
             head_ping, _ = await silent.next_message()  # the node checks the bucket head
             assert isinstance(head_ping, codec.Request) and head_ping.name == "ds_ping"
-            fut = next(p.future for p in n._pending.values() if p.addr == silent.addr)
-            with pytest.raises(RpcTimeout):
-                await asyncio.wait_for(fut, WAIT)  # the node's own callback has run by now
+            # The node's own bookkeeping runs before the failure is reported.
+            assert isinstance(await asyncio.wait_for(failures.next(), WAIT), RpcTimeout)
             c = n.table.get(silent.id)
             if round_ < n.config.max_failures:
                 assert c is not None and c.failures == round_, "one lost reply must not evict"
@@ -669,19 +687,18 @@ async def test_one_outstanding_ping_per_bucket_head(
     """Every request from a contact waiting for a full bucket's place names the head to
     ping; however many arrive, the head has one ping in flight (it was one per request)."""
     async with _full_far_bucket(open_peer) as (n, silent, newcomer):
+        failures = Failures(n, silent.addr)
         for _ in range(5):
             reply = await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
             assert reply[0] == n.id
         # Each reply was sent after the node decided about the head: all decisions are made.
-        to_head = [p for p in n._pending.values() if p.addr == silent.addr]
-        assert len(to_head) == 1
+        assert n.outstanding(silent.addr) == 1
         head_ping, _ = await silent.next_message()
         assert isinstance(head_ping, codec.Request) and head_ping.name == "ds_ping"
-        with pytest.raises(RpcTimeout):
-            await asyncio.wait_for(to_head[0].future, WAIT)
+        assert isinstance(await asyncio.wait_for(failures.next(), WAIT), RpcTimeout)
         # Once that ping is over, the next newcomer request may ping the head again.
         await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
-        assert len([p for p in n._pending.values() if p.addr == silent.addr]) == 1
+        assert n.outstanding(silent.addr) == 1
         assert loop_errors == []
 
 
@@ -695,14 +712,14 @@ async def test_lookups_count_a_silent_contact_and_evict_it_only_after_max_failur
     try:
         silent = await open_peer()
         await _learn(n, silent)
+        failures = Failures(n, silent.addr)
         for round_ in range(1, FAST.max_failures + 1):
             res = await asyncio.wait_for(n.find_nodes(os.urandom(20)), WAIT)
             assert res.closest == []
             # The unanswered RPC outlives the lookup: wait for it to fail (the node's own
             # callback, registered first, has run when this await returns).
-            for fut in [p.future for p in n._pending.values() if p.addr == silent.addr]:
-                with pytest.raises(RpcTimeout):
-                    await asyncio.wait_for(fut, WAIT)
+            for _ in range(n.outstanding(silent.addr)):
+                assert isinstance(await asyncio.wait_for(failures.next(), WAIT), RpcTimeout)
             c = n.table.get(silent.id)
             if round_ < FAST.max_failures:
                 assert c is not None and c.failures == round_, "one lost reply must not evict"
@@ -724,7 +741,7 @@ async def test_rpc_timeout_is_typed_and_names_its_target(
         with pytest.raises(RpcTimeout) as info:
             await asyncio.wait_for(n.ping(peer.addr), WAIT)
         assert info.value.addr == peer.addr
-        assert n._pending == {}
+        assert n.outstanding() == 0
     finally:
         await n.close()
 
@@ -770,27 +787,27 @@ def test_rate_limiter_keeps_only_sources_it_is_limiting() -> None:
     table holds sources under pressure, not every address ever seen; a flooding source
     stays limited however many others come and go."""
     cfg = dataclasses.replace(FAST, rate_per_source=10.0, rate_burst=5.0)
-    n = DhtNode(os.urandom(20), cfg)
+    rate = DhtNode(os.urandom(20), cfg).core.rate  # the node's own limiter
     flooder = ("10.0.0.1", 1)
     now = 100.0
-    admitted = sum(n._admit(flooder, now) for _ in range(20))
-    assert admitted == 5 and not n._admit(flooder, now)
+    admitted = sum(rate.admit(flooder, now) for _ in range(20))
+    assert admitted == 5 and not rate.admit(flooder, now)
     for i in range(1000):  # one request each from many sources, 1 s apart
         now += 1.0
-        assert n._admit(("10.1.0.0", 1000 + i), now)
-        assert len(n._rate) <= 3
+        assert rate.admit(("10.1.0.0", 1000 + i), now)
+        assert len(rate) <= 3
     # The flooder's entry went once it refilled; flooding again hits the burst again.
-    assert sum(n._admit(flooder, now) for _ in range(20)) == 5
+    assert sum(rate.admit(flooder, now) for _ in range(20)) == 5
     # Within a burst of new sources nothing is refilled yet, so all are kept...
     for i in range(50):
-        n._admit(("10.2.0.0", i), now)
-        n._admit(("10.2.0.0", i), now)
-    assert len(n._rate) >= 50
+        rate.admit(("10.2.0.0", i), now)
+        rate.admit(("10.2.0.0", i), now)
+    assert len(rate) >= 50
     # ... until the maintenance round drops the refilled ones: the flooder, still
     # limited at that moment, stays.
-    n._admit(flooder, now + 0.45)
-    n._prune_rate(now + 0.5)
-    assert list(n._rate) == [flooder]
+    rate.admit(flooder, now + 0.45)
+    rate.prune(now + 0.5)
+    assert rate.sources() == [flooder]
 
 
 class _Recorder(asyncio.DatagramTransport):

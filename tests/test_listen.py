@@ -3,12 +3,15 @@ refreshed before it lapses, polling only when no storing node accepts it, and no
 left running once the iterator is closed.
 
 Real UDP nodes on 127.0.0.1. The tests synchronise on the listener's subscriptions by
-wrapping its ``_subscribe`` (:class:`SubscribeWatch`), never by sleeping.
+observing the node's :class:`~dhtsignal.dht.node.SubscriptionRenewed` events
+(:class:`SubscribeWatch`), never by sleeping. Storing nodes that refuse every
+subscription (``max_listeners_per_key=0``) send a listener to polling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
@@ -17,9 +20,10 @@ import pytest
 
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
+from dhtsignal.dht.node import Event, SubscriptionRenewed
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType
-from dhtsignal.errors import LimitExceeded
+from dhtsignal.dht.storage import StorageLimits
 from dhtsignal.identity import Identity
 
 if TYPE_CHECKING:
@@ -30,6 +34,8 @@ STEP = 5.0
 #: Shortest subscription a storing node grants (``Subscriptions.add`` clamps to 1 s).
 TTL = 1.0
 FAST = NodeConfig(listen_ttl=TTL, poll_interval=0.2)
+#: Storing nodes that refuse every subscription: listeners poll.
+REFUSING = dataclasses.replace(FAST, limits=StorageLimits(max_listeners_per_key=0))
 
 
 def _rec(who: Identity, key: bytes, seq: int, ttl: float = 60.0) -> Record:
@@ -37,24 +43,24 @@ def _rec(who: Identity, key: bytes, seq: int, ttl: float = 60.0) -> Record:
 
 
 class SubscribeWatch:
-    """Wraps a node's ``_subscribe``: records when each (re)subscription returned and how
-    many storing nodes accepted it. ``accept=False`` makes every subscription fail (no
-    storing node accepted), which is what sends ``listen`` to polling."""
+    """Observes a node's (re)subscriptions to ``key``: when each one returned and how many
+    storing nodes accepted it."""
 
-    def __init__(self, node: DhtNode, monkeypatch: pytest.MonkeyPatch, *, accept: bool = True):
-        self._real = node._subscribe
-        self._accept = accept
+    def __init__(self, node: DhtNode, key: bytes) -> None:
         self._loop = asyncio.get_running_loop()
         self.calls: list[tuple[float, int]] = []
         self._cond = asyncio.Condition()
-        monkeypatch.setattr(node, "_subscribe", self._subscribe)
 
-    async def _subscribe(self, key: bytes) -> int:
-        accepted = await self._real(key) if self._accept else 0
+        def seen(ev: Event) -> None:
+            if isinstance(ev, SubscriptionRenewed) and ev.key == key:
+                self.calls.append((self._loop.time(), ev.accepted))
+                self._loop.create_task(self._notify())
+
+        node.observe(seen)
+
+    async def _notify(self) -> None:
         async with self._cond:
-            self.calls.append((self._loop.time(), accepted))
             self._cond.notify_all()
-        return accepted
 
     async def wait(self, count: int, timeout: float = STEP) -> None:
         """Until ``count`` subscriptions have returned."""
@@ -110,20 +116,16 @@ async def listeners() -> AsyncIterator[list[Listener]]:
             await lst.close()
 
 
-def _refreshers(node: DhtNode) -> list[asyncio.Task[Any]]:
-    return [t for t in node._tasks if t.get_name() == "listen-refresh"]
-
-
 def _unowned_tasks(nodes: list[DhtNode]) -> set[asyncio.Task[Any]]:
     """Running tasks that belong to no node (and are not this test)."""
     me = asyncio.current_task()
-    owned = set().union(*(n._tasks for n in nodes))
+    owned = set().union(*(n.tasks for n in nodes))
     return {t for t in asyncio.all_tasks() if t is not me and not t.done()} - owned
 
 
 @pytest.mark.timeout(30)
 async def test_pushes_arrive_in_order_across_subscription_refreshes(
-    dht: StartDht, listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+    dht: StartDht, listeners: list[Listener]
 ) -> None:
     """A record put more than two subscription lifetimes after listening began still
     arrives by push: the listener refreshed its subscription. Records arrive in seq order;
@@ -132,7 +134,7 @@ async def test_pushes_arrive_in_order_across_subscription_refreshes(
     node, writer = nodes[3], nodes[7]
     key = records.data_key("listen-refresh")
     alice = Identity.generate()
-    watch = SubscribeWatch(node, monkeypatch)
+    watch = SubscribeWatch(node, key)
     lst = Listener(node, key, initial=False)
     listeners.append(lst)
     lst.start()
@@ -168,7 +170,7 @@ async def test_pushes_arrive_in_order_across_subscription_refreshes(
 
 @pytest.mark.timeout(20)
 async def test_initial_true_yields_stored_records_initial_false_does_not(
-    dht: StartDht, listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+    dht: StartDht, listeners: list[Listener]
 ) -> None:
     """``initial=True`` starts with what is already stored; ``initial=False`` starts with
     the first record stored after it subscribed."""
@@ -183,7 +185,7 @@ async def test_initial_true_yields_stored_records_initial_false_does_not(
     listeners.append(with_initial)
     assert (await with_initial.next()).raw == old.raw
 
-    watch = SubscribeWatch(nodes[6], monkeypatch)
+    watch = SubscribeWatch(nodes[6], key)
     without = Listener(nodes[6], key, initial=False)
     listeners.append(without)
     without.start()
@@ -198,15 +200,15 @@ async def test_initial_true_yields_stored_records_initial_false_does_not(
 
 @pytest.mark.timeout(20)
 async def test_records_arrive_by_polling_when_no_storing_node_accepts(
-    dht: StartDht, listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+    dht: StartDht, listeners: list[Listener]
 ) -> None:
     """Every subscription fails: records still arrive, by polling every ``poll_interval``,
     without repeats, and the fallback counter rises with each poll."""
-    nodes = await dht(10, config=FAST)
+    nodes = await dht(10, config=REFUSING)
     node, writer = nodes[2], nodes[8]
     key = records.data_key("listen-fallback")
     alice = Identity.generate()
-    watch = SubscribeWatch(node, monkeypatch, accept=False)
+    watch = SubscribeWatch(node, key)
     lst = Listener(node, key, initial=False)
     listeners.append(lst)
     lst.start()
@@ -228,30 +230,24 @@ async def test_records_arrive_by_polling_when_no_storing_node_accepts(
 
 @pytest.mark.timeout(20)
 async def test_listen_survives_a_failed_subscription_attempt(
-    dht: StartDht, listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+    dht: StartDht, listeners: list[Listener]
 ) -> None:
-    """One subscription attempt raises (as ``request`` does when too many RPCs are
-    outstanding). The listener must retry or poll, not stop for good."""
+    """The first subscription attempt fails (the listening node knows no storing node
+    yet: it has not joined). The listener must retry or poll, not stop for good: once
+    the node has joined, a record put arrives."""
     nodes = await dht(10, config=FAST)
-    node, writer = nodes[2], nodes[8]
+    writer = nodes[8]
+    (node,) = await dht(1, config=FAST)  # alone: no contacts
     key = records.data_key("listen-subscribe-error")
     alice = Identity.generate()
-    real = node._subscribe
-    attempts: list[int] = []
-    first_attempt = asyncio.Event()
-
-    async def flaky(k: bytes) -> int:
-        attempts.append(1)
-        if len(attempts) == 1:
-            first_attempt.set()
-            raise LimitExceeded("4096 RPCs already outstanding")
-        return await real(k)
-
-    monkeypatch.setattr(node, "_subscribe", flaky)
+    watch = SubscribeWatch(node, key)
     lst = Listener(node, key, initial=False)
     listeners.append(lst)
     lst.start()
-    await asyncio.wait_for(first_attempt.wait(), STEP)
+    await watch.wait(1)
+    assert watch.calls[0][1] == 0, "a node with no contacts cannot have subscribed"
+    assert nodes[0].address is not None
+    assert await node.bootstrap([nodes[0].address]) > 0
     rec = _rec(alice, key, 1)
     await writer.put([rec])
     # It arrives by a poll, or by the catch-up poll once the retried subscription holds.
@@ -260,7 +256,7 @@ async def test_listen_survives_a_failed_subscription_attempt(
 
 @pytest.mark.timeout(20)
 async def test_aclose_cancels_the_refresher_and_leaves_other_listeners_working(
-    dht: StartDht, listeners: list[Listener], monkeypatch: pytest.MonkeyPatch
+    dht: StartDht, listeners: list[Listener]
 ) -> None:
     """``aclose()`` cancels the listener's refresh task and unregisters its queue; a second
     listener on the same key and node keeps receiving; no task is left without an owner."""
@@ -268,36 +264,28 @@ async def test_aclose_cancels_the_refresher_and_leaves_other_listeners_working(
     node, writer = nodes[5], nodes[0]
     key = records.data_key("listen-close")
     alice = Identity.generate()
-    watch = SubscribeWatch(node, monkeypatch)
+    watch = SubscribeWatch(node, key)
     first = Listener(node, key, initial=False)
     second = Listener(node, key, initial=False)
     listeners.extend([first, second])
     first.start()
     second.start()
-    await watch.wait(2)
+    await watch.wait(1)  # one subscription serves both listeners
+    assert node.listening(key) == 2
     rec1, rec2 = _rec(alice, key, 1), _rec(alice, key, 2)
     await writer.put([rec1])
     assert (await first.next()).raw == rec1.raw
     assert (await second.next()).raw == rec1.raw
-    refreshers = _refreshers(node)
-    assert len(refreshers) == 2
 
     await first.close()
-    closed = [t for t in refreshers if t.cancelling() or t.done()]
-    assert len(closed) == 1, "aclose() did not cancel exactly its own refresher"
-    await asyncio.wait_for(asyncio.gather(*closed, return_exceptions=True), STEP)
-    assert closed[0].cancelled()
-    assert _refreshers(node) == [t for t in refreshers if t is not closed[0]]
-    assert len(node._listeners[key]) == 1
+    assert node.listening(key) == 1, "aclose() did not unregister exactly its own listener"
 
     await writer.put([rec2])
     assert (await second.next()).raw == rec2.raw
     holders = [n for n in nodes if node.address in n.subs.listeners(key, n.wallclock())]
     assert holders, "no storing node held the subscription"
     await second.close()
-    await asyncio.wait_for(asyncio.gather(*refreshers, return_exceptions=True), STEP)
-    assert _refreshers(node) == []
-    assert key not in node._listeners
+    assert node.listening(key) == 0
     # The last listener gone, the node unsubscribed: a ping sent after the ds_unlisten on
     # the same socket pair is answered after it was handled (loopback keeps the order).
     for n in holders:
@@ -319,20 +307,21 @@ async def test_breaking_out_of_async_for_stops_the_refresher(dht: StartDht) -> N
     await writer.put([rec])
 
     got: list[Record] = []
-    refreshers: list[asyncio.Task[Any]] = []
+    during: list[int] = []
 
     async def consume() -> None:
         async for r in node.listen(key, initial=True):
             got.append(r)
-            refreshers.extend(_refreshers(node))
+            during.append(node.listening(key))
             break
 
     await asyncio.wait_for(consume(), STEP)
     assert [r.raw for r in got] == [rec.raw]
-    assert len(refreshers) == 1
+    assert during == [1]
     # The loop's async-generator finaliser runs aclose() in a task of its own.
-    await asyncio.wait_for(asyncio.gather(*refreshers, return_exceptions=True), STEP)
-    assert refreshers[0].cancelled()
-    assert _refreshers(node) == []
-    assert key not in node._listeners
+    for _ in range(100):
+        if node.listening(key) == 0:
+            break
+        await asyncio.sleep(0)
+    assert node.listening(key) == 0
     assert not _unowned_tasks(nodes)

@@ -1,8 +1,10 @@
 """The simulated network: virtual time, and a 1,000-node DHT running the real node code.
 
-The network is built once per module (``sim`` fixture) on one virtual-time loop,
-kept across tests by a :class:`~dhtsignal.testing.simnet.SimRunner`; the crash test
-runs last because it removes nodes.
+:class:`~dhtsignal.testing.simnet.SimNetwork` drives the sans-I/O nodes directly (no
+event loop); the network is built once per module (``sim`` fixture). The presence test
+runs the real, asyncio-based :mod:`dhtsignal.presence` on
+:class:`~dhtsignal.testing.simnet.LoopSimNetwork` (a virtual-time event loop), because
+that code sleeps and gathers through asyncio itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
+from dhtsignal.dht.node import Node
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.errors import PeerNotFound
 from dhtsignal.identity import Identity
@@ -36,21 +39,23 @@ PHASE_LIMIT = 600.0
 T = TypeVar("T")
 
 
-def _found(res_records: list[Record], node: DhtNode, want: Record) -> bool:
+def _found(res_records: list[Record], node: DhtNode | Node, want: Record) -> bool:
     """Whether a lookup (plus the asking node's own store, as ``get`` merges) has ``want``."""
     held = node.store.get(want.key, node.wallclock())
     return any(r.raw == want.raw for r in [*res_records, *held])
 
 
-async def _gets(net: simnet.SimNetwork, wanted: list[Record], batch: int = 50) -> list[int | None]:
+def _gets(net: simnet.SimNetwork, wanted: list[Record], batch: int = 50) -> list[int | None]:
     """Look each record up from a random live node; hop count per lookup, None if not found."""
     hops: list[int | None] = []
     for start in range(0, len(wanted), batch):
         chunk = wanted[start : start + batch]
         askers = [net.random_node() for _ in chunk]
-        results = await asyncio.gather(
-            *(a.get_with_hops(w.key) for a, w in zip(askers, chunk, strict=True))
-        )
+        ops = [
+            net.start(a, lambda n, now, k=w.key: n.start_lookup(k, now, k=8, want_value=True))
+            for a, w in zip(askers, chunk, strict=True)
+        ]
+        results = net.wait(ops)
         for asker, want, res in zip(askers, chunk, results, strict=True):
             hops.append(res.hops if _found(res.records, asker, want) else None)
     return hops
@@ -58,44 +63,32 @@ async def _gets(net: simnet.SimNetwork, wanted: list[Record], batch: int = 50) -
 
 @dataclass
 class Sim:
-    runner: simnet.SimRunner
     net: simnet.SimNetwork
     values: list[Record]
     build_seconds: float
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run one phase on the shared loop, bounded in virtual time."""
-        loop = self.runner.get_loop()
-        loop.time_limit = loop.time() + PHASE_LIMIT
-        return self.runner.run(coro)
-
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[Sim]:
-    with simnet.runner(time_limit=PHASE_LIMIT) as runner:
-
-        async def build() -> tuple[simnet.SimNetwork, list[Record]]:
-            net = await simnet.SimNetwork.build(NODES, simnet.SimConfig(seed=SEED))
-            ident = Identity.generate()
-            values = [
-                records.sign(
-                    ident,
-                    RecordType.DATA,
-                    records.data_key(f"value-{i}"),
-                    codec.pack({"n": i}),
-                    seq=1,
-                    expires=net.wallclock() + 3600,
-                )
-                for i in range(KEYS)
-            ]
-            await asyncio.gather(*(net.random_node().put([v]) for v in values))
-            return net, values
-
-        started = time.monotonic()
-        net, values = runner.run(build())
-        state = Sim(runner, net, values, time.monotonic() - started)
-        yield state
-        state.run(net.close())
+    started = time.monotonic()
+    net = simnet.SimNetwork.build(NODES, simnet.SimConfig(seed=SEED))
+    ident = Identity.generate()
+    values = [
+        records.sign(
+            ident,
+            RecordType.DATA,
+            records.data_key(f"value-{i}"),
+            codec.pack({"n": i}),
+            seq=1,
+            expires=net.wallclock() + 3600,
+        )
+        for i in range(KEYS)
+    ]
+    net.time_limit = net.now + PHASE_LIMIT
+    ops = [net.start(net.random_node(), lambda n, now, v=v: n.start_put([v], now)) for v in values]
+    assert all(not isinstance(r, BaseException) for r in net.wait(ops))
+    yield Sim(net, values, time.monotonic() - started)
+    net.close()
 
 
 def test_sleep_takes_no_real_time() -> None:
@@ -128,50 +121,70 @@ def test_time_limit_stops_runaway_simulation() -> None:
         simnet.run(forever(), time_limit=3600.0)
 
 
-def test_latency_is_symmetric_fixed_and_in_range() -> None:
-    async def main() -> None:
-        net = simnet.SimNetwork(simnet.SimConfig(seed=7, latency=(0.01, 0.02)))
-        rng = random.Random(1)
-        for _ in range(200):
-            a, b = rng.randrange(10_000), rng.randrange(10_000)
-            d = net.latency(a, b)
-            assert 0.01 <= d <= 0.02
-            assert d == net.latency(b, a)
+def test_sans_io_network_time_is_virtual() -> None:
+    """The sans-I/O network's clock jumps from one event to the next: an hour of an idle
+    network (maintenance timers firing) takes no real time to speak of."""
+    net = simnet.SimNetwork.build(20, simnet.SimConfig(seed=3))
+    started, before = time.monotonic(), net.now
+    net.run_for(3600)
+    assert net.now - before == pytest.approx(3600.0)
+    assert time.monotonic() - started < 5.0
 
-    simnet.run(main())
+
+def test_sans_io_network_stall_and_time_limit_are_errors() -> None:
+    """Waiting for an operation that cannot end (its node crashed) is an error, not a
+    hang: by the time limit, or by the wait's own timeout."""
+    net = simnet.SimNetwork.build(10, simnet.SimConfig(seed=4))
+    node = net.nodes[3]
+    op = net.start(node, lambda n, now: n.start_lookup(n.id, now))
+    net.crash(node)
+    with pytest.raises(simnet.SimulationStalled):
+        net.wait([op], timeout=60.0)
+    net.time_limit = net.now + 30.0
+    with pytest.raises(simnet.SimulationStalled, match="limit"):
+        net.wait([op])
+
+
+def test_latency_is_symmetric_fixed_and_in_range() -> None:
+    net = simnet.SimNetwork(simnet.SimConfig(seed=7, latency=(0.01, 0.02)))
+    rng = random.Random(1)
+    for _ in range(200):
+        a, b = rng.randrange(10_000), rng.randrange(10_000)
+        d = net.latency(a, b)
+        assert 0.01 <= d <= 0.02
+        assert d == net.latency(b, a)
 
 
 def _small_run(seed: int, loss: float) -> tuple[int, list[int | None], simnet.Traffic]:
     """A 100-node network: put 20 values, get each once; (virtual ms, hops, traffic)."""
-
-    async def main() -> tuple[int, list[int | None], simnet.Traffic]:
-        net = await simnet.SimNetwork.build(100, simnet.SimConfig(seed=seed, loss=loss))
-        ident = Identity(bytes(32))  # fixed key: records are the same bytes in every run
-        values = [
-            records.sign(
-                ident,
-                RecordType.DATA,
-                records.data_key(f"small-{i}"),
-                b"",
-                seq=1,
-                expires=net.wallclock() + 600,
-            )
-            for i in range(20)
-        ]
-        for v in values:
-            await net.nodes[0].put([v])
-        hops = await _gets(net, values, batch=5)
-        elapsed = round(asyncio.get_running_loop().time() * 1000)
-        await net.close()
-        return elapsed, hops, net.traffic
-
-    return simnet.run(main(), time_limit=PHASE_LIMIT)
+    net = simnet.SimNetwork.build(100, simnet.SimConfig(seed=seed, loss=loss))
+    net.time_limit = PHASE_LIMIT
+    ident = Identity(bytes(32))  # fixed key: records are the same bytes in every run
+    values = [
+        records.sign(
+            ident,
+            RecordType.DATA,
+            records.data_key(f"small-{i}"),
+            b"",
+            seq=1,
+            expires=net.wallclock() + 600,
+        )
+        for i in range(20)
+    ]
+    for v in values:
+        net.put(net.nodes[0], [v])
+    hops = _gets(net, values, batch=5)
+    elapsed = round(net.now * 1000)
+    net.close()
+    return elapsed, hops, net.traffic
 
 
 def test_same_seed_same_run() -> None:
     first, second = _small_run(5, 0.0), _small_run(5, 0.0)
     assert first == second
-    assert first[2].sent == first[2].delivered > 0
+    # Everything sent was delivered, but for what was still in flight at the end.
+    assert first[2].delivered > 0
+    assert first[2].sent == first[2].delivered + first[2].dead
 
 
 def test_lossy_network_still_finds_values() -> None:
@@ -181,26 +194,24 @@ def test_lossy_network_still_finds_values() -> None:
 
 
 def test_bootstrap_over_slow_links() -> None:
-    async def main() -> tuple[int, int]:
-        # One-way 200 ms: every round trip (400 ms) outlasts the soft peer timeout.
-        net = await simnet.SimNetwork.build(100, simnet.SimConfig(seed=2, latency=(0.2, 0.2)))
-        node = net.add_node()
-        assert net.nodes[0].address is not None
-        size = await node.bootstrap([net.nodes[0].address])
-        res = await node.find_nodes(node.id)
-        await net.close()
-        return size, len(res.closest)
-
-    size, closest = simnet.run(main(), time_limit=PHASE_LIMIT)
+    # One-way 200 ms: every round trip (400 ms) outlasts the soft peer timeout.
+    net = simnet.SimNetwork.build(100, simnet.SimConfig(seed=2, latency=(0.2, 0.2)))
+    net.time_limit = PHASE_LIMIT
+    node = net.add_node()
+    assert net.nodes[0].address is not None
+    size = net.bootstrap(node, [net.nodes[0].address])
+    res = net.find_nodes(node, node.id)
+    net.close()
     assert size > 1
-    assert closest == 20
+    assert len(res.closest) == 20
 
 
 @pytest.mark.slow
 def test_every_get_finds_its_value_in_few_hops(sim: Sim) -> None:
     net = sim.net
     assert net.join_failures == 0
-    hops = sim.run(_gets(net, sim.values))
+    net.time_limit = net.now + PHASE_LIMIT
+    hops = _gets(net, sim.values)
     found = [h for h in hops if h is not None]
     hist = dict(sorted(Counter(found).items()))
     print(
@@ -213,13 +224,38 @@ def test_every_get_finds_its_value_in_few_hops(sim: Sim) -> None:
     assert max(found) <= 8
 
 
+@dataclass
+class LoopSim:
+    runner: simnet.SimRunner
+    net: simnet.LoopSimNetwork
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one phase on the shared loop, bounded in virtual time."""
+        loop = self.runner.get_loop()
+        loop.time_limit = loop.time() + PHASE_LIMIT
+        return self.runner.run(coro)
+
+
 @pytest.mark.slow
-def test_presence_survives_ten_percent_crash_by_refreshing(sim: Sim) -> None:
+def test_presence_survives_ten_percent_crash_by_refreshing() -> None:
     """The real presence code at scale: 100 peers claim their node IDs and publish
     presence (:class:`Presence`, 120 s records refreshed every 60 s); 10% of the other
     nodes crash; once every record from before the crash has expired, every node ID still
     resolves (:func:`resolve`: claim, owner by storing-node majority, presence) to its
     peer's key from a random live node. Then SIGTERM's tombstones make each one offline."""
+    with simnet.runner(time_limit=PHASE_LIMIT) as runner:
+
+        async def build() -> simnet.LoopSimNetwork:
+            return await simnet.LoopSimNetwork.build(NODES, simnet.SimConfig(seed=SEED))
+
+        sim = LoopSim(runner, runner.run(build()))
+        try:
+            _presence_phases(sim)
+        finally:
+            sim.run(sim.net.close())
+
+
+def _presence_phases(sim: LoopSim) -> None:
     net = sim.net
     rng = random.Random(SEED)
     publishers = rng.sample(net.live_nodes(), KEYS)

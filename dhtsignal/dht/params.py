@@ -53,5 +53,15 @@ class NodeConfig:
     """Behind NAT: never enter others' routing tables, never store for others."""
     accept_stock: bool = True
     """Answer the stock kademlia RPCs (ping, find_node, find_value, store)."""
+    max_rate_entries: int = 10_000
+    """Sources the per-source rate limiter tracks at most (the oldest entry goes first)."""
+    max_pages: int = 16
+    """``ds_find_value`` pages fetched per answering node and page chains per lookup."""
+    listen_queue_size: int = 256
+    """Pushed records a ``listen`` iterator holds unread before it drops new ones."""
+    lookup_cache_size: int = 512
+    """Keys whose closest nodes are remembered (see ``lookup_cache_ttl``)."""
+    max_refresh_lookups: int = 64
+    """Operations in progress beyond which maintenance starts no bucket refresh."""
     limits: StorageLimits = field(default_factory=StorageLimits)
     """Bounds on what others can make this node store."""

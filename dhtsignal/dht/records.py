@@ -29,6 +29,8 @@ import enum
 import hashlib
 import math
 import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,6 +259,51 @@ def validate(record: Record, now: float) -> None:
         room = record.fields().get("room")
         if not isinstance(room, str) or room_key(room) != record.key:
             raise RecordRejected("wrong-key", "room record not under room_key(room)")
+
+
+def check_all(
+    raws: Iterable[Any],
+    now: float,
+    counts: Counter[str] | None = None,
+    prefix: str = "refused:",
+    *,
+    key: bytes | None = None,
+) -> list[Record | str]:
+    """Decode and validate each of ``raws`` (the one decode-validate-count loop).
+
+    :param raws: records as received (anything: each is checked).
+    :param now: wall-clock UNIX time (freshness).
+    :param counts: where refusals are counted as ``prefix + reason`` (None: not counted).
+    :param prefix: the counter prefix.
+    :param key: if given, a record under another key is refused as ``wrong-key``.
+    :returns: per input, in order, the record or the reason it was refused.
+    """
+    out: list[Record | str] = []
+    for raw in raws:
+        try:
+            rec = decode(raw)
+            validate(rec, now)
+            if key is not None and rec.key != key:
+                raise RecordRejected("wrong-key", "record under another key")
+        except RecordRejected as exc:
+            if counts is not None:
+                counts[prefix + exc.reason] += 1
+            out.append(exc.reason)
+            continue
+        out.append(rec)
+    return out
+
+
+def checked(
+    raws: Iterable[Any],
+    now: float,
+    counts: Counter[str] | None = None,
+    prefix: str = "refused:",
+    *,
+    key: bytes | None = None,
+) -> list[Record]:
+    """The records of ``raws`` that pass :func:`check_all` (refusals counted, dropped)."""
+    return [r for r in check_all(raws, now, counts, prefix, key=key) if type(r) is Record]
 
 
 def newest(records: list[Record]) -> list[Record]:

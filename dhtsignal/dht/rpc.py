@@ -303,10 +303,12 @@ class RequestHandler:
             return
         now = self.wallclock()
         results: list[str] = []
-        for raw in batch:
+        for rec in records.check_all(batch, now, self._stats):
+            if type(rec) is str:
+                results.append(rec)
+                continue
+            assert type(rec) is Record
             try:
-                rec = records.decode(raw)
-                records.validate(rec, now)
                 fresh = self.store.put(rec, addr, now)
             except RecordRejected as exc:
                 self._stats["refused:" + exc.reason] += 1
@@ -356,19 +358,7 @@ class RequestHandler:
         if not _is_id(key) or type(batch) is not list or len(batch) > MAX_STORE_BATCH:
             self._stats["drop:bad-args"] += 1
             return
-        now = self.wallclock()
-        good: list[Record] = []
-        for raw in batch:
-            try:
-                rec = records.decode(raw)
-                records.validate(rec, now)
-            except RecordRejected as exc:
-                self._stats["refused:" + exc.reason] += 1
-                continue
-            if rec.key != key:
-                self._stats["refused:wrong-key"] += 1
-                continue
-            good.append(rec)
+        good = records.checked(batch, self.wallclock(), self._stats, key=key)
         out.reply = self.on_notify(key, good, addr) if self.on_notify is not None else False
         out.has_reply = True
 

@@ -1,0 +1,1460 @@
+"""A DHT node without I/O: datagrams, times and operations in; datagrams and events out.
+
+Theory of operation
+-------------------
+:class:`Node` is the whole protocol of one DHT node, in the manner of aioquic's
+``QuicConnection``. It owns no socket, no task and no clock:
+
+* the driver hands it every datagram with :meth:`Node.receive_datagram` (``data``,
+  source address, monotonic ``now``); a request's reply comes back as the return
+  value, to be sent to the source at once (the hot path allocates nothing beyond the
+  reply); everything else the node wants sent waits in :attr:`Node.outgoing`, taken
+  with :meth:`Node.datagrams_to_send`;
+* it says when it next needs to run with :meth:`Node.get_timer` and is run then with
+  :meth:`Node.handle_timer`; :attr:`Node.timer_changed` says the earliest timer moved
+  earlier since the driver last looked;
+* operations are started on it (:meth:`Node.send_request`, :meth:`Node.start_lookup`,
+  :meth:`Node.start_put`, :meth:`Node.start_get`, :meth:`Node.start_ping`,
+  :meth:`Node.start_bootstrap`, :meth:`Node.listen`) and end as events
+  (:class:`RequestAnswered`, :class:`LookupFinished`, :class:`RecordsStored`,
+  :class:`OperationFailed`, ...), taken with :meth:`Node.next_event` or read off
+  :attr:`Node.events`.
+
+Clocks: ``now`` (monotonic seconds) is an argument of every entry point; the wall
+clock for record expiry is a callable given at construction (the simulator passes a
+virtual one), which :class:`~dhtsignal.dht.rpc.RequestHandler` shares.
+
+Inside, one heap of ``(when, seq, kind, arg)`` timers serves every deadline; an entry
+whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
+
+* RPCs: a pending table keyed by message id. First tries all wait ``rpc_timeout``,
+  so they fall due in the table's insertion order and one timer entry serves them
+  all (an RPC answered in time costs none); a retried RPC has its own entry, the
+  n-th try waiting ``n * rpc_timeout``; after ``rpc_retries`` retries it fails with
+  :class:`~dhtsignal.errors.RpcTimeout` (counted ``rpc-timeout``).
+* Requests are rate-limited per source (:class:`RateLimiter`) and answered by the
+  I/O-free :class:`~dhtsignal.dht.rpc.RequestHandler`; a contact waiting for a full
+  bucket's place makes the node ping that bucket's head (one ping per head at a
+  time); new records are pushed to subscribers (``ds_notify``).
+* Lookups drive :class:`~dhtsignal.dht.lookup.Lookup` machines: each answer is
+  parsed (:func:`value_page`, :meth:`Node._contacts`), fed to the machine, and the
+  machine's next step sent at once. Record pages beyond the first are fetched while
+  the lookup runs; the result waits for them. A lookup's closest nodes are cached
+  for ``lookup_cache_ttl`` to start the next lookup of the same key from.
+* A put is a storing lookup (``ds_store_find``); refusal tags of the storing nodes
+  become :class:`~dhtsignal.errors.NodeIdTaken`,
+  :class:`~dhtsignal.errors.StoreLimitExceeded` or
+  :class:`~dhtsignal.errors.PutFailed`.
+* Listening: one subscription cycle per key, however many listeners: subscribe
+  (lookup, then ``ds_listen`` to the closest), refresh at half ``listen_ttl``; with
+  no storing node accepting, poll every ``poll_interval`` and, once a subscription
+  is accepted again, poll once more to catch up; the last listener leaving sends
+  ``ds_unlisten``. Pushed and polled records come out as :class:`RecordsReceived`.
+* Maintenance every ``maintenance_interval``: expiry, rate-limiter pruning, cache
+  expiry, and lookups refreshing stale buckets.
+* :meth:`Node.snapshot` / :meth:`Node.restore`: the persistent state as plain data
+  (the adapter writes and reads the file).
+
+Nothing a remote party sends raises out of :meth:`Node.receive_datagram`: every
+refusal is counted in :attr:`Node.stats` by reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import heapq
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dhtsignal.dht import records
+from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
+from dhtsignal.dht.params import NodeConfig
+from dhtsignal.dht.records import Record, RecordType
+from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
+from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
+from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
+from dhtsignal.errors import (
+    DhtSignalError,
+    LimitExceeded,
+    NodeIdTaken,
+    PutFailed,
+    RecordRejected,
+    RpcTimeout,
+    StoreLimitExceeded,
+    UsageError,
+)
+from dhtsignal.wire import codec
+from dhtsignal.wire.addr import Addr
+
+log = logging.getLogger(__name__)
+
+#: Refusal reasons of storing nodes that mean "a limit is used up", and what they mean.
+STORE_LIMITS = {
+    "quota": "the storing nodes' quota for this source address (records or bytes, "
+    "StorageLimits.max_records_per_source / max_bytes_per_source)",
+    "key-full": "the values-per-key cap of the storing nodes (StorageLimits.max_values_per_key)",
+    "store-full": "the storing nodes' total capacity (StorageLimits.max_keys / max_bytes)",
+}
+#: Records taken from one page of a ``ds_find_value`` answer.
+MAX_PAGE_RECORDS = 64
+
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN = range(5)
+
+
+def routing_id(public_key: bytes) -> bytes:
+    """A node's 20-byte routing ID, derived from its identity key (stable across restarts)."""
+    return hashlib.sha256(b"dhtsignal/routing/" + public_key).digest()[:20]
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """Outcome of an iterative lookup."""
+
+    closest: list[Contact]
+    hops: int
+    queried: int
+    records: list[Record] = field(default_factory=list)
+    #: for each record's raw bytes, the IDs of the nodes whose answers held it
+    held_by: dict[bytes, set[bytes]] = field(default_factory=dict)
+    #: a storing lookup's store results, per ID of the node that answered
+    stored: dict[bytes, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRecords:
+    """What a get found: the merged records, and how many distinct storing nodes
+    answered with at least one live record of each signer."""
+
+    records: list[Record]
+    support: dict[bytes, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """How a ``put`` went: storing nodes that accepted, and refusals by reason."""
+
+    stored: int
+    refused: dict[str, int]
+    hops: int
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something the node reports to its driver."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAnswered(Event):
+    """An RPC started with :meth:`Node.send_request` was answered."""
+
+    request_id: bytes
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed(Event):
+    """An RPC got no answer after all its tries (also reported for the node's own RPCs)."""
+
+    request_id: bytes
+    error: RpcTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class LookupFinished(Event):
+    """A lookup started with :meth:`Node.start_lookup` finished."""
+
+    op_id: int
+    result: LookupResult
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsStored(Event):
+    """A put started with :meth:`Node.start_put` stored its records."""
+
+    op_id: int
+    result: PutResult
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsFound(Event):
+    """A get started with :meth:`Node.start_get` finished."""
+
+    op_id: int
+    held: HeldRecords
+
+
+@dataclass(frozen=True, slots=True)
+class PingAnswered(Event):
+    """A ping started with :meth:`Node.start_ping` was answered by ``node_id``."""
+
+    op_id: int
+    node_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrapped(Event):
+    """A bootstrap finished; the routing table holds ``contacts``."""
+
+    op_id: int
+    contacts: int
+
+
+@dataclass(frozen=True, slots=True)
+class OperationFailed(Event):
+    """An operation (lookup, put, get, ping, bootstrap) failed."""
+
+    op_id: int
+    error: DhtSignalError
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsReceived(Event):
+    """Records under a listened key: pushed by a storing node, or polled."""
+
+    key: bytes
+    records: list[Record]
+    pushed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRenewed(Event):
+    """A (re)subscription to ``key`` ended; ``accepted`` storing nodes took it (0: polling)."""
+
+    key: bytes
+    accepted: int
+
+
+#: Continuation of an internal step: (result, error, now).
+Then = Callable[[Any, "DhtSignalError | None", float], None]
+
+
+def _ignore(result: Any, error: DhtSignalError | None, now: float) -> None:
+    """A continuation that wants nothing."""
+
+
+def value_page(reply: Any) -> tuple[Any, list[Any], int | None] | None:
+    """Parse a ``ds_find_value`` answer ``[contacts, records, next]``.
+
+    :returns: (contacts as sent, records page, next cursor or None), or None if malformed.
+    """
+    if type(reply) is not list or len(reply) != 3:
+        return None
+    items, page, nxt = reply
+    if type(page) is not list:
+        return None
+    return items, page, nxt if type(nxt) is int else None
+
+
+def _collect(found: dict[bytes, set[bytes]], page: list[Any], holder: bytes) -> None:
+    for raw in page[:MAX_PAGE_RECORDS]:
+        if type(raw) is bytes:
+            found.setdefault(raw, set()).add(holder)
+
+
+def _shaped(value: Any, shape: list[Any]) -> bool:
+    """Whether ``value`` is a list matching ``shape``: a list of types and nested shapes."""
+    if type(value) is not list or len(value) != len(shape):
+        return False
+    return all(
+        _shaped(v, t) if type(t) is list else type(v) is t
+        for v, t in zip(value, shape, strict=True)
+    )
+
+
+class RateLimiter:
+    """Per-source token buckets. An entry whose bucket has refilled carries no
+    information (a new source starts full), so such entries are dropped: the oldest
+    ones as new sources arrive, all of them at each :meth:`prune`.
+
+    :param rate: tokens per second (0 or less: no limit).
+    :param burst: bucket size.
+    :param max_entries: sources tracked at most.
+    """
+
+    __slots__ = ("_table", "burst", "max_entries", "rate")
+
+    def __init__(self, rate: float, burst: float, max_entries: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_entries = max_entries
+        self._table: dict[Addr, list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def sources(self) -> list[Addr]:
+        """The sources tracked, oldest first."""
+        return list(self._table)
+
+    def admit(self, src: Addr, now: float) -> bool:
+        """Take a token for ``src``; False if it has none.
+
+        :param src: the source address.
+        :param now: monotonic time, seconds.
+        """
+        rate = self.rate
+        if rate <= 0:
+            return True
+        table = self._table
+        entry = table.get(src)
+        if entry is None:
+            # Drop the oldest entry if it has refilled (usually: 1/rate seconds after its
+            # last request), so the table only holds sources that are being limited.
+            if table:
+                old = next(iter(table))
+                e = table[old]
+                if e[0] + (now - e[1]) * rate >= self.burst or len(table) >= self.max_entries:
+                    del table[old]
+            table[src] = [self.burst - 1.0, now]
+            return True
+        tokens = entry[0] + (now - entry[1]) * rate
+        if tokens > self.burst:
+            tokens = self.burst
+        entry[1] = now
+        if tokens < 1.0:
+            entry[0] = tokens
+            return False
+        entry[0] = tokens - 1.0
+        return True
+
+    def prune(self, now: float) -> None:
+        """Drop every entry whose bucket has refilled."""
+        rate, burst = self.rate, self.burst
+        full = [src for src, e in self._table.items() if e[0] + (now - e[1]) * rate >= burst]
+        for src in full:
+            del self._table[src]
+        if not self._table:
+            self._table = {}
+
+
+class _Rpc:
+    """One outstanding RPC; ``then`` None: report it as an event."""
+
+    __slots__ = ("addr", "data", "name", "started", "then", "tries")
+
+    def __init__(self, addr: Addr, data: bytes, name: str, started: float, then: Then | None):
+        self.addr = addr
+        self.data = data
+        self.name = name
+        self.started = started
+        self.then = then
+        self.tries = 1
+
+
+class _LookupOp:
+    __slots__ = (
+        "chains",
+        "done",
+        "found",
+        "key",
+        "lk",
+        "op_id",
+        "pages",
+        "remember",
+        "step",
+        "store",
+        "stored",
+        "then",
+        "timer_at",
+        "want_value",
+    )
+
+    def __init__(
+        self,
+        op_id: int,
+        key: bytes,
+        lk: Lookup,
+        want_value: bool,
+        remember: bool,
+        store: list[bytes] | None,
+        then: Then | None,
+    ) -> None:
+        self.op_id = op_id
+        self.key = key
+        self.lk = lk
+        self.want_value = want_value
+        self.remember = remember
+        self.store = store
+        self.then = then
+        self.found: dict[bytes, set[bytes]] = {}
+        self.stored: dict[bytes, Any] = {}
+        self.done = False
+        self.step: Finished | None = None
+        self.pages = 0
+        self.chains = 0
+        self.timer_at: float | None = None
+
+
+class _Sub:
+    """The subscription cycle of one listened key."""
+
+    __slots__ = ("at", "count", "gap", "key")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.count = 1
+        self.gap = False
+        #: the storing nodes that accepted the last subscription
+        self.at: list[Addr] = []
+
+
+class _Gather:
+    """Answers awaited from several nodes."""
+
+    __slots__ = ("accepted", "left", "live", "ok")
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.ok = 0
+        self.accepted: list[Addr] = []
+        self.live = True
+
+
+class Node:
+    """One DHT node, without I/O.
+
+    :param node_id: 20-byte routing ID (see :func:`routing_id`).
+    :param config: protocol parameters.
+    :param wallclock: wall-clock UNIX time (record expiry); the simulator passes a virtual one.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_first_armed",
+        "_flags",
+        "_listening",
+        "_lookup_cache",
+        "_lookups",
+        "_next_op",
+        "_pending",
+        "_pinging",
+        "_seq",
+        "_stats",
+        "_timers",
+        "address",
+        "config",
+        "events",
+        "handler",
+        "id",
+        "legacy",
+        "observed",
+        "outgoing",
+        "rate",
+        "store",
+        "subs",
+        "table",
+        "timer_changed",
+        "wallclock",
+    )
+
+    def __init__(
+        self, node_id: bytes, config: NodeConfig | None = None, *, wallclock: Callable[[], float]
+    ) -> None:
+        self.config = cfg = config or NodeConfig()
+        self.id = node_id
+        self.wallclock = wallclock
+        self.table = RoutingTable(node_id, cfg.ksize, cfg.max_failures, cfg.replacements)
+        self.store = RecordStore(cfg.limits)
+        self.legacy = LegacyStore(cfg.limits)
+        self.subs = Subscriptions(cfg.limits)
+        self.handler = RequestHandler(
+            node_id,
+            cfg.network,
+            self.table,
+            self.store,
+            self.legacy,
+            self.subs,
+            wallclock,
+            accept_stock=cfg.accept_stock,
+        )
+        self.handler.on_notify = self._on_notify
+        self._stats: Counter[str] = self.handler._stats
+        self.rate = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.max_rate_entries)
+        #: our address as the driver bound it (None: not yet)
+        self.address: Addr | None = None
+        #: our address as others saw it (``ds_ping`` answers), counted
+        self.observed: Counter[Addr] = Counter()
+        #: datagrams to send: (data, address)
+        self.outgoing: list[tuple[bytes, Addr]] = []
+        #: events not yet taken
+        self.events: list[Event] = []
+        #: the earliest timer moved earlier since the driver last cleared this
+        self.timer_changed = False
+        self._flags = FLAG_CLIENT if cfg.client_mode else 0
+        self._pending: dict[bytes, _Rpc] = {}
+        self._pinging: dict[bytes, None] = {}
+        self._listening: dict[bytes, _Sub] = {}
+        self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
+        self._lookups: dict[int, _LookupOp] = {}
+        self._timers: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._next_op = 0
+        self._first_armed = False
+        self._closed = False
+
+    @property
+    def stats(self) -> Counter[str]:
+        """Counters by reason: requests answered (``rpc:NAME``), refusals (``drop:REASON``,
+        ``refused:REASON``), retries and timeouts."""
+        return self.handler.stats
+
+    # -- driver interface ---------------------------------------------------------------
+
+    def start(self, address: Addr | None, now: float) -> None:
+        """The driver has bound ``address``: start maintenance.
+
+        :param address: our address (as the driver bound it).
+        :param now: monotonic time, seconds.
+        """
+        self.address = address
+        self._schedule(now + self.config.maintenance_interval, _MAINT, None)
+
+    def close(self) -> None:
+        """Stop: forget every RPC, operation, subscription and timer (no events)."""
+        self._closed = True
+        self._pending = {}
+        self._lookups = {}
+        self._listening = {}
+        self._timers = []
+        self.outgoing = []
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        """Take the datagrams waiting to be sent.
+
+        :param now: monotonic time, seconds (unused: datagrams are never held back).
+        """
+        out = self.outgoing
+        if out:
+            self.outgoing = []
+        return out
+
+    def next_event(self) -> Event | None:
+        """Take the oldest event not yet taken (None: none)."""
+        return self.events.pop(0) if self.events else None
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` should next run (monotonic seconds), or None."""
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run every timer due by ``now``.
+
+        :param now: monotonic time, seconds.
+        """
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, kind, arg = heapq.heappop(timers)
+            if self._closed:
+                return
+            if kind == _FIRST:
+                self._first_armed = False
+                self._first_tries_due(max(now, when))
+            elif kind == _RETRY:
+                self._retry(arg, now)
+            elif kind == _LOOKUP:
+                if not arg.done and arg.timer_at == when:
+                    arg.timer_at = None
+                    self._drive(arg, now)
+            elif kind == _MAINT:
+                self._maintain(now)
+            elif kind == _LISTEN and self._live(arg):
+                self._subscribe(arg, now)
+
+    def _schedule(self, when: float, kind: int, arg: Any) -> None:
+        self._seq += 1
+        timers = self._timers
+        heapq.heappush(timers, (when, self._seq, kind, arg))
+        if timers[0][0] == when:
+            self.timer_changed = True
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> bytes | None:
+        """Handle one datagram.
+
+        :param data: the datagram.
+        :param addr: where it came from, ``(host, port)``.
+        :param now: monotonic time, seconds.
+        :returns: the reply to send to ``addr`` at once, if any (other datagrams wait in
+            :attr:`outgoing`).
+        """
+        try:
+            if codec.is_stun(data):
+                self._stats["drop:stun"] += 1
+                return None
+            try:
+                msg = codec.decode(data)
+            except codec.MalformedDatagram as exc:
+                self._stats["drop:" + exc.reason] += 1
+                log.debug("%s: dropped datagram from %s: %s", self, addr, exc.reason)
+                return None
+            if type(msg) is codec.Response:
+                self._on_response(msg, addr, now)
+                return None
+            assert type(msg) is codec.Request
+            if not self.rate.admit(addr, now):
+                self._stats["drop:rate-limited"] += 1
+                return None
+            out = self.handler.handle(msg, addr, now)
+            if out.ping is not None:
+                self._ping_head(out.ping, now)
+            if out.notify:
+                for listener, key, raws in out.notify:
+                    self._send_notify(listener, key, raws, now)
+            if out.has_reply:
+                return b"\x01" + msg.msg_id + out.body()
+            return None
+        except Exception as exc:  # the guarantee: nothing escapes the handler
+            self._stats["drop:internal"] += 1
+            log.debug("%s: internal error on datagram from %s: %r", self, addr, exc)
+            return None
+
+    def __repr__(self) -> str:
+        return f"<Node {self.id.hex()[:8]}>"
+
+    # -- RPCs ---------------------------------------------------------------------------
+
+    def ds_args(self, *rest: Any) -> list[Any]:
+        """Arguments of one of our RPCs: network, our ID, flags, then ``rest``."""
+        return [self.config.network, self.id, self._flags, *rest]
+
+    def send_request(self, addr: Addr, name: str, args: list[Any], now: float) -> bytes:
+        """Send an RPC; it ends as :class:`RequestAnswered` or :class:`RequestFailed`.
+
+        :param addr: where to.
+        :param name: the RPC.
+        :param args: its arguments.
+        :param now: monotonic time, seconds.
+        :returns: the request id (the message id).
+        :raises LimitExceeded: too many RPCs outstanding, or the request is too large.
+        """
+        return self._rpc(addr, name, args, now, None)
+
+    def outstanding(self, addr: Addr | None = None) -> int:
+        """RPCs awaiting an answer (to ``addr`` only, if given)."""
+        if addr is None:
+            return len(self._pending)
+        return sum(1 for p in self._pending.values() if p.addr == addr)
+
+    def _rpc(self, addr: Addr, name: str, args: list[Any], now: float, then: Then | None) -> bytes:
+        cfg = self.config
+        if len(self._pending) >= cfg.max_inflight:
+            raise LimitExceeded(f"{cfg.max_inflight} RPCs already outstanding")
+        msg_id = os.urandom(codec.MSG_ID_BYTES)
+        data = codec.encode_request(msg_id, name, args)
+        if len(data) > codec.MAX_DATAGRAM:
+            raise LimitExceeded(f"{name} request is {len(data)} bytes, over {codec.MAX_DATAGRAM}")
+        self._pending[msg_id] = _Rpc(addr, data, name, now, then)
+        self.outgoing.append((data, addr))
+        if not self._first_armed:
+            self._first_armed = True
+            self._schedule(now + cfg.rpc_timeout, _FIRST, None)
+        return msg_id
+
+    def _on_response(self, msg: codec.Response, src: Addr, now: float) -> None:
+        p = self._pending.get(msg.msg_id)
+        if p is None:
+            self._stats["drop:unexpected-response"] += 1
+            return
+        if p.addr != src:
+            self._stats["drop:response-from-wrong-address"] += 1
+            return
+        self._forget(msg.msg_id)
+        if p.then is None:
+            self.events.append(RequestAnswered(msg.msg_id, msg.result))
+        else:
+            p.then(msg.result, None, now)
+
+    def _first_tries_due(self, now: float) -> None:
+        """Retry every RPC whose first try is ``rpc_timeout`` old, then wait for the next.
+
+        First tries all wait the same time, so in the (insertion-ordered) pending table
+        they fall due in order: one timer serves them all. Later tries have their own.
+        """
+        timeout = self.config.rpc_timeout
+        due: list[bytes] = []
+        next_at: float | None = None
+        for msg_id, p in self._pending.items():
+            if p.tries > 1:
+                continue
+            if p.started + timeout > now:
+                next_at = p.started + timeout
+                break
+            due.append(msg_id)
+        for msg_id in due:
+            self._retry(msg_id, now)
+        if next_at is not None and not self._first_armed:
+            self._first_armed = True
+            self._schedule(next_at, _FIRST, None)
+
+    def _forget(self, msg_id: bytes) -> None:
+        del self._pending[msg_id]
+        if not self._pending:
+            # A dict keeps its largest size: an idle node should not keep a join's burst.
+            self._pending = {}
+
+    def _retry(self, msg_id: bytes, now: float) -> None:
+        p = self._pending.get(msg_id)
+        if p is None:
+            return
+        cfg = self.config
+        if p.tries <= cfg.rpc_retries:
+            p.tries += 1
+            self._stats["rpc-retry"] += 1
+            self.outgoing.append((p.data, p.addr))
+            self._schedule(now + cfg.rpc_timeout * p.tries, _RETRY, msg_id)
+            return
+        self._forget(msg_id)
+        self._stats["rpc-timeout"] += 1
+        error = RpcTimeout(p.name, p.addr, now - p.started)
+        self.events.append(RequestFailed(msg_id, error))
+        if p.then is not None:
+            p.then(None, error, now)
+
+    def _learned(self, contact: Contact, now: float) -> None:
+        """A contact answered us: add it to the table (unless we are a pure client)."""
+        head = self.table.add_contact(contact, now)
+        if head is not None:
+            self._ping_head(head, now)
+
+    def _ping_head(self, head: Contact, now: float) -> None:
+        """Ping the least-recently-seen contact of a full bucket; evict it if it fails.
+        One ping per head at a time, however many newcomers wait for its place."""
+        if self._closed or head.id in self._pinging:
+            return
+        if len(self._pending) > self.config.max_inflight // 2:
+            return
+        self._pinging[head.id] = None
+        then = functools.partial(self._head_pinged, head)
+        if head.dialect == DIALECT_DS:
+            self._rpc(head.addr, "ds_ping", self.ds_args(), now, then)
+        else:
+            self._rpc(head.addr, "ping", [self.id], now, then)
+
+    def _head_pinged(
+        self, head: Contact, result: Any, error: DhtSignalError | None, now: float
+    ) -> None:
+        self._pinging.pop(head.id, None)
+        if error is None:
+            self._learned(head, now)
+        else:
+            self.table.failed(head.id)
+
+    def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes], now: float) -> None:
+        if self._closed or len(self._pending) > self.config.max_inflight // 2:
+            self._stats["notify-skipped"] += 1
+            return
+        then = functools.partial(self._notified, key, listener)
+        self._rpc(listener, "ds_notify", self.ds_args(key, raws), now, then)
+
+    def _notified(
+        self, key: bytes, listener: Addr, result: Any, error: DhtSignalError | None, now: float
+    ) -> None:
+        if error is not None or result is False:
+            self.subs.remove(key, listener)
+
+    def _done(
+        self,
+        op_id: int,
+        then: Then | None,
+        kind: Callable[[int, Any], Event],
+        result: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        """End an operation: call its continuation, or report it as an event."""
+        if then is not None:
+            then(result, error, now)
+        elif error is not None:
+            self.events.append(OperationFailed(op_id, error))
+        else:
+            self.events.append(kind(op_id, result))
+
+    def _new_op(self) -> int:
+        self._next_op += 1
+        return self._next_op
+
+    # -- ping & bootstrap ---------------------------------------------------------------
+
+    def start_ping(self, addr: Addr, now: float, then: Then | None = None) -> int:
+        """Ping ``addr`` with our RPC and add it as a contact; ends as
+        :class:`PingAnswered` (its routing ID) or :class:`OperationFailed`.
+
+        :raises LimitExceeded: too many RPCs outstanding.
+        """
+        op_id = self._new_op()
+        self._rpc(
+            addr, "ds_ping", self.ds_args(), now, functools.partial(self._pinged, op_id, addr, then)
+        )
+        return op_id
+
+    def _pinged(
+        self,
+        op_id: int,
+        addr: Addr,
+        then: Then | None,
+        reply: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        if error is None and (
+            type(reply) is not list
+            or len(reply) != 2
+            or type(reply[0]) is not bytes
+            or len(reply[0]) != 20
+        ):
+            error = RpcTimeout("ds_ping (bad reply)", addr, 0.0)
+        if error is not None:
+            self._done(op_id, then, PingAnswered, None, error, now)
+            return
+        nid = bytes(reply[0])
+        seen = reply[1]
+        if type(seen) is list and len(seen) == 2:
+            with contextlib.suppress(TypeError, ValueError):
+                self.observed[(str(seen[0]), int(seen[1]))] += 1
+        self._learned(Contact(nid, addr[0], addr[1], DIALECT_DS), now)
+        self._done(op_id, then, PingAnswered, nid, None, now)
+
+    def start_bootstrap(self, addrs: Iterable[Addr], now: float, then: Then | None = None) -> int:
+        """Join through ``addrs`` (IP addresses): ping each, then look up our own ID.
+        Ends as :class:`Bootstrapped` with the routing table's size."""
+        op_id = self._new_op()
+        targets = list(addrs)
+        gather = _Gather(len(targets) + 1)  # one more: released after the loop
+        step = functools.partial(self._boot_pinged, op_id, gather, then)
+        for a in targets:
+            try:
+                self.start_ping(a, now, step)
+            except DhtSignalError as exc:
+                step(None, exc, now)
+        step(None, UsageError("end of list"), now)
+        return op_id
+
+    def _boot_pinged(
+        self,
+        op_id: int,
+        gather: _Gather,
+        then: Then | None,
+        nid: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        gather.left -= 1
+        if error is None:
+            gather.ok += 1
+        if gather.left:
+            return
+        if gather.ok == 0 and len(self.table) == 0:
+            self._done(op_id, then, Bootstrapped, 0, None, now)
+            return
+        self.start_lookup(
+            self.id, now, remember=False, then=functools.partial(self._boot_looked, op_id, then)
+        )
+
+    def _boot_looked(
+        self, op_id: int, then: Then | None, res: Any, error: DhtSignalError | None, now: float
+    ) -> None:
+        self._done(op_id, then, Bootstrapped, len(self.table), error, now)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def start_lookup(
+        self,
+        key: bytes,
+        now: float,
+        *,
+        k: int | None = None,
+        want_value: bool = False,
+        remember: bool = True,
+        store: list[bytes] | None = None,
+        then: Then | None = None,
+    ) -> int:
+        """Start an iterative lookup; it ends as :class:`LookupFinished`.
+
+        :param key: the 20-byte target.
+        :param now: monotonic time, seconds.
+        :param k: result size (default ``ksize``).
+        :param want_value: collect records (``ds_find_value``).
+        :param remember: keep the result for ``lookup_cache_ttl`` to start the next
+            lookup of ``key`` from (put/get/listen; not table refreshes).
+        :param store: records every node asked stores on the way (``ds_store_find``; the
+            lookup only ever asks nodes among the k closest it knows at the time).
+        :param then: continuation instead of an event (the node's own use).
+        :returns: the operation id.
+        """
+        cfg = self.config
+        k = k or cfg.ksize
+        op_id = self._new_op()
+        cached = self._lookup_cache.get(key)
+        if cached is not None and cached[0] > now:
+            initial, warm = cached[1], True
+        else:
+            initial, warm = self.table.closest(key, max(k, cfg.ksize)), False
+        lk = Lookup(
+            key,
+            initial,
+            k=k,
+            alpha=k if warm else cfg.alpha,
+            peer_timeout=cfg.peer_timeout,
+            own_id=self.id,
+        )
+        op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
+        self._lookups[op_id] = op
+        self._drive(op, now)
+        return op_id
+
+    def _drive(self, op: _LookupOp, now: float) -> None:
+        if op.done:
+            return
+        lk = op.lk
+        for _ in range(1_000_000):  # bounded: each Query step marks candidates in flight
+            step = lk.next(now)
+            if type(step) is Query:
+                for c in step.contacts:
+                    try:
+                        self._query(op, c, now)
+                    except DhtSignalError as exc:
+                        op.done = True
+                        self._lookups.pop(op.op_id, None)
+                        self._done(op.op_id, op.then, LookupFinished, None, exc, now)
+                        return
+                continue
+            if type(step) is Finished:
+                op.done = True
+                op.step = step
+                if op.pages == 0:
+                    self._finish_lookup(op, now)
+                return
+            assert type(step) is Wait
+            until = step.until
+            if until is not None and until != op.timer_at:
+                op.timer_at = until
+                self._schedule(until, _LOOKUP, op)
+            return
+
+    def _query(self, op: _LookupOp, c: Contact, now: float) -> None:
+        then = functools.partial(self._answered, op, c)
+        if c.dialect == DIALECT_STOCK:
+            self._rpc(c.addr, "find_node", [self.id, op.key], now, then)
+        elif op.store is not None:
+            self._rpc(c.addr, "ds_store_find", self.ds_args(op.key, op.store), now, then)
+        elif op.want_value:
+            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, 0), now, then)
+        else:
+            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then)
+
+    def _answered(
+        self, op: _LookupOp, c: Contact, reply: Any, error: DhtSignalError | None, now: float
+    ) -> None:
+        # Late answers (after the lookup finished) still update the routing table.
+        if error is not None:
+            self.table.failed(c.id)
+            op.lk.on_failure(c)
+            self._drive(op, now)
+            return
+        if op.done:
+            self._learned(c, now)
+            return
+        if op.store is not None and c.dialect == DIALECT_DS:
+            if type(reply) is not list or len(reply) != 2:
+                reply = None
+            else:
+                op.stored[c.id], reply = reply
+        closer = self._absorb(op, c, reply, now)
+        if closer is None:
+            self._stats["drop:bad-reply"] += 1
+            op.lk.on_failure(c)
+        else:
+            self._learned(c, now)
+            op.lk.on_success(c, closer)
+        self._drive(op, now)
+
+    def _absorb(self, op: _LookupOp, c: Contact, reply: Any, now: float) -> list[Contact] | None:
+        """Parse a find reply; collect records; returns the closer contacts or None.
+
+        Contacts the lookup would ignore (known, or too far to be kept) are not parsed."""
+        items: Any = reply
+        if op.want_value and c.dialect == DIALECT_DS:
+            parsed = value_page(reply)
+            if parsed is None:
+                return None
+            items, page, nxt = parsed
+            _collect(op.found, page, c.id)
+            if nxt is not None and nxt > 0 and op.chains < self.config.max_pages:
+                op.chains += 1
+                op.pages += 1
+                self._fetch_page(op, c, nxt, 1, now)
+        if type(items) is not list:
+            return None
+        return self._contacts(op.lk, items)
+
+    def _contacts(self, lk: Lookup, items: list[Any]) -> list[Contact]:
+        out: list[Contact] = []
+        known, far = lk.skip_state()
+        target = lk.target
+        for item in items[: self.config.ksize * 2]:
+            if type(item) is list and item and type(nid := item[0]) is bytes:
+                if nid in known:
+                    continue
+                if far is not None and int.from_bytes(nid, "big") ^ target >= far:
+                    continue
+            contact = parse_contact(item)
+            if contact is not None:
+                out.append(contact)
+        return out
+
+    def _fetch_page(self, op: _LookupOp, c: Contact, cursor: int, n: int, now: float) -> None:
+        """Ask ``c`` for the records page at ``cursor`` (the ``n``-th of its chain)."""
+        then = functools.partial(self._page_answered, op, c, cursor, n)
+        try:
+            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, cursor), now, then)
+        except DhtSignalError:
+            self._stats["task-error"] += 1
+            self._page_chain_ended(op, now)
+
+    def _page_answered(
+        self,
+        op: _LookupOp,
+        c: Contact,
+        cursor: int,
+        n: int,
+        reply: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        if error is None:
+            parsed = value_page(reply)
+            if parsed is not None:
+                _collect(op.found, parsed[1], c.id)
+                nxt = parsed[2]
+                if nxt is not None and nxt > cursor and n < self.config.max_pages:
+                    self._fetch_page(op, c, nxt, n + 1, now)
+                    return
+        self._page_chain_ended(op, now)
+
+    def _page_chain_ended(self, op: _LookupOp, now: float) -> None:
+        op.pages -= 1
+        if op.pages == 0 and op.step is not None and op.op_id in self._lookups:
+            self._finish_lookup(op, now)
+
+    def _finish_lookup(self, op: _LookupOp, now: float) -> None:
+        self._lookups.pop(op.op_id, None)
+        step = op.step
+        assert step is not None
+        cfg = self.config
+        if step.closest and op.remember:
+            cache = self._lookup_cache
+            cache.pop(op.key, None)
+            # The table's own objects where it has them: no second copy of a contact.
+            cache[op.key] = (
+                now + cfg.lookup_cache_ttl,
+                [self.table.get(c.id) or c for c in step.closest],
+            )
+            while len(cache) > cfg.lookup_cache_size:
+                del cache[next(iter(cache))]
+        recs = self._verify(list(op.found)) if op.want_value else []
+        res = LookupResult(step.closest, step.hops, step.queried, recs, op.found, op.stored)
+        self._done(op.op_id, op.then, LookupFinished, res, None, now)
+
+    def _verify(self, raws: list[bytes]) -> list[Record]:
+        return records.checked(raws, self.wallclock(), self._stats, "refused-read:")
+
+    # -- put / get ----------------------------------------------------------------------
+
+    def _stores_locally(self, key: bytes, closest: list[Contact]) -> bool:
+        if self.config.client_mode:
+            return False
+        if len(closest) < self.config.replicas:
+            return True
+        k = int.from_bytes(key, "big")
+        return (self.table.own_long ^ k) < (closest[-1].long_id ^ k)
+
+    def start_put(self, recs: list[Record], now: float, then: Then | None = None) -> int:
+        """Store records (all under one key) on the nodes closest to it; ends as
+        :class:`RecordsStored` or :class:`OperationFailed` with
+        :class:`~dhtsignal.errors.PutFailed` (``NodeIdTaken`` when that was why,
+        ``StoreLimitExceeded`` when a storage limit was).
+
+        :raises UsageError: records under different keys, or too many at once.
+        """
+        if not recs or len({r.key for r in recs}) != 1 or len(recs) > MAX_STORE_BATCH:
+            raise UsageError(f"put takes 1 to {MAX_STORE_BATCH} records under one key")
+        op_id = self._new_op()
+        # Each node the lookup asks stores the records as it answers (ds_store_find): the
+        # k closest hold them when it ends; nodes it asked early that turned out farther
+        # keep a spare copy until it expires.
+        self.start_lookup(
+            recs[0].key,
+            now,
+            k=self.config.replicas,
+            store=[r.raw for r in recs],
+            then=functools.partial(self._put_looked_up, op_id, recs, then),
+        )
+        return op_id
+
+    def _put_looked_up(
+        self,
+        op_id: int,
+        recs: list[Record],
+        then: Then | None,
+        res: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        if error is not None:
+            self._done(op_id, then, RecordsStored, None, error, now)
+            return
+        try:
+            result = self._put_outcome(recs, res, now)
+        except DhtSignalError as exc:  # PutFailed, NodeIdTaken
+            self._done(op_id, then, RecordsStored, None, exc, now)
+            return
+        self._done(op_id, then, RecordsStored, result, None, now)
+
+    def _put_outcome(self, recs: list[Record], res: LookupResult, now: float) -> PutResult:
+        """The put-result policy: storing nodes' answers to a :class:`PutResult` or error."""
+        key = recs[0].key
+        refused: Counter[str] = Counter()
+        stored = 0
+        if self._stores_locally(key, res.closest):
+            wall = self.wallclock()
+            local_ok = True
+            for r in recs:
+                try:
+                    fresh = self.store.put(r, self.address or ("", 0), wall)
+                except RecordRejected as exc:
+                    refused[exc.reason] += 1
+                    local_ok = False
+                    continue
+                if fresh:
+                    for listener in self.subs.listeners(key, wall):
+                        self._send_notify(listener, key, [r.raw], now)
+            # Our own copy proves nothing about a node-ID claim: only others' acceptance does.
+            if not any(r.type in (RecordType.CLAIM, RecordType.PRESENCE) for r in recs):
+                stored += local_ok
+        replies = [res.stored.get(c.id) for c in res.closest if c.dialect == DIALECT_DS]
+        spare = len(res.stored) - len(replies)
+        if spare > 0:
+            self._stats["put:spare-copies"] += spare
+        for reply in replies:
+            if type(reply) is list and reply and all(x == "ok" for x in reply):
+                stored += 1
+            elif type(reply) is list:
+                for x in reply:
+                    if x != "ok":
+                        refused[str(x)[:32]] += 1
+            else:
+                refused["bad-reply"] += 1
+        if refused.get("id-taken"):
+            # One storing node holding another key's live claim is enough: the ID is taken.
+            raise NodeIdTaken("another key holds a live claim on this node id")
+        detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
+        limits = [r for r in refused if r in STORE_LIMITS]
+        if stored == 0:
+            if limits:
+                worst = max(limits, key=refused.__getitem__)
+                raise StoreLimitExceeded(
+                    worst, f"no node stored the record: {STORE_LIMITS[worst]} is used up ({detail})"
+                )
+            raise PutFailed(f"no node stored the record ({detail})")
+        if limits:
+            log.warning(
+                "put: %d storing nodes stored the record, others refused (%s)", stored, detail
+            )
+        return PutResult(stored, dict(refused), res.hops)
+
+    def start_get(
+        self,
+        key: bytes,
+        now: float,
+        *,
+        include_tombstones: bool = False,
+        then: Then | None = None,
+    ) -> int:
+        """All live records under ``key`` from the nodes closest to it, verified and
+        merged, with our own; ends as :class:`RecordsFound`. The support of each signer
+        is the number of distinct storing nodes whose answers held a live (not
+        tombstoned) record of theirs; our own store counts as one."""
+        op_id = self._new_op()
+        self.start_lookup(
+            key,
+            now,
+            k=self.config.replicas,
+            want_value=True,
+            then=functools.partial(self._got, op_id, key, include_tombstones, then),
+        )
+        return op_id
+
+    def _got(
+        self,
+        op_id: int,
+        key: bytes,
+        include_tombstones: bool,
+        then: Then | None,
+        res: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        if error is not None:
+            self._done(op_id, then, RecordsFound, None, error, now)
+            return
+        merged = list(res.records)
+        holders: dict[bytes, set[bytes]] = {}
+        for r in res.records:
+            if not r.is_tombstone:
+                holders.setdefault(r.signer, set()).update(res.held_by.get(r.raw, ()))
+        if not self.config.client_mode:
+            mine = self.store.get(key, self.wallclock())
+            merged.extend(mine)
+            for r in mine:
+                if not r.is_tombstone:
+                    holders.setdefault(r.signer, set()).add(self.id)
+        out = records.newest(merged)
+        if not include_tombstones:
+            out = [r for r in out if not r.is_tombstone]
+        held = HeldRecords(out, {signer: len(ids) for signer, ids in holders.items()})
+        self._done(op_id, then, RecordsFound, held, None, now)
+
+    # -- listen -------------------------------------------------------------------------
+
+    def listen(self, key: bytes, now: float) -> None:
+        """One more listener on ``key``: the first starts the subscription cycle.
+        Records arrive as :class:`RecordsReceived`; each (re)subscription reports a
+        :class:`SubscriptionRenewed`."""
+        sub = self._listening.get(key)
+        if sub is not None:
+            sub.count += 1
+            return
+        sub = self._listening[key] = _Sub(key)
+        self._subscribe(sub, now)
+
+    def unlisten(self, key: bytes, now: float) -> None:
+        """One listener fewer on ``key``; the last one leaving unsubscribes (no answer
+        awaited)."""
+        sub = self._listening.get(key)
+        if sub is None:
+            return
+        sub.count -= 1
+        if sub.count > 0:
+            return
+        del self._listening[key]
+        for addr in sub.at:
+            if self._closed:
+                return
+            try:
+                self._rpc(addr, "ds_unlisten", self.ds_args(key), now, _ignore)
+            except DhtSignalError:  # too many RPCs in flight: the subscription just lapses
+                return
+
+    def listening(self, key: bytes) -> int:
+        """How many listeners ``key`` has."""
+        sub = self._listening.get(key)
+        return 0 if sub is None else sub.count
+
+    def _live(self, sub: _Sub) -> bool:
+        return self._listening.get(sub.key) is sub
+
+    def _subscribe(self, sub: _Sub, now: float) -> None:
+        self.start_lookup(
+            sub.key,
+            now,
+            k=self.config.replicas,
+            then=functools.partial(self._sub_looked_up, sub),
+        )
+
+    def _sub_looked_up(self, sub: _Sub, res: Any, error: DhtSignalError | None, now: float) -> None:
+        if not self._live(sub):
+            return
+        if error is not None:
+            self._sub_error(sub, error, now)
+            return
+        targets = [c for c in res.closest if c.dialect == DIALECT_DS]
+        if not targets:
+            self._subscribed(sub, [], now)
+            return
+        gather = _Gather(len(targets))
+        args = self.ds_args(sub.key, self.config.listen_ttl)
+        for c in targets:
+            try:
+                self._rpc(
+                    c.addr,
+                    "ds_listen",
+                    args,
+                    now,
+                    functools.partial(self._sub_answer, sub, gather, c),
+                )
+            except DhtSignalError as exc:
+                gather.live = False
+                self._sub_error(sub, exc, now)
+                return
+
+    def _sub_error(self, sub: _Sub, error: DhtSignalError, now: float) -> None:
+        self._stats["listen-error"] += 1
+        log.debug("%s: listen %s: %s", self, sub.key.hex()[:12], error)
+        self._subscribed(sub, [], now)
+
+    def _sub_answer(
+        self,
+        sub: _Sub,
+        gather: _Gather,
+        c: Contact,
+        reply: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        if not gather.live:
+            return
+        gather.left -= 1
+        if error is None and type(reply) in (int, float):
+            gather.accepted.append(c.addr)
+        if gather.left == 0 and self._live(sub):
+            self._subscribed(sub, gather.accepted, now)
+
+    def _subscribed(self, sub: _Sub, accepted: list[Addr], now: float) -> None:
+        cfg = self.config
+        sub.at = accepted
+        self.events.append(SubscriptionRenewed(sub.key, len(accepted)))
+        if accepted:
+            if sub.gap:  # catch up on what was stored while we polled
+                sub.gap = False
+                self._poll(sub, cfg.listen_ttl / 2, now)
+            else:
+                self._schedule(now + cfg.listen_ttl / 2, _LISTEN, sub)
+            return
+        sub.gap = True  # not subscribed for a while: records may go unpushed
+        self._stats["listen-fallback-poll"] += 1
+        self._poll(sub, cfg.poll_interval, now)
+
+    def _poll(self, sub: _Sub, then_wait: float, now: float) -> None:
+        self.start_get(
+            sub.key,
+            now,
+            include_tombstones=True,
+            then=functools.partial(self._polled, sub, then_wait),
+        )
+
+    def _polled(
+        self, sub: _Sub, then_wait: float, held: Any, error: DhtSignalError | None, now: float
+    ) -> None:
+        if not self._live(sub):
+            return
+        if error is not None:
+            self._stats["listen-error"] += 1
+            log.debug("%s: listen %s: %s", self, sub.key.hex()[:12], error)
+        elif held.records:
+            self.events.append(RecordsReceived(sub.key, held.records, False))
+        self._schedule(now + then_wait, _LISTEN, sub)
+
+    def _on_notify(self, key: bytes, recs: list[Record], addr: Addr) -> bool:
+        if key not in self._listening:
+            return False
+        if recs:
+            self.events.append(RecordsReceived(key, recs, True))
+        return True
+
+    # -- maintenance & persistence ------------------------------------------------------
+
+    def _maintain(self, now: float) -> None:
+        cfg = self.config
+        wall = self.wallclock()
+        self.store.expire(wall)
+        self.legacy.expire(wall)
+        self.subs.expire(wall)
+        self.rate.prune(now)
+        cache = self._lookup_cache
+        for key in [k for k, (until, _) in cache.items() if until <= now]:
+            del cache[key]
+        if not cache:
+            self._lookup_cache = {}
+        for lo, hi in self.table.stale_buckets(now, cfg.refresh_interval)[:4]:
+            if len(self.table) and len(self._lookups) < cfg.max_refresh_lookups:
+                target = (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(
+                    20, "big"
+                )
+                self.start_lookup(target, now, remember=False, then=_ignore)
+        self._schedule(now + cfg.maintenance_interval, _MAINT, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The persistent state as plain data: contacts, stored records, plain values."""
+        wall = self.wallclock()
+        return {
+            "v": 1,
+            "id": self.id,
+            "contacts": [c.wire() for c in self.table.contacts()],
+            "records": [[raw, [src[0], src[1]]] for raw, src in self.store.dump(wall)],
+            "legacy": [[k, v, exp] for k, v, exp in self.legacy.dump(wall)],
+        }
+
+    def restore(self, state: Any, now: float, source: str = "state") -> int:
+        """Restore what :meth:`snapshot` returned; returns how many records were restored.
+
+        Records are verified again; expired ones are dropped; entries of the wrong shape
+        (a flipped bit, a hand edit) are skipped and counted (``state:bad-entry``).
+
+        :param state: the snapshot.
+        :param now: monotonic time, seconds (contacts' last-seen time).
+        :param source: what the state came from, for error messages.
+        :raises UsageError: the state as a whole is not a snapshot.
+        """
+        if not isinstance(state, dict) or state.get("v") != 1:
+            raise UsageError(f"{source} has an unknown format")
+
+        def section(name: str) -> list[Any]:
+            items = state.get(name, [])
+            if type(items) is not list:
+                raise UsageError(f"{source}: {name!r} is not a list")
+            return items
+
+        contacts, saved, legacy = section("contacts"), section("records"), section("legacy")
+        for item in contacts:
+            c = parse_contact(item)
+            if c is None:
+                self._stats["state:bad-entry"] += 1
+                continue
+            self.table.add_contact(c, now)
+        wall = self.wallclock()
+        good = []
+        for item in saved:
+            if not _shaped(item, [bytes, [str, int]]):
+                self._stats["state:bad-entry"] += 1
+                continue
+            good.append(item)
+        restored = 0
+        for rec, (_, (host, port)) in zip(
+            records.check_all([item[0] for item in good], wall), good, strict=True
+        ):
+            if type(rec) is not Record:
+                continue
+            try:
+                self.store.put(rec, (host, port), wall)
+            except RecordRejected:
+                continue
+            restored += 1
+        for item in legacy:
+            # [key, value, expires]; files written before expiry was kept have [key, value].
+            if type(item) is not list or len(item) not in (2, 3):
+                self._stats["state:bad-entry"] += 1
+                continue
+            expires = item[2] if len(item) == 3 and type(item[2]) in (int, float) else None
+            if expires is not None and expires <= wall:
+                continue
+            try:
+                self.legacy.put(item[0], item[1], wall, expires)
+            except RecordRejected:
+                self._stats["state:bad-entry"] += 1
+        return restored
