@@ -7,6 +7,7 @@ Every peer and DHT node here runs on real UDP sockets on loopback, and ICE gathe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +80,7 @@ class HeldOffer(rtc.PeerConnection):
             await self.hold
 
 
-def connections(cls: type[rtc.PeerConnection]) -> Any:
+def connections(cls: type[rtc.PeerConnection]) -> Callable[[Any], rtc.PeerConnection]:
     """A ``connection_factory`` making ``cls`` connections, configured as the default one."""
 
     def make(ice_servers: Any) -> rtc.PeerConnection:
@@ -533,6 +534,7 @@ async def test_glare_loser_sends_no_offer_after_yielding(peers: StartPeer, boot:
     def make(name: str) -> dict[str, Any]:
         def factory(ice_servers: Any) -> rtc.PeerConnection:
             pc = connections(HeldOffer)(ice_servers)
+            assert isinstance(pc, HeldOffer)
             pc.hold = holds.get(name)
             return pc
 

@@ -508,7 +508,8 @@ async def test_largest_valid_compact_offer_fits_an_inbox_record(net: Net) -> Non
     net.alice_offers.rewrite = lambda text: with_candidates(text, n)
     dialing = asyncio.ensure_future(net.alice.connect("bob"))
     try:
-        done, _ = await asyncio.wait({dialing, stored}, timeout=STEP, return_when="FIRST_COMPLETED")
+        racing: set[asyncio.Future[Any]] = {dialing, stored}
+        done, _ = await asyncio.wait(racing, timeout=STEP, return_when="FIRST_COMPLETED")
         if dialing in done:
             dialing.result()  # raises what connect() raised
         assert stored in done, "the offer never reached the DHT"
