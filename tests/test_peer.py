@@ -15,8 +15,16 @@ import pytest
 from aiortc import RTCSessionDescription
 
 from dhtsignal.aio import rtc
+from dhtsignal.datadir import STATE_FILE
 from dhtsignal.dialing import _one_line
-from dhtsignal.errors import ConnectFailed, DialFailed, PeerNotFound, SessionClosed
+from dhtsignal.errors import (
+    ConfigError,
+    ConnectFailed,
+    DialFailed,
+    PeerNotFound,
+    SessionClosed,
+    UsageError,
+)
 from dhtsignal.identity import Identity
 from dhtsignal.peer import (
     ChannelOptions,
@@ -562,3 +570,27 @@ async def test_glare_loser_sends_no_offer_after_yielding(peers: StartPeer, boot:
     assert sent[winner.node_id] == [w.session_id]
     await lo.send(b"one session")
     assert await w.recv(STEP) == b"one session"
+
+
+@pytest.mark.timeout(20)
+async def test_kept_state_is_loaded_at_start_and_saved_at_close(
+    peers: StartPeer, boot: list[str], tmp_path: Path
+) -> None:
+    """The peer daemon's start path: with keep_state the DHT state is saved at close and
+    restored at the next start; a corrupt state file is a ConfigError naming the data
+    directory, and is kept (never saved over) for the operator to look at."""
+    keep = PeerConfig(keep_state=True)
+    bob = await peers("bob", boot, data_dir=tmp_path, config=keep)
+    await bob.close()
+    state = tmp_path / STATE_FILE
+    assert state.exists() and state.stat().st_size > 0
+    bob2 = await peers("bob", [], data_dir=tmp_path, config=keep)
+    assert len(bob2.node.table) >= 1  # contacts restored, with no bootstrap address given
+    await bob2.close()
+
+    state.write_bytes(b"\xc1 not msgpack")
+    with pytest.raises(ConfigError, match="data_dir"):
+        await peers("bob", boot, data_dir=tmp_path, config=keep)
+    assert state.read_bytes() == b"\xc1 not msgpack"
+    with pytest.raises(UsageError, match="data_dir"):
+        Peer("bob", boot, config=keep)
