@@ -10,19 +10,20 @@ signal. :meth:`Daemon.run` goes through four phases:
 
 1. *start*: load the identity key and the saved state (contacts, stored records)
    from the data directory, bind the UDP socket, join the DHT, and (for a peer)
-   claim the node ID and publish presence. SIGTERM or SIGINT during start
-   cancels it (before :meth:`Daemon.run` installs its handlers, the CLI's own
-   end the process quietly; they are put back when it returns). A setting that
-   parses but cannot be used (the listen address, the data directory) raises
+   claim the node ID and publish presence (a peer daemon does all of this through
+   :meth:`Peer.start <dhtsignal.peer.Peer.start>`, the library's own sequence).
+   SIGTERM or SIGINT during start cancels it (before :meth:`Daemon.run` installs its
+   handlers, the CLI's own end the process quietly; they are put back when it returns).
+   A setting that parses but cannot be used (the listen address, the data directory) raises
    :class:`~dhtsignal.errors.ConfigError` naming it.
 2. *ready*: one line goes to the ``ready`` callback (the CLI prints it). A peer
    announces itself only after its records are published, so a reader that
    waits for the line finds it.
 3. *serve* until SIGTERM or SIGINT. Tasks owned by the node save the state every
    ``save_interval`` seconds and re-join while the routing table is empty. A peer
-   also accepts WebRTC sessions through a :class:`~dhtsignal.peer.Peer` attached to
-   its node (ping is answered by the session itself) and prints every message it
-   receives as ``message from NODE_ID: TEXT``.
+   is a :class:`~dhtsignal.peer.Peer`: it accepts WebRTC sessions (ping is answered by
+   the session itself) and prints every message it receives as
+   ``message from NODE_ID: TEXT``.
 4. *shutdown*, bounded by :data:`SHUTDOWN_BUDGET` so the process exits within
    2 s: a peer publishes tombstones (offline for everyone at once), then the
    state is saved and the node closed.
@@ -47,7 +48,7 @@ from dhtsignal.config import Settings
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock
 from dhtsignal.errors import ConfigError, DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
 from dhtsignal.identity import Identity
-from dhtsignal.presence import Presence, resolve
+from dhtsignal.presence import resolve
 from dhtsignal.wire.addr import Addr, show_addr, show_addrs
 
 if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
@@ -261,59 +262,53 @@ class PeerDaemon(Daemon):
 
     def __init__(self, settings: Settings, ready: ReadyCallback) -> None:
         super().__init__(settings, ready)
-        self.presence: Presence | None = None
         self.peer: Peer | None = None
         self.node_id = settings.node_id or ""
 
     async def start(self) -> None:
-        """Join, claim the node ID, publish presence and room records.
+        """Lock the data directory, then :meth:`Peer.start <dhtsignal.peer.Peer.start>`:
+        load the saved state, bind, join, listen on the inbox (before the ready line, so a
+        dial right after it is heard), claim the node ID and publish presence and room
+        records; then save periodically, re-join when the table runs empty, and read the
+        node ID back.
 
+        :raises ConfigError: the data directory, its state or the listen address is unusable.
         :raises DhtTimeout: no bootstrap node answered.
         :raises NodeIdTaken: another key holds a live claim on the node ID.
         """
-        s = self.settings
-        node = await self.open_node()
-        assert self.identity is not None
-        began = time.monotonic()
-        if await node.bootstrap(s.bootstrap) == 0:
-            raise _unreachable(s.bootstrap, began)
-        self.keep_joined(s.bootstrap)
-        self.node_id = s.node_id or self.identity.self_id
-        presence = Presence(
-            node,
-            self.identity,
-            self.node_id,
-            list(s.room),
-            ttl=s.presence_ttl,
-            claim_ttl=s.claim_ttl,
-        )
-        taken = NodeIdTaken(
-            f"node id {self.node_id!r} is taken: another key holds a live claim on it"
-        )
-        try:
-            await presence.start()
-        except NodeIdTaken:
-            raise taken from None
-        self.presence = presence
-        if not await self._owns_node_id():
-            raise taken
-        log.info("published %s in rooms %s", self.node_id, ", ".join(s.room))
-        # Sessions: subscribed to the inbox before the ready line, so a dial right after it
-        # is heard.
         from dhtsignal.aio import rtc
-        from dhtsignal.peer import Peer
+        from dhtsignal.peer import Peer, PeerConfig
 
+        s = self.settings
+        self._lock.acquire()
+        self.identity = identity = Identity.load_or_create(self.data_dir)
+        self.node_id = s.node_id or identity.self_id
         rtc.use_host_addresses(list(s.ice_host) or None)
-        self.peer = Peer(
+        self.peer = peer = Peer(
             self.node_id,
-            node=node,
-            identity=self.identity,
-            accept=list(s.accept) or None,
+            s.bootstrap,
+            listen=s.listen,
+            rooms=list(s.room),
+            data_dir=self.data_dir,
+            identity=identity,
             ice_servers=s.ice_servers(),
-            known_peers=self.data_dir / KNOWN_PEERS_FILE,
+            accept=list(s.accept) or None,
             presence_ttl=s.presence_ttl,
+            claim_ttl=s.claim_ttl,
+            node_config=s.node_config(),
+            known_peers=self.data_dir / KNOWN_PEERS_FILE,
+            config=PeerConfig(keep_state=True, sign_off_timeout=SIGNOFF_BUDGET),
         )
-        await self.peer.start()
+        self.node = node = peer.node
+        await peer.start()
+        log.info("joined the DHT: %d contacts", len(node.table))
+        node.spawn(self._save_periodically(), name="save-state")
+        self.keep_joined(s.bootstrap)
+        if not await self._owns_node_id():
+            raise NodeIdTaken(
+                f"node id {self.node_id!r} is taken: another key holds a live claim on it"
+            )
+        log.info("published %s in rooms %s", self.node_id, ", ".join(s.room))
 
     async def _owns_node_id(self) -> bool:
         """Read our node ID back: does the DHT name our key as its owner?
@@ -354,18 +349,13 @@ class PeerDaemon(Daemon):
             await asyncio.gather(serving, return_exceptions=True)
 
     async def shutdown(self) -> None:
-        """Close the sessions, publish tombstones (bounded by :data:`SIGNOFF_BUDGET`), then
-        save and close."""
+        """:meth:`Peer.close <dhtsignal.peer.Peer.close>`: publish tombstones (bounded by
+        :data:`SIGNOFF_BUDGET`), close the sessions, save the state (unless it could not be
+        loaded) and close the node."""
         if self.peer is not None:
             peer, self.peer = self.peer, None
             await peer.close()
-        if self.presence is not None:
-            presence, self.presence = self.presence, None
-            try:
-                await asyncio.wait_for(presence.stop(), SIGNOFF_BUDGET)
-            except TimeoutError:
-                log.warning("signing off took over %.1f s; records will expire", SIGNOFF_BUDGET)
-        await super().shutdown()
+            log.info("stopped")
 
 
 @contextlib.asynccontextmanager

@@ -7,20 +7,39 @@ Every peer and DHT node here runs on real UDP sockets on loopback, and ICE gathe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from aiortc import RTCSessionDescription
 
-from dhtsignal import peer as peer_module
 from dhtsignal.aio import rtc
+from dhtsignal.datadir import STATE_FILE
 from dhtsignal.dialing import _one_line
-from dhtsignal.errors import ConnectFailed, DialFailed, PeerNotFound, SessionClosed
+from dhtsignal.errors import (
+    ConfigError,
+    ConnectFailed,
+    DialFailed,
+    PeerNotFound,
+    SessionClosed,
+    UsageError,
+)
 from dhtsignal.identity import Identity
-from dhtsignal.peer import ChannelOptions, Peer, Session
+from dhtsignal.peer import (
+    ChannelOptions,
+    IncomingFailed,
+    Peer,
+    PeerConfig,
+    PeerEvent,
+    Session,
+    SignalReceived,
+    SignalSent,
+)
 from dhtsignal.presence import resolve
 from dhtsignal.signaling.envelope import MessageType
-from dhtsignal.signaling.session import SessionMachine, SessionTimeouts
+from dhtsignal.signaling.inbox import OfferReceived
+from dhtsignal.signaling.session import SessionTimeouts
 
 if TYPE_CHECKING:
     from conftest import StartDht, StartPeer
@@ -45,6 +64,63 @@ async def accept(peer: Peer, timeout: float = STEP) -> Session:
 
 async def dial(peer: Peer, node_id: str, timeout: float = STEP, **kwargs: Any) -> Session:
     return await asyncio.wait_for(peer.connect(node_id, **kwargs), timeout)
+
+
+class NeverAnswers(rtc.PeerConnection):
+    """A callee's connection whose answer is never made (until the handshake is cancelled)."""
+
+    async def createAnswer(self) -> RTCSessionDescription:
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+
+class HeldOffer(rtc.PeerConnection):
+    """A caller's connection whose offer, once gathered, waits for ``hold`` (slow gathering)."""
+
+    hold: asyncio.Future[None] | None = None
+
+    async def setLocalDescription(
+        self, sessionDescription: RTCSessionDescription | None = None
+    ) -> None:
+        await super().setLocalDescription(sessionDescription)
+        held = sessionDescription is not None and sessionDescription.type == "offer"
+        if self.hold is not None and held:
+            await self.hold
+
+
+def connections(cls: type[rtc.PeerConnection]) -> Callable[[Any], rtc.PeerConnection]:
+    """A ``connection_factory`` making ``cls`` connections, configured as the default one."""
+
+    def make(ice_servers: Any) -> rtc.PeerConnection:
+        rtc.limit_ice_retransmissions()
+        return cls(rtc.rtc_configuration(ice_servers))
+
+    return make
+
+
+class ClosesAfterAnswering:
+    """A callee's ``connection_factory`` and ``observer``: each connection is closed right
+    after the answer made on it was sent, so the answer's candidates lead nowhere; and a
+    future of the callee's first incoming handshake failure."""
+
+    def __init__(self) -> None:
+        self.made: list[rtc.PeerConnection] = []
+        self.closing: list[asyncio.Future[None]] = []
+        self.gave_up: asyncio.Future[IncomingFailed] = asyncio.get_running_loop().create_future()
+
+    def connection_factory(self, ice_servers: Any) -> rtc.PeerConnection:
+        pc: rtc.PeerConnection = connections(rtc.PeerConnection)(ice_servers)
+        self.made.append(pc)
+        return pc
+
+    def observer(self, event: PeerEvent) -> None:
+        if isinstance(event, SignalSent) and event.msg_type == MessageType.ANSWER:
+            self.closing.append(asyncio.ensure_future(self.made[-1].close()))
+        if isinstance(event, IncomingFailed) and not self.gave_up.done():
+            self.gave_up.set_result(event)
+
+    def options(self) -> dict[str, Any]:
+        return {"connection_factory": self.connection_factory, "observer": self.observer}
 
 
 @pytest.mark.timeout(20)
@@ -115,13 +191,10 @@ async def test_session_carries_bytes_and_text_both_ways(peers: StartPeer, boot: 
 
 
 @pytest.mark.timeout(20)
-async def test_unread_messages_are_bounded(
-    peers: StartPeer, boot: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_unread_messages_are_bounded(peers: StartPeer, boot: list[str]) -> None:
     """A remote that sends faster than the application reads ends the session; it does
     not grow memory without bound, and nothing within the limit is lost unseen."""
-    monkeypatch.setattr(peer_module, "MAX_UNREAD_BYTES", 100)
-    bob = await peers("bob", boot)
+    bob = await peers("bob", boot, config=PeerConfig(max_unread_bytes=100))
     alice = await peers("alice", boot)
     session = await dial(alice, "bob")
     incoming = await accept(bob)
@@ -170,21 +243,23 @@ async def test_unknown_and_signed_off_peers_are_not_found_fast(
 
 
 @pytest.mark.timeout(20)
-async def test_silent_callee_gives_answer_timeout(
-    peers: StartPeer, boot: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The offer reaches bob but he never answers: DialFailed(answer-timeout) on time."""
+async def test_silent_callee_gives_answer_timeout(peers: StartPeer, boot: list[str]) -> None:
+    """The offer reaches bob but he never answers: DialFailed(answer-timeout) when the
+    session machine's answer deadline passes, with the machine's reason."""
     answer_deadline = 1.5
     alice = await peers("alice", boot, timeouts=SessionTimeouts(answer=answer_deadline))
-    bob = await peers("bob", boot)
     loop = asyncio.get_running_loop()
     offer_seen: asyncio.Future[bytes] = loop.create_future()
 
-    def drop_offer(sender: bytes, session_id: bytes, body: dict[str, Any]) -> None:
-        if not offer_seen.done():
-            offer_seen.set_result(sender)
+    def observe(event: PeerEvent) -> None:
+        if (
+            isinstance(event, SignalReceived)
+            and isinstance(event.outcome, OfferReceived)
+            and not offer_seen.done()
+        ):
+            offer_seen.set_result(event.outcome.sender)
 
-    monkeypatch.setattr(bob, "_on_offer", drop_offer)
+    bob = await peers("bob", boot, observer=observe, connection_factory=connections(NeverAnswers))
     t0 = loop.time()
     with pytest.raises(DialFailed) as failed:
         await alice.connect("bob")
@@ -195,31 +270,56 @@ async def test_silent_callee_gives_answer_timeout(
     assert "offer stored in the DHT" in str(failed.value)
     assert answer_deadline - 0.05 <= elapsed < answer_deadline + 1.0
     assert offer_seen.done() and offer_seen.result() == alice.public_key
-    assert bob.stats["incoming-failed"] == 0
+    assert bob.stats["incoming-failed"] == 0  # bob's own answer deadline (6 s) is still ahead
+    assert bob._pending_incoming == 1
+
+
+@pytest.mark.timeout(20)
+async def test_callee_answer_deadline_fails_the_handshake(
+    peers: StartPeer, boot: list[str]
+) -> None:
+    """The callee's machine bounds its own answering: a callee that cannot make its answer
+    within its answer deadline gives the handshake up (counted), and the caller hears
+    nothing and fails at its own, later, answer deadline."""
+    loop = asyncio.get_running_loop()
+    gave_up: asyncio.Future[IncomingFailed] = loop.create_future()
+
+    def observe(event: PeerEvent) -> None:
+        if isinstance(event, IncomingFailed) and not gave_up.done():
+            gave_up.set_result(event)
+
+    bob = await peers(
+        "bob",
+        boot,
+        timeouts=SessionTimeouts(answer=0.5),
+        observer=observe,
+        connection_factory=connections(NeverAnswers),
+    )
+    alice = await peers("alice", boot, timeouts=SessionTimeouts(answer=2.0))
+    dialing = asyncio.ensure_future(alice.connect("bob"))
+    t0 = loop.time()
+    failure = await asyncio.wait_for(gave_up, STEP)
+    assert 0.45 <= loop.time() - t0 < 1.5
+    assert isinstance(failure.error, DialFailed)
+    assert failure.error.reason == "answer-timeout"
+    assert "could not answer within 0.5 s" in str(failure.error)
+    assert failure.remote_key == alice.public_key
+    assert bob.stats["incoming-failed"] == 1 and bob._pending_incoming == 0
+    with pytest.raises(DialFailed) as failed:
+        await asyncio.wait_for(dialing, STEP)
+    assert failed.value.reason == "answer-timeout"
 
 
 @pytest.mark.timeout(20)
 async def test_ice_failure_is_connect_failed_with_candidate_types(
-    peers: StartPeer, boot: list[str], monkeypatch: pytest.MonkeyPatch
+    peers: StartPeer, boot: list[str]
 ) -> None:
     """bob answers, then closes his connection: the answer's candidates lead nowhere."""
     connect_deadline = 3.0
     alice = await peers("alice", boot, timeouts=SessionTimeouts(connect=connect_deadline))
-    bob = await peers("bob", boot)
     loop = asyncio.get_running_loop()
-    bob_gave_up: asyncio.Future[BaseException | None] = loop.create_future()
-    real_open = bob._open
-
-    async def close_then_open(session: Session, machine: SessionMachine) -> None:
-        await session._pc.close()
-        try:
-            await real_open(session, machine)
-        except BaseException as exc:
-            bob_gave_up.set_result(exc)
-            raise
-        bob_gave_up.set_result(None)
-
-    monkeypatch.setattr(bob, "_open", close_then_open)
+    closer = ClosesAfterAnswering()
+    bob = await peers("bob", boot, **closer.options())
     t0 = loop.time()
     with pytest.raises(ConnectFailed) as failed:
         await alice.connect("bob")
@@ -229,9 +329,31 @@ async def test_ice_failure_is_connect_failed_with_candidate_types(
     assert elapsed < connect_deadline + 1.0
     assert exc.local_types == ("host",) and exc.remote_types == ("host",)
     assert "local candidates: host; remote candidates: host" in str(exc)
-    assert isinstance(await asyncio.wait_for(bob_gave_up, STEP), ConnectFailed)
+    assert isinstance((await asyncio.wait_for(closer.gave_up, STEP)).error, ConnectFailed)
     assert bob.stats["incoming-failed"] == 1
     assert bob._incoming.empty()
+
+
+@pytest.mark.timeout(20)
+async def test_connect_deadline_comes_from_the_session_machine(
+    peers: StartPeer, boot: list[str]
+) -> None:
+    """ICE to a callee that closed after answering cannot report failure for 7.5 s; the
+    machine's connect deadline (counted from the answer) ends the dial first, as a
+    ConnectFailed(timeout) with the candidate types, and the phases before it are kept."""
+    connect_deadline = 1.0
+    alice = await peers("alice", boot, timeouts=SessionTimeouts(connect=connect_deadline))
+    await peers("bob", boot, **ClosesAfterAnswering().options())
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(ConnectFailed) as failed:
+        await asyncio.wait_for(alice.connect("bob"), STEP)
+    elapsed = loop.time() - t0
+    assert failed.value.reason == "timeout", failed.value
+    assert connect_deadline - 0.05 <= failed.value.seconds < connect_deadline + 0.5
+    assert connect_deadline <= elapsed < connect_deadline + 1.5
+    assert failed.value.local_types == ("host",)
+    assert not alice._dials and not alice._sessions
 
 
 @pytest.mark.timeout(20)
@@ -411,44 +533,64 @@ async def test_restarted_peer_ignores_offers_to_its_previous_run(
 
 
 @pytest.mark.timeout(20)
-async def test_glare_loser_sends_no_offer_after_yielding(
-    peers: StartPeer, boot: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_glare_loser_sends_no_offer_after_yielding(peers: StartPeer, boot: list[str]) -> None:
     """The glare loser's own offer is gathered only after the winner's session opened (slow
     gathering): it must not send it then, or the winner would answer a second session."""
-    alice = await peers("alice", boot)
-    bob = await peers("bob", boot)
+    holds: dict[str, asyncio.Future[None]] = {}
+    sent: dict[str, list[bytes]] = {"alice": [], "bob": []}
+
+    def make(name: str) -> dict[str, Any]:
+        def factory(ice_servers: Any) -> rtc.PeerConnection:
+            pc = connections(HeldOffer)(ice_servers)
+            assert isinstance(pc, HeldOffer)
+            pc.hold = holds.get(name)
+            return pc
+
+        def observe(event: PeerEvent) -> None:
+            if isinstance(event, SignalSent) and event.msg_type == MessageType.OFFER:
+                sent[name].append(event.session_id)
+
+        return {"connection_factory": factory, "observer": observe}
+
+    alice = await peers("alice", boot, **make("alice"))
+    bob = await peers("bob", boot, **make("bob"))
     winner, loser = sorted((alice, bob), key=lambda p: p.public_key)
     assert winner.node_id is not None and loser.node_id is not None
     loop = asyncio.get_running_loop()
     winner_done: asyncio.Future[None] = loop.create_future()
+    holds[loser.node_id] = winner_done  # the loser's offers wait for the winner's session
     tasks: dict[str, asyncio.Future[Session]] = {}
-    real_description = rtc.local_description
-
-    async def late_offer(pc: Any, *, offer: bool) -> str:
-        text = await real_description(pc, offer=offer)
-        if offer and asyncio.current_task() is tasks.get("loser"):
-            await winner_done
-        return text
-
-    offers: list[bytes] = []
-    real_deliver = loser._deliver
-
-    def deliver(
-        key: bytes, x: bytes, sid: bytes, msg_type: MessageType, body: Any, direct: Any, *rest: Any
-    ) -> Any:
-        if msg_type == MessageType.OFFER:
-            offers.append(sid)
-        return real_deliver(key, x, sid, msg_type, body, direct, *rest)
-
-    monkeypatch.setattr(rtc, "local_description", late_offer)
-    monkeypatch.setattr(loser, "_deliver", deliver)
     tasks["winner"] = asyncio.ensure_future(winner.connect(loser.node_id))
     tasks["loser"] = asyncio.ensure_future(loser.connect(winner.node_id))
     tasks["winner"].add_done_callback(lambda _: winner_done.set_result(None))
     w, lo = await asyncio.wait_for(asyncio.gather(tasks["winner"], tasks["loser"]), STEP)
     assert w.session_id == lo.session_id
     assert (loser.stats["glare-yielded"], winner.stats["glare-yielded"]) == (1, 0)
-    assert offers == []
+    assert sent[loser.node_id] == []
+    assert sent[winner.node_id] == [w.session_id]
     await lo.send(b"one session")
     assert await w.recv(STEP) == b"one session"
+
+
+@pytest.mark.timeout(20)
+async def test_kept_state_is_loaded_at_start_and_saved_at_close(
+    peers: StartPeer, boot: list[str], tmp_path: Path
+) -> None:
+    """The peer daemon's start path: with keep_state the DHT state is saved at close and
+    restored at the next start; a corrupt state file is a ConfigError naming the data
+    directory, and is kept (never saved over) for the operator to look at."""
+    keep = PeerConfig(keep_state=True)
+    bob = await peers("bob", boot, data_dir=tmp_path, config=keep)
+    await bob.close()
+    state = tmp_path / STATE_FILE
+    assert state.exists() and state.stat().st_size > 0
+    bob2 = await peers("bob", [], data_dir=tmp_path, config=keep)
+    assert len(bob2.node.table) >= 1  # contacts restored, with no bootstrap address given
+    await bob2.close()
+
+    state.write_bytes(b"\xc1 not msgpack")
+    with pytest.raises(ConfigError, match="data_dir"):
+        await peers("bob", boot, data_dir=tmp_path, config=keep)
+    assert state.read_bytes() == b"\xc1 not msgpack"
+    with pytest.raises(UsageError, match="data_dir"):
+        Peer("bob", boot, config=keep)

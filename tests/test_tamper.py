@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from aiortc import RTCSessionDescription
 
-from dhtsignal import peer as peer_module
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
@@ -30,7 +30,7 @@ from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType, inbox_key
 from dhtsignal.errors import DialFailed, RecordRejected
 from dhtsignal.identity import Identity
-from dhtsignal.peer import Peer, Session
+from dhtsignal.peer import Peer, PeerConfig, PeerEvent, Session, SignalReceived
 from dhtsignal.signaling import envelope, sdp
 from dhtsignal.signaling.envelope import MessageType
 from dhtsignal.signaling.session import SessionTimeouts
@@ -85,29 +85,52 @@ class HostileNode(DhtNode):
 
 
 class InboxProbe:
-    """Wraps ``peer._on_inbox`` to tell when the peer has handled a given record."""
+    """A peer's ``observer``: tells when the peer has handled a given inbox record."""
 
-    def __init__(self, peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self) -> None:
         self.handled: list[bytes] = []
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
-        real = peer._on_inbox
 
-        def on_inbox(rec: Record) -> None:
-            try:
-                real(rec)
-            finally:
-                self.handled.append(rec.raw)
-                fut = self._waiters.get(rec.raw)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-
-        monkeypatch.setattr(peer, "_on_inbox", on_inbox)
+    def __call__(self, event: PeerEvent) -> None:
+        if not isinstance(event, SignalReceived):
+            return
+        raw = event.record.raw
+        self.handled.append(raw)
+        fut = self._waiters.get(raw)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def wait(self, raw: bytes, timeout: float = STEP) -> None:
         if raw in self.handled:
             return
         fut = self._waiters.setdefault(raw, asyncio.get_running_loop().create_future())
         await asyncio.wait_for(fut, timeout)
+
+
+class RewrittenOffer(rtc.PeerConnection):
+    """A connection whose local offer, as the peer reads it, is passed through ``rewrite``."""
+
+    rewrite: Callable[[str], str] | None = None
+
+    @property
+    def localDescription(self) -> RTCSessionDescription:
+        desc = super().localDescription
+        if self.rewrite is None or desc.type != "offer":
+            return desc
+        return RTCSessionDescription(sdp=self.rewrite(desc.sdp), type=desc.type)
+
+
+@dataclass
+class OfferRewriter:
+    """A ``connection_factory`` whose connections rewrite their offers with ``rewrite``."""
+
+    rewrite: Callable[[str], str] | None = None
+
+    def __call__(self, ice_servers: Any) -> rtc.PeerConnection:
+        rtc.limit_ice_retransmissions()
+        pc = RewrittenOffer(rtc.rtc_configuration(ice_servers))
+        pc.rewrite = self.rewrite
+        return pc
 
 
 @dataclass
@@ -119,6 +142,10 @@ class Net:
     """The attacker's key (the hostile node's operator)."""
     carol: Identity
     """A third party that is not online."""
+    bob_inbox: InboxProbe
+    """Every inbox record bob handled, in order."""
+    alice_offers: OfferRewriter
+    """alice's connection factory: set its ``rewrite`` to alter her next offers."""
 
     def offers(self) -> list[Record]:
         return [r for r in self.hostile.inbox_stores if _msg_type(r) == MessageType.OFFER]
@@ -127,18 +154,37 @@ class Net:
         return [r for r in self.hostile.inbox_stores if _msg_type(r) == MessageType.ANSWER]
 
 
+#: No direct ``ds_notify`` push: every envelope goes through the DHT's storing nodes.
+NO_DIRECT_PUSH = PeerConfig(direct_push_addrs=0)
+
+
 @pytest.fixture
-async def net(dht: StartDht, peers: StartPeer, monkeypatch: pytest.MonkeyPatch) -> Net:
-    monkeypatch.setattr(peer_module, "_DIRECT_PUSH_ADDRS", 0)
+async def net(dht: StartDht, peers: StartPeer) -> Net:
     (hostile,) = await dht(1, node_class=HostileNode)
     assert isinstance(hostile, HostileNode) and hostile.address is not None
     client = NodeConfig(client_mode=True)
     fast = SessionTimeouts(answer=3.0)
-    alice = await peers("alice", [hostile.address], node_config=client, timeouts=fast)
-    bob = await peers("bob", [hostile.address], node_config=client, timeouts=fast)
+    rewriter = OfferRewriter()
+    alice = await peers(
+        "alice",
+        [hostile.address],
+        node_config=client,
+        timeouts=fast,
+        config=NO_DIRECT_PUSH,
+        connection_factory=rewriter,
+    )
+    probe = InboxProbe()
+    bob = await peers(
+        "bob",
+        [hostile.address],
+        node_config=client,
+        timeouts=fast,
+        config=NO_DIRECT_PUSH,
+        observer=probe,
+    )
     for p in (alice, bob):  # offers and answers reach them only through the hostile node
         await asyncio.wait_for(hostile.subscribed[inbox_key(p.public_key)].wait(), STEP)
-    return Net(hostile, alice, bob, Identity.generate(), Identity.generate())
+    return Net(hostile, alice, bob, Identity.generate(), Identity.generate(), probe, rewriter)
 
 
 # -- forging helpers -----------------------------------------------------------------------
@@ -355,14 +401,13 @@ async def test_relayed_answer_ahead_of_the_real_one_is_refused(net: Net) -> None
 
 
 @pytest.mark.timeout(20)
-async def test_replayed_offer_is_not_answered_again(
-    net: Net, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_replayed_offer_is_not_answered_again(net: Net) -> None:
     """After the session opened, the hostile node replays alice's offer three ways; bob
     answers none of them and the session is unaffected."""
     out, inc = await open_session(net)
     (offer,) = net.offers()
-    probe = InboxProbe(net.bob, monkeypatch)
+    probe = net.bob_inbox
+    before = len(probe.handled)
     exact = offer.raw
     # The sender's own key cannot replay it either: a new record, the same envelope.
     resigned_by_alice = inbox_record(
@@ -377,8 +422,8 @@ async def test_replayed_offer_is_not_answered_again(
 
     # The byte-identical record never reaches the peer: DhtNode.listen drops a slot's
     # sequence number it has already yielded (and counts nothing).
-    assert exact not in probe.handled
-    assert probe.handled == [resigned_by_alice, rewrapped, sentinel]
+    assert exact not in probe.handled[before:]
+    assert probe.handled[before:] == [resigned_by_alice, rewrapped, sentinel]
     assert refusals(net.bob) == {
         "refused:replay": 1,
         "refused:signer-mismatch": 1,
@@ -398,8 +443,10 @@ async def test_inbox_records_fit_one_datagram(net: Net, peers: StartPeer) -> Non
     hostile = net.hostile
     assert hostile.address is not None
     client = NodeConfig(client_mode=True)
-    caller = await peers(long_id, [hostile.address], node_config=client)
-    picky = await peers("picky", [hostile.address], node_config=client, accept=["nobody"])
+    caller = await peers(long_id, [hostile.address], node_config=client, config=NO_DIRECT_PUSH)
+    picky = await peers(
+        "picky", [hostile.address], node_config=client, accept=["nobody"], config=NO_DIRECT_PUSH
+    )
     for p in (caller, picky):
         await asyncio.wait_for(hostile.subscribed[inbox_key(p.public_key)].wait(), STEP)
     await asyncio.wait_for(caller.connect("bob", ordered=False, max_packet_life_time=65535), STEP)
@@ -438,14 +485,11 @@ def with_candidates(text: str, n: int) -> str:
 
 
 @pytest.mark.timeout(20)
-async def test_largest_valid_compact_offer_fits_an_inbox_record(
-    net: Net, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = rtc.local_description
+async def test_largest_valid_compact_offer_fits_an_inbox_record(net: Net) -> None:
     pc = rtc.new_connection()
     rtc.open_channels(pc)
     try:
-        text = await real(pc, offer=True)
+        text = await rtc.local_description(pc, offer=True)
     finally:
         await pc.close()
     # As many IPv6 srflx candidates as a description may list: far more than fit a record.
@@ -454,11 +498,6 @@ async def test_largest_valid_compact_offer_fits_an_inbox_record(
     assert len(full.pack()) > sdp.MAX_BLOB
     sdp.expand(sdp.compact(with_candidates(text, n), "offer"))
 
-    async def inflated(pc: Any, *, offer: bool) -> str:
-        text = await real(pc, offer=offer)
-        return with_candidates(text, n) if offer else text
-
-    monkeypatch.setattr(rtc, "local_description", inflated)
     stored: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
 
     def before_store(rec: Record) -> None:
@@ -466,9 +505,11 @@ async def test_largest_valid_compact_offer_fits_an_inbox_record(
             stored.set_result(rec)
 
     net.hostile.before_store = before_store
+    net.alice_offers.rewrite = lambda text: with_candidates(text, n)
     dialing = asyncio.ensure_future(net.alice.connect("bob"))
     try:
-        done, _ = await asyncio.wait({dialing, stored}, timeout=STEP, return_when="FIRST_COMPLETED")
+        racing: set[asyncio.Future[Any]] = {dialing, stored}
+        done, _ = await asyncio.wait(racing, timeout=STEP, return_when="FIRST_COMPLETED")
         if dialing in done:
             dialing.result()  # raises what connect() raised
         assert stored in done, "the offer never reached the DHT"

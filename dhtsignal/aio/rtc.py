@@ -30,9 +30,9 @@ setting (``Connection.check_start`` passes no retransmission count, and
 :func:`limit_ice_retransmissions` lowers the global to :data:`ICE_CHECK_RETRANSMISSIONS`
 (3: 0.5 + 1 + 2 + 4 = 7.5 s) when the first connection is made. ICE failure is then
 reported 7.5 s plus 20 ms per candidate pair after checks start, inside the session's
-10 s connect deadline, and :func:`wait_open` enforces its deadline itself as well. The
-change also shortens TURN transactions to 7.5 s; server-reflexive gathering has its own
-5 s limit in aioice, and consent checks pass their own count.
+10 s connect deadline, which the session machine's timer enforces (or :func:`wait_open`'s
+own ``timeout``). The change also shortens TURN transactions to 7.5 s; server-reflexive
+gathering has its own 5 s limit in aioice, and consent checks pass their own count.
 
 The nominated pair and the check list are only reachable through private attributes of
 aiortc and aioice; :func:`_ice_pairs` is the one place that reads them and raises
@@ -244,13 +244,14 @@ async def apply_remote(pc: RTCPeerConnection, sdp: str, type: str) -> None:
 
 
 async def wait_open(
-    pc: PeerConnection, channels: Sequence[RTCDataChannel], timeout: float
+    pc: PeerConnection, channels: Sequence[RTCDataChannel], timeout: float | None = None
 ) -> float:
     """Wait until every channel is open. The caller still owns (and closes) ``pc``.
 
     :param pc: the connection, its remote description applied.
     :param channels: the channels that must open.
-    :param timeout: seconds to wait at most.
+    :param timeout: seconds to wait at most; None leaves the deadline to the caller (the
+        peer's session machine), which cancels the wait.
     :returns: the time.monotonic() at which ICE connected.
     :raises ConnectFailed: on ICE or DTLS failure (``ice-failed``, ``dtls-failed``), on
         closure (``closed``) or when ``timeout`` runs out (``timeout``).
