@@ -249,12 +249,12 @@ class _Drive:
             if owned:
                 fut.cancel()
             raise
-        if self.ended.done():
+        if self.ended.done() and not fut.done():
             if owned:
                 fut.cancel()
                 await asyncio.gather(fut, return_exceptions=True)
             raise _StageEnded(self.ended.result())
-        return fut.result()
+        return fut.result()  # done first, or in the same turn as the end: the work counts
 
     def _on_event(self, event: SessionEvent) -> None:
         if not self.live and not self.ended.done():
@@ -714,10 +714,15 @@ class Peer:
             raise ConnectFailed(
                 reason, time.monotonic() - started, *rtc.candidate_types(session.pc)
             ) from None
-        drive.input(machine.ice_connected, ice_at)
-        event = drive.input(machine.channel_open)
-        assert isinstance(event, SessionOpened)
-        session.phases = event.phases
+        if drive.live:
+            drive.input(machine.ice_connected, ice_at)
+            event = drive.input(machine.channel_open)
+            assert isinstance(event, SessionOpened)
+            session.phases = event.phases
+        else:
+            # The remote closed as soon as the channels opened (a one-shot ``send``): the
+            # session still opened, and what it received is still delivered.
+            session.phases = machine.phases
         session.path = rtc.selected_pair(session.pc)
 
     # -- dialing ------------------------------------------------------------------------

@@ -398,6 +398,34 @@ async def test_five_concurrent_sessions(peers: StartPeer, boot: list[str]) -> No
     assert all(s.is_open for s in [*outs, *incs.values()])
 
 
+async def test_a_sender_that_closes_at_once_still_delivers(
+    peers: StartPeer, boot: list[str]
+) -> None:
+    """One-shot senders (``dhtsignal send``): each opens, sends, waits for the remote
+    application's acknowledgement and closes at once. The callee may see the close before
+    it finished opening its side; the session is still handed out with the message."""
+    alice = await peers("alice", boot)
+    senders = [await peers(None, boot) for _ in range(3)]
+
+    async def send_once(peer: Peer, text: str) -> None:
+        session = await dial(peer, "alice")
+        await session.send(text)
+        await session.flush(STEP)
+        await session.close()
+
+    texts = {f"one-shot {i}" for i in range(len(senders))}
+    await asyncio.wait_for(
+        asyncio.gather(*(send_once(p, t) for p, t in zip(senders, sorted(texts), strict=True))),
+        STEP,
+    )
+    got = set()
+    for _ in senders:
+        inc = await accept(alice)
+        got.add(await inc.recv(STEP))
+    assert got == texts
+    assert alice.stats["incoming-failed"] == 0
+
+
 @pytest.mark.timeout(20)
 async def test_unordered_partially_reliable_channel(peers: StartPeer, boot: list[str]) -> None:
     alice = await peers("alice", boot)
