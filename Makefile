@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dhtsignal tests bench
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict dhtsignal
+	$(BIN)/mypy --strict dhtsignal tests
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q

@@ -22,8 +22,8 @@ from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.routing import DIALECT_STOCK, Contact
 from dhtsignal.errors import RpcTimeout
+from dhtsignal.wire.addr import Addr
 
-Addr = tuple[str, int]
 #: Quick to give up on a silent node (only the other-network test meets one).
 FAST = NodeConfig(rpc_timeout=0.1, rpc_retries=1)
 #: Everyone answers in the mixed network: a soft timeout far above loopback latency
@@ -65,6 +65,12 @@ async def mixed() -> AsyncIterator[Mixed]:
             await n.close()
 
 
+def at(node: DhtNode) -> Addr:
+    """The bound address of ``node``."""
+    assert node.address is not None
+    return node.address
+
+
 def knows(server: Server, node_id: bytes) -> bool:
     """Whether a stock node has ``node_id`` in its routing table."""
     return not server.protocol.router.is_new_node(Node(node_id))
@@ -90,7 +96,7 @@ async def test_lookups_route_through_both_kinds_of_node(mixed: Mixed) -> None:
     stocks = [await mixed.stock() for _ in range(4)]
     for s, _ in stocks:
         # A stock crawl: learns the other stock nodes from A's find_node replies.
-        await asyncio.wait_for(s.bootstrap([a.address]), WAIT)
+        await asyncio.wait_for(s.bootstrap([at(a)]), WAIT)
     s1, s2, s3, s4 = (s for s, _ in stocks)
     assert knows(s4, s1.node.id) and knows(s4, a.id)  # s1 was known to s4 only through A
     assert a.stats["rpc:find_node"] >= 4
@@ -106,7 +112,7 @@ async def test_lookups_route_through_both_kinds_of_node(mixed: Mixed) -> None:
     # SEEKER knows only A. Its lookup next to FAR must go A (ours) -> stock nodes -> FAR.
     # (Next to, not at: a stock node never names the node whose ID is the target.)
     seeker = await mixed.ds()
-    assert await asyncio.wait_for(seeker.ping(a.address), WAIT) == a.id
+    assert await asyncio.wait_for(seeker.ping(at(a)), WAIT) == a.id
     assert [c.id for c in seeker.table.contacts()] == [a.id]
     near_far = far.id[:-1] + bytes([far.id[-1] ^ 1])
     res = await asyncio.wait_for(seeker.find_nodes(near_far), WAIT)
@@ -136,7 +142,7 @@ async def test_stock_set_and_get_in_a_mixed_network(mixed: Mixed) -> None:
     a = await mixed.ds()
     stocks = [await mixed.stock() for _ in range(4)]
     for s, _ in stocks:
-        await asyncio.wait_for(s.bootstrap([a.address]), WAIT)
+        await asyncio.wait_for(s.bootstrap([at(a)]), WAIT)
     # More of our nodes join through a stock node, and more through them.
     d2, d3 = await mixed.ds(), await mixed.ds()
     await join_via_stock(d2, stocks[1][1])
@@ -176,9 +182,9 @@ async def test_stock_set_and_get_in_a_mixed_network(mixed: Mixed) -> None:
 async def test_a_node_of_another_network_is_ignored(mixed: Mixed) -> None:
     a = await mixed.ds(FAST)
     s1, _ = await mixed.stock()
-    await asyncio.wait_for(s1.bootstrap([a.address]), WAIT)
+    await asyncio.wait_for(s1.bootstrap([at(a)]), WAIT)
     d2 = await mixed.ds()
-    assert await asyncio.wait_for(d2.bootstrap([a.address]), WAIT) >= 1  # type: ignore[list-item]
+    assert await asyncio.wait_for(d2.bootstrap([at(a)]), WAIT) >= 1
 
     other = await mixed.ds(NodeConfig(network="other", rpc_timeout=0.05, rpc_retries=1))
     before = a.stats["drop:wrong-network"]
@@ -208,7 +214,7 @@ async def test_our_nodes_do_not_bootstrap_through_a_stock_node(mixed: Mixed) -> 
     above keeps out. So a join through a stock node only finds nobody, quickly."""
     a = await mixed.ds()
     s1, s1_addr = await mixed.stock()
-    await asyncio.wait_for(s1.bootstrap([a.address]), WAIT)
+    await asyncio.wait_for(s1.bootstrap([at(a)]), WAIT)
     d = await mixed.ds(FAST)
     assert await asyncio.wait_for(d.bootstrap([s1_addr]), WAIT) == 0
     assert len(d.table) == 0

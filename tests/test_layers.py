@@ -34,12 +34,16 @@ def modules() -> list[str]:
     return out
 
 
+def source_of(module: str) -> str:
+    """The source text of ``module`` (a package's ``__init__``)."""
+    base = PACKAGE.joinpath(*module.split(".")) if module else PACKAGE
+    return (base / "__init__.py" if base.is_dir() else base.with_suffix(".py")).read_text()
+
+
 def imports_of(module: str) -> set[str]:
     """The dhtsignal modules that ``module`` imports (as dotted names below the package)."""
-    base = PACKAGE.joinpath(*module.split(".")) if module else PACKAGE
-    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source_of(module))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "dhtsignal":
                 found.update(alias.name for alias in node.names)
@@ -70,3 +74,24 @@ def test_imports_only_layers_below_or_its_own(module: str) -> None:
 def test_the_dht_does_not_import_signaling_or_anything_with_io() -> None:
     for module in (m for m in ALL if layer(m) == "dht"):
         assert {layer(i) for i in imports_of(module)} <= {"ground", "wire", "dht"}, module
+
+
+IO_MODULES = {"asyncio", "socket", "selectors", "time", "threading", "subprocess", "aiortc"}
+
+
+def stdlib_imports_of(module: str) -> set[str]:
+    """The top-level names of everything ``module`` imports that is not dhtsignal."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source_of(module))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found - {"dhtsignal"}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in ALL if layer(m) in ("dht", "signaling")))
+def test_protocol_layers_own_no_sockets_tasks_or_clocks(module: str) -> None:
+    """The DHT and signaling logic takes ``now`` as an argument and returns what to send:
+    it imports nothing that owns sockets, tasks or clocks."""
+    assert not stdlib_imports_of(module) & IO_MODULES, module

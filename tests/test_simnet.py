@@ -14,7 +14,7 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,16 +45,23 @@ def _found(res_records: list[Record], node: DhtNode | Node, want: Record) -> boo
     return any(r.raw == want.raw for r in [*res_records, *held])
 
 
+def _lookup_of(key: bytes) -> Callable[[Node, float], int]:
+    """What a node starts to look ``key`` up (as ``get`` does: 8 closest, values wanted)."""
+    return lambda n, now: n.start_lookup(key, now, k=8, want_value=True)
+
+
+def _put_of(rec: Record) -> Callable[[Node, float], int]:
+    """What a node starts to put ``rec``."""
+    return lambda n, now: n.start_put([rec], now)
+
+
 def _gets(net: simnet.SimNetwork, wanted: list[Record], batch: int = 50) -> list[int | None]:
     """Look each record up from a random live node; hop count per lookup, None if not found."""
     hops: list[int | None] = []
     for start in range(0, len(wanted), batch):
         chunk = wanted[start : start + batch]
         askers = [net.random_node() for _ in chunk]
-        ops = [
-            net.start(a, lambda n, now, k=w.key: n.start_lookup(k, now, k=8, want_value=True))
-            for a, w in zip(askers, chunk, strict=True)
-        ]
+        ops = [net.start(a, _lookup_of(w.key)) for a, w in zip(askers, chunk, strict=True)]
         results = net.wait(ops)
         for asker, want, res in zip(askers, chunk, results, strict=True):
             hops.append(res.hops if _found(res.records, asker, want) else None)
@@ -85,7 +92,7 @@ def sim() -> Iterator[Sim]:
         for i in range(KEYS)
     ]
     net.time_limit = net.now + PHASE_LIMIT
-    ops = [net.start(net.random_node(), lambda n, now, v=v: n.start_put([v], now)) for v in values]
+    ops = [net.start(net.random_node(), _put_of(v)) for v in values]
     assert all(not isinstance(r, BaseException) for r in net.wait(ops))
     yield Sim(net, values, time.monotonic() - started)
     net.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import given, settings
@@ -61,7 +61,7 @@ def node_record(
     )
 
 
-def limits(**kw: int | float) -> StorageLimits:
+def limits(**kw: Any) -> StorageLimits:
     return dataclasses.replace(StorageLimits(), **kw)
 
 

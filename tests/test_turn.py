@@ -91,6 +91,7 @@ def coturn(tmp_path: Path) -> Iterator[int]:
 @pytest.mark.timeout(60)
 async def test_session_opens_through_turn_alone(dht: StartDht, coturn: int) -> None:
     nodes = await dht(3)
+    assert nodes[0].address is not None
     boot = [nodes[0].address]
     server = {
         "urls": f"turn:127.0.0.1:{coturn}?transport=udp",
@@ -117,6 +118,7 @@ async def test_session_opens_through_turn_alone(dht: StartDht, coturn: int) -> N
 @pytest.mark.timeout(60)
 async def test_wrong_turn_credential_fails_fast_with_a_reason(dht: StartDht, coturn: int) -> None:
     nodes = await dht(3)
+    assert nodes[0].address is not None
     boot = [nodes[0].address]
     good = {"urls": f"turn:127.0.0.1:{coturn}", "username": USER, "credential": PASSWORD}
     bad = {**good, "credential": "wrong"}
