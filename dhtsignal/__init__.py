@@ -1,6 +1,6 @@
 """dhtsignal: serverless WebRTC signaling over a hardened Kademlia DHT.
 
-``Peer``, ``Session`` and ``ChannelOptions`` are imported on first use, so that
+``Peer``, ``PeerConfig``, ``Session`` and ``ChannelOptions`` are imported on first use, so that
 commands which never touch WebRTC do not pay for importing aiortc. Every error type
 is exported here (see :mod:`dhtsignal.errors` for the naming rule).
 """
@@ -35,7 +35,7 @@ from dhtsignal.errors import (
 
 __version__ = "0.1.0"
 
-_LAZY = {"ChannelOptions", "Peer", "Session"}
+_LAZY = {"ChannelOptions", "Peer", "PeerConfig", "Session"}
 
 
 def __getattr__(name: str) -> Any:
@@ -58,6 +58,7 @@ __all__ = [
     "LimitExceeded",
     "NodeIdTaken",
     "Peer",
+    "PeerConfig",
     "PeerNotFound",
     "PinnedKeyChanged",
     "ProtocolError",
