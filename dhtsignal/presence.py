@@ -1,4 +1,4 @@
-"""Node IDs, presence and rooms: who is online and how to reach them.
+"""Node IDs, presence and rooms: who is online and how to reach them (the asyncio side).
 
 Theory of operation
 -------------------
@@ -18,75 +18,45 @@ the owner of a label (a key pinned in :class:`KnownPeers` first; otherwise the
 key whose claim most storing nodes hold, the oldest claim breaking ties), refuse
 presence from other keys, and fail loudly when a pinned key changed (like SSH's
 known_hosts).
+
+What to publish when, and what a get's records mean, is decided without I/O in
+:mod:`dhtsignal.signaling.presence` (:class:`PresenceRecords`, :func:`identify`);
+this module only puts, gets, sleeps and gathers on a :class:`DhtNode`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.datadir import KnownPeers
 from dhtsignal.dht import records
-from dhtsignal.dht.records import Record, RecordType, node_key, room_key
-from dhtsignal.errors import PeerNotFound, PinnedKeyChanged, UsageError
-from dhtsignal.identity import Identity, is_self_certifying, self_certifying_id
-from dhtsignal.wire import codec
+from dhtsignal.dht.records import RecordType, node_key, room_key
+from dhtsignal.errors import PeerNotFound, UsageError
+from dhtsignal.identity import Identity
+from dhtsignal.signaling.presence import (
+    DEFAULT_ROOM,
+    PeerInfo,
+    PresenceRecords,
+    identify,
+    node_addresses,
+)
+
+__all__ = [
+    "DEFAULT_ROOM",
+    "ROOM_RESOLVE_CONCURRENCY",
+    "PeerInfo",
+    "Presence",
+    "resolve",
+    "room_peers",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOM = "lobby"
 #: Room members resolved at once by :func:`room_peers`.
 ROOM_RESOLVE_CONCURRENCY = 8
-_MAX_ADDRESSES = 4
-
-
-@dataclass(frozen=True)
-class PeerInfo:
-    """One online peer, as read from its verified presence record."""
-
-    node_id: str
-    """The label it was looked up by (or its self-certifying ID)."""
-    key: str
-    """Hex of its Ed25519 public key."""
-    self_id: str
-    """Its self-certifying ID."""
-    rooms: list[str]
-    """Rooms it announced itself in."""
-    addresses: list[tuple[str, int]]
-    """Where its DHT node listens and where DHT nodes saw it from."""
-    x25519: bytes
-    """Its X25519 public key (for sealing signaling envelopes)."""
-    expires_in: float
-    """Seconds until its presence record expires unless refreshed."""
-
-    @property
-    def public_key(self) -> bytes:
-        """The Ed25519 public key as bytes."""
-        return bytes.fromhex(self.key)
-
-    def to_json(self) -> dict[str, object]:
-        """A JSON-ready dict (the ``--json`` output of ``peers`` and ``lookup``)."""
-        return {
-            "node_id": self.node_id,
-            "key": self.key,
-            "self_id": self.self_id,
-            "rooms": list(self.rooms),
-            "addresses": [[h, p] for h, p in self.addresses],
-            "expires_in": round(self.expires_in, 1),
-        }
-
-
-def _addresses(node: DhtNode) -> list[tuple[str, int]]:
-    out: list[tuple[str, int]] = []
-    if node.address is not None and node.address[0] not in ("0.0.0.0", "::"):
-        out.append(node.address)
-    for addr, _ in node.observed.most_common(_MAX_ADDRESSES):
-        if addr not in out:
-            out.append(addr)
-    return out[:_MAX_ADDRESSES]
 
 
 class Presence:
@@ -111,67 +81,63 @@ class Presence:
         claim_ttl: float = 3600.0,
     ) -> None:
         self.node = node
-        self.identity = identity
-        self.node_id = records.check_label(node_id)
-        self.rooms = [records.check_label(r, "room") for r in (rooms or [DEFAULT_ROOM])]
-        if ttl <= 0 or claim_ttl <= 0:
-            raise UsageError("presence and claim TTLs must be positive")
-        self.ttl = min(ttl, records.MAX_TTL[RecordType.PRESENCE])
-        self.claim_ttl = min(claim_ttl, records.MAX_TTL[RecordType.CLAIM])
-        self.claimed_at = node.wallclock()
-        self._claim_due = 0.0
+        self.records = PresenceRecords(
+            identity, node_id, rooms, ttl=ttl, claim_ttl=claim_ttl, claimed_at=node.wallclock()
+        )
         self._task: asyncio.Task[Any] | None = None
-        self._last_seq = 0
 
-    def _seq(self) -> int:
-        self._last_seq = max(self._last_seq + 1, int(self.node.wallclock() * 1000))
-        return self._last_seq
+    @property
+    def identity(self) -> Identity:
+        """The peer's key."""
+        return self.records.identity
 
-    def _payload(self, **extra: Any) -> bytes:
-        fields = {
-            "id": self.node_id,
-            "sid": self.identity.self_id,
-            "x": self.identity.x25519_public,
-            "a": [[h, p] for h, p in _addresses(self.node)],
-            "r": self.rooms,
-            "t": self.claimed_at,
-        }
-        fields.update(extra)
-        return codec.pack(fields)
+    @property
+    def node_id(self) -> str:
+        """Its label."""
+        return self.records.node_id
 
-    def _sign(self, rtype: RecordType, key: bytes, payload: bytes, ttl: float) -> Record:
-        now = self.node.wallclock()
-        return records.sign(self.identity, rtype, key, payload, seq=self._seq(), expires=now + ttl)
+    @property
+    def rooms(self) -> list[str]:
+        """The rooms it announces itself in."""
+        return self.records.rooms
+
+    @property
+    def ttl(self) -> float:
+        """Lifetime of presence and room records, seconds."""
+        return self.records.ttl
+
+    @property
+    def claim_ttl(self) -> float:
+        """Lifetime of the node-ID claim, seconds."""
+        return self.records.claim_ttl
+
+    @property
+    def claimed_at(self) -> float:
+        """Wall-clock time of the claim (written into every record)."""
+        return self.records.claimed_at
+
+    @claimed_at.setter
+    def claimed_at(self, value: float) -> None:
+        self.records.claimed_at = value
 
     async def publish(self) -> None:
         """Publish presence (and the claim when due) once.
 
         :raises NodeIdTaken: another key holds the node ID.
         """
-        now = self.node.wallclock()
-        label_key = node_key(self.node_id)
-        batch = [self._sign(RecordType.PRESENCE, label_key, self._payload(), self.ttl)]
-        if now >= self._claim_due:
-            claim = codec.pack({"id": self.node_id, "t": self.claimed_at})
-            batch.insert(0, self._sign(RecordType.CLAIM, label_key, claim, self.claim_ttl))
-        puts = [self.node.put(batch)]
-        if self.identity.self_id != self.node_id:
-            sid_payload = self._payload(id=self.identity.self_id)
-            sid_key = node_key(self.identity.self_id)
-            puts.append(
-                self.node.put([self._sign(RecordType.PRESENCE, sid_key, sid_payload, self.ttl)])
-            )
-        for room in self.rooms:
-            rec = self._sign(RecordType.ROOM, room_key(room), self._payload(room=room), self.ttl)
-            puts.append(self.node.put([rec]))
-        results = await asyncio.gather(*puts, return_exceptions=True)
+        node = self.node
+        pub = self.records.publication(
+            node.wallclock(), node_addresses(node.address, node.observed)
+        )
+        results = await asyncio.gather(
+            *(node.put(batch) for batch in pub.batches), return_exceptions=True
+        )
         if isinstance(results[0], BaseException):
             raise results[0]
         for r in results[1:]:
             if isinstance(r, BaseException):
                 log.debug("presence put failed: %s", r)
-        if len(batch) == 2:
-            self._claim_due = now + self.claim_ttl / 2
+        self.records.published(pub)
 
     async def start(self) -> None:
         """Claim the node ID, publish, and keep refreshing at half the TTL.
@@ -183,7 +149,7 @@ class Presence:
 
     async def _refresh(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / 2)
+            await asyncio.sleep(self.records.refresh_interval)
             try:
                 await self.publish()
             except Exception as exc:  # keep refreshing through transient failures
@@ -194,72 +160,11 @@ class Presence:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        keys = [(RecordType.PRESENCE, node_key(self.node_id))]
-        if self.identity.self_id != self.node_id:
-            keys.append((RecordType.PRESENCE, node_key(self.identity.self_id)))
-        keys += [(RecordType.ROOM, room_key(room)) for room in self.rooms]
-        now = self.node.wallclock()
-        tombs = [
-            records.sign(
-                self.identity, t, k, b"", seq=self._seq(), expires=now + self.ttl, tombstone=True
-            )
-            for t, k in keys
-        ]
+        tombs = self.records.sign_off(self.node.wallclock())
         results = await asyncio.gather(*(self.node.put([t]) for t in tombs), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 log.debug("tombstone put failed: %s", r)
-
-
-def _owner(
-    node_id: str, recs: list[Record], support: dict[bytes, int], known: KnownPeers | None
-) -> bytes | None:
-    """The key that owns ``node_id`` among verified records, applying pins.
-
-    Storing nodes keep one claimant per node ID (the first live claim), so the owner is
-    the claimant that the most storing nodes answered with (``support``). A claim's own
-    time ``t`` is written by the claimant and could be backdated: it only breaks ties.
-    """
-    claims: dict[bytes, tuple[int, float, bytes]] = {}
-    for r in recs:
-        if r.type in (RecordType.CLAIM, RecordType.PRESENCE) and not r.is_tombstone:
-            t = r.fields().get("t")
-            at = float(t) if isinstance(t, int | float) else float("inf")
-            rank = (-support.get(r.signer, 0), at, r.signer)
-            claims[r.signer] = min(rank, claims.get(r.signer, rank))
-    pinned = known.get(node_id) if known is not None else None
-    if pinned is not None:
-        if bytes.fromhex(pinned) in claims:
-            return bytes.fromhex(pinned)
-        if claims:
-            raise PinnedKeyChanged(node_id, pinned, min(claims.values())[2].hex())
-        return bytes.fromhex(pinned)
-    if not claims:
-        # Only tombstones (signed off) or nothing at all.
-        tomb = next((r.signer for r in recs if r.is_tombstone), None)
-        return tomb
-    return min(claims.values())[2]
-
-
-def _info(node: DhtNode, node_id: str, rec: Record) -> PeerInfo:
-    f = rec.fields()
-    addrs: list[tuple[str, int]] = []
-    for a in f.get("a", [])[:_MAX_ADDRESSES] if isinstance(f.get("a"), list) else []:
-        if isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
-            addrs.append((a[0], a[1]))
-    rooms = (
-        [r for r in f.get("r", []) if isinstance(r, str)] if isinstance(f.get("r"), list) else []
-    )
-    x = f.get("x")
-    return PeerInfo(
-        node_id=node_id,
-        key=rec.signer.hex(),
-        self_id=self_certifying_id(rec.signer),
-        rooms=rooms,
-        addresses=addrs,
-        x25519=x if isinstance(x, bytes) and len(x) == 32 else b"",
-        expires_in=max(0.0, rec.expires - node.wallclock()),
-    )
 
 
 async def resolve(node: DhtNode, node_id: str, known: KnownPeers | None = None) -> PeerInfo:
@@ -275,20 +180,7 @@ async def resolve(node: DhtNode, node_id: str, known: KnownPeers | None = None) 
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     held = await node.get_held(node_key(node_id), include_tombstones=True)
-    recs = held.records
-    if is_self_certifying(node_id):
-        recs = [r for r in recs if self_certifying_id(r.signer) == node_id]
-    owner = _owner(node_id, recs, held.support, known)
-    if owner is None:
-        raise PeerNotFound(f"{node_id}: unknown (no claim or presence record in the DHT)")
-    mine = [r for r in recs if r.signer == owner and r.type == RecordType.PRESENCE]
-    if not mine:
-        raise PeerNotFound(f"{node_id}: offline (its presence record expired)")
-    if mine[0].is_tombstone:
-        raise PeerNotFound(f"{node_id}: offline (signed off)")
-    info = _info(node, node_id, mine[0])
-    if not info.x25519:
-        raise PeerNotFound(f"{node_id}: presence record carries no usable key")
+    info = identify(node_id, held, known, node.wallclock())
     if known is not None:
         known.pin(node_id, info.key)
     return info

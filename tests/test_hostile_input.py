@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import virtual_time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -836,8 +837,6 @@ class _Recorder(asyncio.DatagramTransport):
 def test_each_try_of_each_rpc_is_resent_on_time() -> None:
     """First tries share one timer (they all wait ``rpc_timeout``), later tries have
     their own: on a virtual clock every resend happens exactly when it used to."""
-    from dhtsignal.testing import simnet
-
     cfg = NodeConfig(rpc_timeout=0.4, rpc_retries=2)
 
     async def main() -> tuple[list[tuple[float, bytes]], list[float], int]:
@@ -864,7 +863,7 @@ def test_each_try_of_each_rpc_is_resent_on_time() -> None:
         await node.close()
         return rec.sent, failed_at, node.stats["rpc-retry"]
 
-    sent, failed_at, retries = simnet.run(main())
+    sent, failed_at, retries = virtual_time.run(main())
     times = [round(t, 6) for t, _ in sent]
     # Tries at +0, +0.4, +0.4+0.8 for the first and third RPCs; the second answered.
     assert times == [0.0, 0.1, 0.2, 0.4, 0.6, 1.2, 1.4]

@@ -14,7 +14,8 @@ from dhtsignal.dht import records
 from dhtsignal.dht.records import RecordType, node_key
 from dhtsignal.errors import NodeIdTaken, PinnedKeyChanged
 from dhtsignal.identity import Identity
-from dhtsignal.presence import Presence, _owner, resolve
+from dhtsignal.presence import Presence, resolve
+from dhtsignal.signaling.presence import owner
 from dhtsignal.wire import codec
 
 if TYPE_CHECKING:
@@ -94,14 +95,14 @@ MALLORY = Identity(bytes(range(1, 33)))
 def test_most_storing_nodes_beats_the_oldest_claim_time() -> None:
     recs = [_claim(ALICE, NOW), _claim(MALLORY, 0.0)]
     support = {ALICE.public_key: 5, MALLORY.public_key: 3}
-    assert _owner("alice", recs, support, None) == ALICE.public_key
+    assert owner("alice", recs, support, None) == ALICE.public_key
 
 
 def test_the_claim_time_breaks_a_tie() -> None:
     recs = [_claim(ALICE, NOW), _claim(MALLORY, NOW - 1)]
     support = {ALICE.public_key: 4, MALLORY.public_key: 4}
-    assert _owner("alice", recs, support, None) == MALLORY.public_key
-    assert _owner("alice", recs, {}, None) == MALLORY.public_key
+    assert owner("alice", recs, support, None) == MALLORY.public_key
+    assert owner("alice", recs, {}, None) == MALLORY.public_key
 
 
 def test_a_pin_overrides_the_count_and_a_changed_pin_names_the_majority(tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_a_pin_overrides_the_count_and_a_changed_pin_names_the_majority(tmp_path
     known.pin("alice", MALLORY.public_key.hex())
     recs = [_claim(ALICE, NOW), _claim(MALLORY, NOW)]
     support = {ALICE.public_key: 7, MALLORY.public_key: 1}
-    assert _owner("alice", recs, support, known) == MALLORY.public_key
+    assert owner("alice", recs, support, known) == MALLORY.public_key
     with pytest.raises(PinnedKeyChanged) as exc:
-        _owner("alice", recs[:1], support, known)
+        owner("alice", recs[:1], support, known)
     assert exc.value.seen == ALICE.public_key.hex()

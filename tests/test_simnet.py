@@ -2,44 +2,39 @@
 
 :class:`~dhtsignal.testing.simnet.SimNetwork` drives the sans-I/O nodes directly (no
 event loop); the network is built once per module (``sim`` fixture). The presence test
-runs the real, asyncio-based :mod:`dhtsignal.presence` on
-:class:`~dhtsignal.testing.simnet.LoopSimNetwork` (a virtual-time event loop), because
-that code sleeps and gathers through asyncio itself.
+runs the real presence logic (:mod:`dhtsignal.signaling.presence`: the records to
+publish, their refresh, the tombstones, and who owns a node ID) on a network of its own,
+refreshing on the simulator's virtual clock.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import pytest
 
-from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
 from dhtsignal.dht.node import Node
-from dhtsignal.dht.records import Record, RecordType
-from dhtsignal.errors import PeerNotFound
+from dhtsignal.dht.records import Record, RecordType, node_key
+from dhtsignal.errors import DhtSignalError, PeerNotFound
 from dhtsignal.identity import Identity
-from dhtsignal.presence import PeerInfo, Presence, resolve
+from dhtsignal.signaling.presence import PeerInfo, PresenceRecords, identify, node_addresses
 from dhtsignal.testing import simnet
 from dhtsignal.wire import codec
 
 NODES = 1_000
 KEYS = 100
 SEED = 20240611
-#: Virtual seconds any one test phase may take before the loop gives up.
+#: Virtual seconds any one test phase may take before the simulation gives up.
 PHASE_LIMIT = 600.0
 
-T = TypeVar("T")
 
-
-def _found(res_records: list[Record], node: DhtNode | Node, want: Record) -> bool:
+def _found(res_records: list[Record], node: Node, want: Record) -> bool:
     """Whether a lookup (plus the asking node's own store, as ``get`` merges) has ``want``."""
     held = node.store.get(want.key, node.wallclock())
     return any(r.raw == want.raw for r in [*res_records, *held])
@@ -96,36 +91,6 @@ def sim() -> Iterator[Sim]:
     assert all(not isinstance(r, BaseException) for r in net.wait(ops))
     yield Sim(net, values, time.monotonic() - started)
     net.close()
-
-
-def test_sleep_takes_no_real_time() -> None:
-    async def main() -> float:
-        loop = asyncio.get_running_loop()
-        before = loop.time()
-        await asyncio.sleep(1000)
-        return loop.time() - before
-
-    started = time.monotonic()
-    advanced = simnet.run(main())
-    assert time.monotonic() - started < 1.0
-    assert advanced == pytest.approx(1000.0)
-
-
-def test_stall_is_an_error_not_a_hang() -> None:
-    async def never() -> None:
-        await asyncio.get_running_loop().create_future()
-
-    with pytest.raises(simnet.SimulationStalled):
-        simnet.run(never())
-
-
-def test_time_limit_stops_runaway_simulation() -> None:
-    async def forever() -> None:
-        for _ in range(10**9):
-            await asyncio.sleep(60)
-
-    with pytest.raises(simnet.SimulationStalled, match="limit"):
-        simnet.run(forever(), time_limit=3600.0)
 
 
 def test_sans_io_network_time_is_virtual() -> None:
@@ -231,83 +196,142 @@ def test_every_get_finds_its_value_in_few_hops(sim: Sim) -> None:
     assert max(found) <= 8
 
 
-@dataclass
-class LoopSim:
-    runner: simnet.SimRunner
-    net: simnet.LoopSimNetwork
+def _put_batch(batch: list[Record]) -> Callable[[Node, float], int]:
+    """What a node starts to put one batch of records."""
+    return lambda n, now: n.start_put(batch, now)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run one phase on the shared loop, bounded in virtual time."""
-        loop = self.runner.get_loop()
-        loop.time_limit = loop.time() + PHASE_LIMIT
-        return self.runner.run(coro)
+
+@dataclass
+class SimPeer:
+    """A peer of the presence test: its DHT node and what it publishes."""
+
+    node: Node
+    records: PresenceRecords
+
+
+def _publish(net: simnet.SimNetwork, peers: list[SimPeer], *, first: bool) -> int:
+    """Every peer publishes at once, as :meth:`Presence.publish` does: one put per batch,
+    the first (claim when due, presence under the label) must be stored. Runs until all
+    puts ended; a failed first batch raises on the first publication (as
+    :meth:`Presence.start` does) and is skipped later (the refresh loop logs it).
+
+    :returns: how many peers' first batch failed.
+    """
+    pubs, ops = [], []
+    for p in peers:
+        addrs = node_addresses(p.node.address, p.node.observed)
+        pub = p.records.publication(net.wallclock(), addrs)
+        pubs.append(pub)
+        ops.append([net.start(p.node, _put_batch(b)) for b in pub.batches])
+    results = net.wait([op for each in ops for op in each])
+    failed = 0
+    at = 0
+    for p, pub, each in zip(peers, pubs, ops, strict=True):
+        head = results[at]
+        at += len(each)
+        if isinstance(head, BaseException):
+            if first:
+                raise head
+            failed += 1
+        else:
+            p.records.published(pub)
+    return failed
+
+
+def _resolve_all(net: simnet.SimNetwork, peers: list[SimPeer]) -> list[PeerInfo | BaseException]:
+    """Each node ID looked up from a random live node (50 at once) and identified, as
+    :func:`resolve` does: a get of its node key, tombstones included, then
+    :func:`identify`."""
+    out: list[PeerInfo | BaseException] = []
+    for start in range(0, len(peers), 50):
+        chunk = peers[start : start + 50]
+        ops = [
+            net.start(
+                net.random_node(),
+                _get_held_of(node_key(p.records.node_id)),
+            )
+            for p in chunk
+        ]
+        for p, held in zip(chunk, net.wait(ops), strict=True):
+            if isinstance(held, BaseException):
+                out.append(held)
+                continue
+            try:
+                out.append(identify(p.records.node_id, held, None, net.wallclock()))
+            except DhtSignalError as exc:
+                out.append(exc)
+    return out
+
+
+def _get_held_of(key: bytes) -> Callable[[Node, float], int]:
+    """What a node starts to get ``key`` with tombstones (as :func:`resolve` does)."""
+    return lambda n, now: n.start_get(key, now, include_tombstones=True)
 
 
 @pytest.mark.slow
 def test_presence_survives_ten_percent_crash_by_refreshing() -> None:
-    """The real presence code at scale: 100 peers claim their node IDs and publish
-    presence (:class:`Presence`, 120 s records refreshed every 60 s); 10% of the other
-    nodes crash; once every record from before the crash has expired, every node ID still
-    resolves (:func:`resolve`: claim, owner by storing-node majority, presence) to its
-    peer's key from a random live node. Then SIGTERM's tombstones make each one offline."""
-    with simnet.runner(time_limit=PHASE_LIMIT) as runner:
-
-        async def build() -> simnet.LoopSimNetwork:
-            return await simnet.LoopSimNetwork.build(NODES, simnet.SimConfig(seed=SEED))
-
-        sim = LoopSim(runner, runner.run(build()))
-        try:
-            _presence_phases(sim)
-        finally:
-            sim.run(sim.net.close())
+    """The real presence logic at scale: 100 peers claim their node IDs and publish
+    presence (:class:`PresenceRecords`, 120 s records refreshed every 60 s after the
+    previous publication ended); 10% of the other nodes crash; once every record from
+    before the crash has expired, every node ID still resolves (:func:`identify`: claim,
+    owner by storing-node majority, presence) to its peer's key from a random live node.
+    Then SIGTERM's tombstones make each one offline."""
+    net = simnet.SimNetwork.build(NODES, simnet.SimConfig(seed=SEED), time_limit=PHASE_LIMIT)
+    try:
+        _presence_phases(net)
+    finally:
+        net.close()
 
 
-def _presence_phases(sim: LoopSim) -> None:
-    net = sim.net
+def _presence_phases(net: simnet.SimNetwork) -> None:
     rng = random.Random(SEED)
     publishers = rng.sample(net.live_nodes(), KEYS)
     peers = [
-        Presence(node, Identity.generate(), f"peer-{i}", [f"room-{i % 10}"], ttl=120.0)
+        SimPeer(
+            node,
+            PresenceRecords(
+                Identity.generate(),
+                f"peer-{i}",
+                [f"room-{i % 10}"],
+                ttl=120.0,
+                claimed_at=net.wallclock(),
+            ),
+        )
         for i, node in enumerate(publishers)
     ]
-
-    async def each(method: str) -> None:
-        await asyncio.gather(*(getattr(p, method)() for p in peers))
-
-    sim.run(each("start"))
+    ttl = peers[0].records.ttl
+    net.time_limit = net.now + PHASE_LIMIT
+    _publish(net, peers, first=True)
     crashed = net.crash_random(0.10, spare=publishers)
     assert len(crashed) == NODES // 10
     dead_before = net.traffic.dead
 
-    async def resolve_all() -> list[PeerInfo | BaseException]:
-        out: list[PeerInfo | BaseException] = []
-        for start in range(0, KEYS, 50):
-            out += await asyncio.gather(
-                *(resolve(net.random_node(), p.node_id) for p in peers[start : start + 50]),
-                return_exceptions=True,
-            )
-        return out
-
-    async def after_expiry() -> list[PeerInfo | BaseException]:
-        # Past the lifetime of everything published before the crash: what resolves now
-        # was refreshed (at 60 and 120 s) onto the storing nodes of the shrunken network.
-        await asyncio.sleep(peers[0].ttl + 10)
-        return await resolve_all()
-
-    infos = sim.run(after_expiry())
+    # Past the lifetime of everything published before the crash: what resolves now was
+    # refreshed (at about 60 and 120 s) onto the storing nodes of the shrunken network.
+    net.time_limit = net.now + PHASE_LIMIT
+    check_at = net.now + ttl + 10
+    refresh_failures = 0
+    while (due := net.now + peers[0].records.refresh_interval) < check_at:
+        net.run_for(due - net.now)
+        refresh_failures += _publish(net, peers, first=False)
+    net.run_for(check_at - net.now)
+    infos = _resolve_all(net, peers)
     ok = [
         i
         for i, p in zip(infos, peers, strict=True)
-        if isinstance(i, PeerInfo) and i.public_key == p.identity.public_key
+        if isinstance(i, PeerInfo) and i.public_key == p.records.identity.public_key
     ]
     print(
-        f"\nafter crashing {len(crashed)} of {NODES} nodes and {peers[0].ttl + 10:.0f} s: "
-        f"{len(ok)}/{KEYS} node IDs resolved to their peers"
+        f"\nafter crashing {len(crashed)} of {NODES} nodes and {ttl + 10:.0f} s: "
+        f"{len(ok)}/{KEYS} node IDs resolved to their peers "
+        f"({refresh_failures} refreshes refused)"
     )
     assert len(ok) == KEYS, [i for i in infos if not isinstance(i, PeerInfo)][:3]
     assert net.traffic.dead > dead_before  # the crashed nodes were asked, and timed out
 
-    sim.run(each("stop"))
-    gone = sim.run(resolve_all())
+    net.time_limit = net.now + PHASE_LIMIT
+    tombs = [(p, t) for p in peers for t in p.records.sign_off(net.wallclock())]
+    net.wait([net.start(p.node, _put_batch([t])) for p, t in tombs])  # failures: logged
+    gone = _resolve_all(net, peers)
     offline = [g for g in gone if isinstance(g, PeerNotFound) and "signed off" in str(g)]
     assert len(offline) == KEYS, [g for g in gone if g not in offline][:3]

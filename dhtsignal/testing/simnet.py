@@ -1,80 +1,82 @@
-"""A simulated network: thousands of real :class:`~dhtsignal.aio.node.DhtNode` objects
-exchanging datagrams in memory on a virtual clock.
+"""A simulated network: thousands of real sans-I/O DHT nodes
+(:class:`~dhtsignal.dht.node.Node`) exchanging datagrams in memory on a virtual clock.
 
 Theory of operation
 -------------------
-Virtual time
-    :class:`VirtualTimeLoop` is an ordinary ``asyncio.SelectorEventLoop`` with two
-    changes. :meth:`VirtualTimeLoop.time` returns a virtual clock, and the loop's
-    selector (:class:`_VirtualSelector`) never sleeps: it polls the real file
-    descriptors (the loop's self-pipe) with a zero timeout, and when nothing is
-    ready it *advances the virtual clock* by the timeout the loop asked for, which
-    is exactly the delay until the earliest timer. Every ``call_later``,
-    ``asyncio.sleep``, ``wait_for`` and ``asyncio.timeout`` therefore fires as soon
-    as the callbacks before it have run, and ``await asyncio.sleep(3600)`` returns
-    at once in real time. Callbacks take no virtual time: the simulated CPU is
-    infinitely fast. If the loop would wait forever (nothing ready, no timer) it
-    raises :class:`SimulationStalled` instead of hanging, and it raises the same
-    error if virtual time passes an optional ``time_limit``.
+No event loop
+    The protocol is :class:`~dhtsignal.dht.node.Node`, which owns no socket and reads
+    no clock: datagrams go in through ``receive_datagram(data, addr, now)`` and out
+    through ``datagrams_to_send(now)``, its one timer through ``get_timer()`` /
+    ``handle_timer(now)``, and operations (``start_put``, ``start_get``,
+    ``start_lookup``, ``start_bootstrap``, ...) end in events. :class:`SimNetwork` is
+    the loop: one heap of ``(time, sequence, node index, datagram or None, source)``
+    entries holds both the datagrams in flight and each node's armed timer, and
+    :meth:`SimNetwork._step` pops the earliest, sets the virtual clock
+    :attr:`SimNetwork.now` to its time, and hands it to the node (a datagram if the
+    node is alive, or its timer). Whatever the node then wants to send goes onto the
+    heap, its events are matched against the operations being waited for, and its
+    timer is pushed only if it moved earlier than the entry already armed (re-arming
+    never searches the heap; an entry that fires before the timer is due just wakes
+    the node, which handles what is due and is armed again). Ties are broken by
+    the sequence number, so datagrams with the same arrival time arrive in the order
+    they were sent. Handling takes no virtual time: the simulated CPU is infinitely
+    fast, and an hour of an idle network costs only its maintenance timers.
 
-    :func:`run` runs a coroutine on a fresh virtual-time loop (like
-    ``asyncio.run``); :func:`runner` returns a :class:`SimRunner` (a wrapped
-    ``asyncio.Runner``) that keeps one such loop across several ``run`` calls (for
-    module-scoped test fixtures). Both raise the cyclic garbage collector's
-    thresholds while they run (:data:`SIM_GC_THRESHOLD`), which matters at scale.
-    Tests call them from plain synchronous test functions, so pytest-asyncio is
-    not involved. (To run ``async def`` tests on virtual time instead, a conftest
-    can return ``{"virtual": VirtualTimeLoop}`` from pytest-asyncio's
-    ``pytest_asyncio_loop_factories`` hook: the class is a loop factory.)
+Driving it
+    :meth:`SimNetwork.start` begins an operation on a node (a function of the node and
+    the time that returns the operation id) and returns a :class:`SimOp`;
+    :meth:`SimNetwork.wait` steps the heap until every given operation has ended and
+    returns each one's result or the exception it failed with. :meth:`SimNetwork.put`,
+    :meth:`~SimNetwork.get_held`, :meth:`~SimNetwork.find_nodes` and friends are one
+    operation each, started and waited for. :meth:`SimNetwork.run_for` lets virtual
+    time pass with everything due in it happening (refreshes, expiry). Code above the
+    DHT runs on the same clock through its own I/O-free parts, taking ``now`` from
+    :attr:`SimNetwork.now` or :meth:`SimNetwork.wallclock` (presence:
+    :mod:`dhtsignal.signaling.presence`). A wait that can never end (nothing in the
+    heap) or that would pass :attr:`SimNetwork.time_limit` or its own ``timeout``
+    raises :class:`SimulationStalled` instead of hanging.
 
 The network
-    :class:`SimNetwork` creates nodes, one :class:`SimTransport` each. A node's
-    address is a ``("127.x.y.z", port)`` pair that no real socket ever uses.
-    ``sendto`` looks the destination up, applies the loss rate, and puts the
-    datagram on the *wire*: a heap of ``(arrival time, sequence, ...)`` tuples
-    with one loop timer armed at the earliest arrival (cheaper than one
-    ``call_later`` handle per datagram, and ordered by send sequence on ties).
-    When the timer fires, every datagram due that was sent before it fired is
-    handed to its destination's ``datagram_received`` if that node is still alive
-    (one sent meanwhile with zero latency waits for the next loop iteration, so a
-    zero-latency exchange cannot starve other callbacks).
-    Latency is fixed per unordered pair of nodes (uniform in the configured range,
-    a hash of the seed and the two node indices, so it costs no memory), plus
-    optional per-datagram jitter. Every datagram is counted (:class:`Traffic`).
+    A node's address is a ``("127.x.y.z", port)`` pair (:func:`address_of`) that no
+    real socket ever uses. Routing a datagram looks the destination up, applies the
+    loss rate, and pushes it with its arrival time. Latency is fixed per unordered pair
+    of nodes (uniform in the configured range, a hash of the seed and the two node
+    indices, so it costs no memory), plus optional per-datagram jitter. Every datagram
+    is counted (:class:`Traffic`).
 
-    The node's ``wallclock`` (record expiry) is ``epoch + loop.time()``, so records
-    expire on virtual time too.
+    A node's ``wallclock`` (record expiry) is ``epoch + now``, so records expire on
+    virtual time too.
 
-    :meth:`SimNetwork.crash` kills a node: its transport drops whatever it sends,
-    datagrams addressed to it (including those already in flight) are dropped, and
-    its timers and tasks are cancelled. Nothing is said to anyone, as in a crash.
+    :meth:`SimNetwork.crash` kills a node: it sends nothing more, datagrams addressed to
+    it (including those already in flight) are dropped, and its timer never fires
+    again. Nothing is said to anyone, as in a crash.
 
-    :meth:`SimNetwork.grow` joins nodes in waves: each new node bootstraps off a
-    random node that had already joined when its wave began, and a wave is at most
-    as large as the network it joins (so early waves double it) and at most
-    ``join_concurrency`` nodes.
+    :meth:`SimNetwork.grow` joins nodes in waves: each new node bootstraps off a random
+    node that had already joined when its wave began, and a wave is at most as large as
+    the network it joins (so early waves double it) and at most ``join_concurrency``
+    nodes.
 
 Determinism
-    All the simulator's choices (node IDs, latencies, losses, bootstrap contacts,
-    crash victims) come from ``random.Random(seed)``. The protocol code draws RPC
-    message IDs and bucket-refresh targets from ``os.urandom``; message IDs do not
-    change behaviour, and refresh targets only matter once buckets go stale
-    (``refresh_interval`` of virtual time).
+    All the simulator's choices (node IDs, latencies, losses, bootstrap contacts, crash
+    victims) come from ``random.Random(seed)``. The protocol code draws RPC message IDs
+    and bucket-refresh targets from ``os.urandom``; message IDs do not change behaviour,
+    and refresh targets only matter once buckets go stale (``refresh_interval`` of
+    virtual time).
+
+Memory
+    A large simulated network holds millions of long-lived objects: a run of thousands
+    of nodes should raise the cyclic garbage collector's thresholds
+    (``gc.set_threshold(*SIM_GC_THRESHOLD)``, as ``bench/sim_scale.py`` does).
 """
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import heapq
-import math
 import random
-import selectors
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht.node import (
     Bootstrapped,
     Event,
@@ -93,204 +95,23 @@ from dhtsignal.dht.records import Record
 from dhtsignal.errors import SimulationStalled, UsageError
 from dhtsignal.wire.addr import Addr
 
-if TYPE_CHECKING:
-    from _typeshed import FileDescriptorLike
-
 __all__ = [
     "SIM_GC_THRESHOLD",
-    "LoopSimNetwork",
     "SimConfig",
     "SimNetwork",
     "SimOp",
-    "SimRunner",
-    "SimTransport",
     "SimulationStalled",
     "Traffic",
-    "VirtualTimeLoop",
-    "run",
-    "runner",
+    "address_of",
 ]
 
-T = TypeVar("T")
-
-#: Real seconds the loop waits for a thread to wake it before declaring a stall.
-IDLE_GRACE = 0.2
 #: Wall-clock UNIX time at virtual time zero (late 2023).
 DEFAULT_EPOCH = 1.7e9
 _MASK64 = (1 << 64) - 1
-#: Cyclic-GC thresholds while a simulation runs. A large simulated network holds
+#: Cyclic-GC thresholds for a large simulation. A large simulated network holds
 #: millions of long-lived objects; with CPython's default (700, 10, 10) the collector
 #: took about 40% of the CPU time of building a 3,000-node network, with these about 10%.
 SIM_GC_THRESHOLD = (20_000, 20, 20)
-
-
-# -- virtual time --------------------------------------------------------------------------
-
-
-class _VirtualSelector(selectors.BaseSelector):
-    """Delegates registration to a real selector; never blocks in :meth:`select`."""
-
-    def __init__(self, loop: VirtualTimeLoop) -> None:
-        self._loop = loop
-        self._real = selectors.DefaultSelector()
-
-    def register(
-        self, fileobj: FileDescriptorLike, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._real.register(fileobj, events, data)
-
-    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
-        return self._real.unregister(fileobj)
-
-    def modify(
-        self, fileobj: FileDescriptorLike, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._real.modify(fileobj, events, data)
-
-    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
-        return self._real.get_map()
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = self._real.select(0)
-        if ready:
-            return ready
-        if timeout is None:
-            # Only another thread (call_soon_threadsafe) could wake us now: give it a moment.
-            ready = self._real.select(IDLE_GRACE)
-            if ready:
-                return ready
-            raise SimulationStalled(
-                "virtual-time loop stalled: no callback ready and no timer scheduled, so the "
-                "awaited result can never arrive (a future nobody resolves?)"
-            )
-        if timeout > 0:
-            self._loop.advance(timeout)
-        return []
-
-    def close(self) -> None:
-        self._real.close()
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock is virtual and jumps to the next timer when idle.
-
-    :param start: virtual time at creation, seconds.
-    :param time_limit: raise :class:`SimulationStalled` rather than advance virtual
-        time past this (None: no limit). A guard against simulations that keep
-        firing periodic timers while waiting for something that never comes.
-    """
-
-    def __init__(self, start: float = 0.0, time_limit: float | None = None) -> None:
-        self._vnow = float(start)
-        self.time_limit = time_limit
-        super().__init__(_VirtualSelector(self))
-
-    def time(self) -> float:
-        """The virtual clock, seconds."""
-        return self._vnow
-
-    def advance(self, seconds: float) -> None:
-        """Move the virtual clock forward (the loop does this itself when idle).
-
-        :param seconds: how far, at least 0.
-        :raises SimulationStalled: past ``time_limit``.
-        """
-        if seconds < 0:
-            raise UsageError(f"virtual time cannot go back ({seconds} s)")
-        new = self._vnow + seconds
-        if new <= self._vnow and seconds > 0:
-            new = math.nextafter(self._vnow, math.inf)  # too small to register: one ulp
-        if self.time_limit is not None and new > self.time_limit:
-            raise SimulationStalled(
-                f"virtual time would pass its limit of {self.time_limit:.1f} s "
-                f"(now {self._vnow:.3f} s, next timer in {seconds:.3f} s)"
-            )
-        self._vnow = new
-
-
-class SimRunner:
-    """Like ``asyncio.Runner``, on a :class:`VirtualTimeLoop`, and tuning the garbage
-    collector while it is open (see :data:`SIM_GC_THRESHOLD`). Use it as a context
-    manager; :meth:`run` may be called several times on the same loop.
-
-    :param start: virtual time at creation.
-    :param time_limit: see :class:`VirtualTimeLoop`.
-    :param gc_threshold: ``gc.set_threshold`` arguments while open (None: leave alone).
-    """
-
-    def __init__(
-        self,
-        *,
-        start: float = 0.0,
-        time_limit: float | None = None,
-        gc_threshold: tuple[int, int, int] | None = SIM_GC_THRESHOLD,
-    ) -> None:
-        self._runner = asyncio.Runner(loop_factory=lambda: VirtualTimeLoop(start, time_limit))
-        self._gc_threshold = gc_threshold
-        self._saved_threshold: tuple[int, int, int] | None = None
-
-    def __enter__(self) -> SimRunner:
-        if self._gc_threshold is not None and self._saved_threshold is None:
-            self._saved_threshold = gc.get_threshold()
-            gc.set_threshold(*self._gc_threshold)
-        self._runner.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` to completion on the runner's loop."""
-        return self._runner.run(coro)
-
-    def get_loop(self) -> VirtualTimeLoop:
-        """The runner's loop (created on first use)."""
-        loop = self._runner.get_loop()
-        assert isinstance(loop, VirtualTimeLoop)
-        return loop
-
-    def close(self) -> None:
-        """Cancel leftover tasks, close the loop, restore the GC thresholds."""
-        try:
-            self._runner.close()
-        finally:
-            if self._saved_threshold is not None:
-                gc.set_threshold(*self._saved_threshold)
-                self._saved_threshold = None
-
-
-def runner(
-    *,
-    start: float = 0.0,
-    time_limit: float | None = None,
-    gc_threshold: tuple[int, int, int] | None = SIM_GC_THRESHOLD,
-) -> SimRunner:
-    """A :class:`SimRunner` (use it as a context manager; ``run`` it several times).
-
-    :param start: virtual time at creation.
-    :param time_limit: see :class:`VirtualTimeLoop`.
-    :param gc_threshold: see :class:`SimRunner`.
-    """
-    return SimRunner(start=start, time_limit=time_limit, gc_threshold=gc_threshold)
-
-
-def run(
-    coro: Coroutine[Any, Any, T],
-    *,
-    start: float = 0.0,
-    time_limit: float | None = None,
-    gc_threshold: tuple[int, int, int] | None = SIM_GC_THRESHOLD,
-) -> T:
-    """Run ``coro`` to completion on a fresh virtual-time loop and close it.
-
-    :param coro: the coroutine.
-    :param start: virtual time at creation.
-    :param time_limit: see :class:`VirtualTimeLoop`.
-    :param gc_threshold: see :class:`SimRunner`.
-    :returns: what ``coro`` returns.
-    """
-    with runner(start=start, time_limit=time_limit, gc_threshold=gc_threshold) as r:
-        return r.run(coro)
 
 
 # -- the network ---------------------------------------------------------------------------
@@ -323,9 +144,9 @@ class Traffic:
     """Datagram counters of a :class:`SimNetwork`."""
 
     sent: int = 0
-    """``sendto`` calls by live nodes."""
+    """Datagrams sent by live nodes."""
     delivered: int = 0
-    """Datagrams handed to a live node's ``datagram_received``."""
+    """Datagrams handed to a live node's ``receive_datagram``."""
     lost: int = 0
     """Dropped by the loss rate."""
     dead: int = 0
@@ -350,39 +171,6 @@ class Traffic:
         )
 
 
-class SimTransport(asyncio.DatagramTransport):
-    """The in-memory datagram transport of one simulated node.
-
-    :param net: the network.
-    :param index: the node's index in :attr:`SimNetwork.nodes`.
-    :param addr: the node's simulated address.
-    """
-
-    def __init__(self, net: LoopSimNetwork, index: int, addr: Addr) -> None:
-        super().__init__({"sockname": addr, "peername": None})
-        self._net = net
-        self.index = index
-        self.addr = addr
-        self._closing = False
-
-    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
-        """Queue ``data`` for ``addr`` (dropped if this node crashed or the transport closed)."""
-        net = self._net
-        if self._closing or not net.alive[self.index]:
-            net.traffic.dead += 1
-            return
-        net._route(self.index, self.addr, bytes(data), addr)
-
-    def close(self) -> None:
-        self._closing = True
-
-    def abort(self) -> None:
-        self._closing = True
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-
 def _mix64(x: int) -> int:
     """SplitMix64 finaliser: a cheap, well-spread 64-bit hash."""
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
@@ -390,252 +178,10 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-class LoopSimNetwork:
-    """Simulated :class:`~dhtsignal.aio.node.DhtNode` adapters exchanging datagrams in memory
-    on a running (normally virtual-time) event loop: for code that needs the awaitable API
-    and asyncio's own timers, such as :mod:`dhtsignal.presence`.
-
-    Build it inside a running loop (normally a :class:`VirtualTimeLoop` through
-    :func:`run`); on a real loop it works too, in real time.
-
-    :param config: network behaviour; defaults to :class:`SimConfig` ().
-    """
-
-    def __init__(self, config: SimConfig | None = None) -> None:
-        self.config = cfg = config or SimConfig()
-        lo, hi = cfg.latency
-        if not 0 <= lo <= hi or not 0 <= cfg.loss < 1 or cfg.jitter < 0:
-            raise UsageError("SimConfig needs 0 <= latency[0] <= latency[1], 0 <= loss < 1")
-        self.loop = asyncio.get_running_loop()
-        self.rng = random.Random(cfg.seed)
-        self.nodes: list[DhtNode] = []
-        """Every node ever created, by index."""
-        self.alive: list[bool] = []
-        """Whether the node of that index is alive."""
-        self.joined: list[int] = []
-        """Indices of nodes that have joined (bootstrapped), in join order."""
-        self.traffic = Traffic()
-        self.join_failures = 0
-        self._by_addr: dict[Addr, int] = {}
-        self._salt = _mix64(cfg.seed & _MASK64 ^ 0x9E3779B97F4A7C15)
-        self._lat_lo = lo
-        self._lat_span = hi - lo
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._wire: list[tuple[float, int, int, bytes, Addr]] = []
-        self._seq = 0
-        self._pump: asyncio.TimerHandle | None = None
-        self._pump_at = 0.0
-
-    # -- clocks & addresses -------------------------------------------------------------
-
-    def wallclock(self) -> float:
-        """Virtual wall-clock UNIX time: ``epoch + loop.time()``."""
-        return self.config.epoch + self.loop.time()
-
-    @staticmethod
-    def address_of(index: int) -> Addr:
-        """The simulated address of node ``index``: ``("127.x.y.z", port)``."""
-        n = index + 1
-        return (f"127.{(n >> 16) & 0xFF}.{(n >> 8) & 0xFF}.{n & 0xFF}", 20000 + index % 40000)
-
-    def index_of(self, node: DhtNode) -> int:
-        """The index of ``node`` in :attr:`nodes`."""
-        if node.address is None or node.address not in self._by_addr:
-            raise UsageError("node is not part of this simulated network")
-        return self._by_addr[node.address]
-
-    def latency(self, a: int, b: int) -> float:
-        """The fixed one-way delay between nodes ``a`` and ``b`` (symmetric), seconds."""
-        lo, hi = (a, b) if a < b else (b, a)
-        h = _mix64((self._salt + lo * 0x100000001B3 + hi) & _MASK64)
-        return self._lat_lo + self._lat_span * (h >> 11) * (1.0 / (1 << 53))
-
-    # -- datagrams ----------------------------------------------------------------------
-
-    def _route(self, src: int, src_addr: Addr, data: bytes, addr: Any) -> None:
-        t = self.traffic
-        t.sent += 1
-        t.bytes += len(data)
-        try:
-            dst = self._by_addr.get((addr[0], addr[1]))
-        except (TypeError, IndexError):
-            dst = None
-        if dst is None:
-            t.unroutable += 1
-            return
-        cfg = self.config
-        if cfg.loss and self.rng.random() < cfg.loss:
-            t.lost += 1
-            return
-        delay = self.latency(src, dst)
-        if cfg.jitter:
-            delay += self.rng.random() * cfg.jitter
-        when = self.loop.time() + delay
-        self._seq += 1
-        heapq.heappush(self._wire, (when, self._seq, dst, data, src_addr))
-        if self._pump is None or when < self._pump_at:
-            self._arm(when)
-
-    def _arm(self, when: float) -> None:
-        if self._pump is not None:
-            self._pump.cancel()
-        self._pump_at = when
-        self._pump = self.loop.call_at(when, self._flush)
-
-    def _flush(self) -> None:
-        """Deliver every datagram due by now, then re-arm for the next one."""
-        self._pump = None
-        wire = self._wire
-        now = self.loop.time()
-        last = self._seq
-        t = self.traffic
-        nodes = self.nodes
-        alive = self.alive
-        while wire and wire[0][0] <= now and wire[0][1] <= last:
-            _, _, dst, data, src_addr = heapq.heappop(wire)
-            if not alive[dst]:
-                t.dead += 1
-                continue
-            t.delivered += 1
-            nodes[dst].datagram_received(data, src_addr)
-        if wire and self._pump is None:
-            self._arm(wire[0][0])
-
-    @property
-    def in_flight(self) -> int:
-        """Datagrams sent and not yet delivered (or dropped at arrival)."""
-        return len(self._wire)
-
-    # -- membership ---------------------------------------------------------------------
-
-    def add_node(self, node_id: bytes | None = None) -> DhtNode:
-        """Create a node with a transport, not yet joined (see :meth:`join`).
-
-        :param node_id: its routing ID (default: 20 random bytes from the seed).
-        """
-        index = len(self.nodes)
-        nid = node_id if node_id is not None else self.rng.randbytes(20)
-        node = DhtNode(nid, self.config.node_config, wallclock=self.wallclock)
-        addr = self.address_of(index)
-        self.nodes.append(node)
-        self.alive.append(True)
-        self._by_addr[addr] = index
-        node.connection_made(SimTransport(self, index, addr))
-        return node
-
-    async def join(self, node: DhtNode) -> bool:
-        """Bootstrap ``node`` off a random joined node (the first node joins alone).
-
-        Tries up to ``join_attempts`` contacts.
-
-        :returns: whether it joined.
-        """
-        index = self.index_of(node)
-        alone = not any(self.alive[i] for i in self.joined if i != index)
-        ok = alone
-        for _ in range(0 if alone else self.config.join_attempts):
-            via = self.nodes[self._random_joined(exclude=index)]
-            assert via.address is not None
-            if await node.bootstrap([via.address]) > 0:
-                ok = True
-                break
-        if ok:
-            self.joined.append(index)
-        else:
-            self.join_failures += 1
-        return ok
-
-    async def grow(
-        self, count: int, *, progress: Callable[[int, int], None] | None = None
-    ) -> list[DhtNode]:
-        """Create ``count`` nodes and join them in waves.
-
-        :param count: how many nodes to add.
-        :param progress: called after each wave with ``(done, count)``.
-        :returns: the new nodes.
-        """
-        new = [self.add_node() for _ in range(count)]
-        done = 0
-        while done < count:
-            live_joined = sum(1 for i in self.joined if self.alive[i])
-            wave = max(1, min(self.config.join_concurrency, live_joined, count - done))
-            batch = new[done : done + wave]
-            # Choose bootstrap contacts from those joined before the wave (join() reads it).
-            await asyncio.gather(*(self.join(n) for n in batch))
-            done += len(batch)
-            if progress is not None:
-                progress(done, count)
-        return new
-
-    @classmethod
-    async def build(
-        cls,
-        count: int,
-        config: SimConfig | None = None,
-        *,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> LoopSimNetwork:
-        """A network of ``count`` joined nodes.
-
-        :param count: how many nodes.
-        :param config: network behaviour.
-        :param progress: see :meth:`grow`.
-        """
-        net = cls(config)
-        await net.grow(count, progress=progress)
-        return net
-
-    def live_nodes(self) -> list[DhtNode]:
-        """Nodes that have not crashed."""
-        return [n for n, up in zip(self.nodes, self.alive, strict=True) if up]
-
-    def random_node(self) -> DhtNode:
-        """A random live, joined node."""
-        return self.nodes[self._random_joined()]
-
-    def _random_joined(self, exclude: int = -1) -> int:
-        return _pick_joined(self.rng, self.joined, self.alive, exclude)
-
-    def crash(self, node: DhtNode) -> None:
-        """Kill ``node`` without a word: it sends and receives nothing from now on."""
-        index = self.index_of(node)
-        if not self.alive[index]:
-            return
-        self.alive[index] = False
-        self._spawn(node.close())
-
-    def crash_random(self, fraction: float, *, spare: Iterable[DhtNode] = ()) -> list[DhtNode]:
-        """Crash a random ``fraction`` of the live nodes.
-
-        :param fraction: between 0 and 1.
-        :param spare: nodes never chosen.
-        :returns: the crashed nodes.
-        """
-        keep = {self.index_of(n) for n in spare}
-        pool = [i for i, up in enumerate(self.alive) if up and i not in keep]
-        victims = self.rng.sample(pool, min(len(pool), round(fraction * sum(self.alive))))
-        for i in victims:
-            self.crash(self.nodes[i])
-        return [self.nodes[i] for i in victims]
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def close(self) -> None:
-        """Close every live node and wait until all nodes, crashed ones too, are closed."""
-        for i, up in enumerate(self.alive):
-            self.alive[i] = False
-            if up:
-                self._spawn(self.nodes[i].close())
-        # Nothing spawns once every node is dead, so one gather sees every task.
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        if self._pump is not None:
-            self._pump.cancel()
-            self._pump = None
-        self.traffic.dead += len(self._wire)
-        self._wire.clear()
+def address_of(index: int) -> Addr:
+    """The simulated address of node ``index``: ``("127.x.y.z", port)``."""
+    n = index + 1
+    return (f"127.{(n >> 16) & 0xFF}.{(n >> 8) & 0xFF}.{n & 0xFF}", 20000 + index % 40000)
 
 
 # -- the sans-I/O network ------------------------------------------------------------------
@@ -696,7 +242,7 @@ class SimNetwork:
         """Virtual wall-clock UNIX time: ``epoch + now``."""
         return self.config.epoch + self.now
 
-    address_of = staticmethod(LoopSimNetwork.address_of)
+    address_of = staticmethod(address_of)
 
     def index_of(self, node: Node) -> int:
         """The index of ``node`` in :attr:`nodes`."""
