@@ -343,7 +343,7 @@ class DhtNode(asyncio.DatagramProtocol):
                 transport.sendto(reply, src)
         if core.outgoing or core.events or core.timer_changed:
             self._service()
-        if not self._in_batch and not self._drive_soon and core.lookups_due:
+        if core._dirty and not self._in_batch and not self._drive_soon:  # lookups_due, inlined
             # The loop's own transport hands datagrams over one call each: drive the
             # lookups they answered once this loop iteration's datagrams are all in.
             self._drive_soon = True
