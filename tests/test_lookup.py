@@ -78,9 +78,14 @@ def drive(
     pending: set[bytes] = set()
     trace = Trace()
     seq = 0
+    after_query: float | None = None
     while True:
         trace.steps += 1
         step = lk.next(now)
+        if after_query is not None:
+            # What a Query said the very next call would answer (drivers rely on it).
+            assert step == Wait(after_query), f"{step} after a Query promising {after_query}"
+            after_query = None
         if isinstance(step, Finished):
             trace.result = step
             trace.unanswered = set(pending)
@@ -105,6 +110,8 @@ def drive(
             limit = k if lk.stalled else alpha
             assert active <= limit, f"{active} queries in flight, limit {limit}"
             trace.max_active = max(trace.max_active, active)
+            assert step.until is not None, "with a positive peer_timeout, a Query has an until"
+            after_query = step.until
             continue
         assert isinstance(step, Wait)
         assert events, "the lookup waits for an answer nobody will send"

@@ -14,6 +14,12 @@ datagrams, reported events or moved its timer does the adapter do more
 batch of datagrams per readiness event (:class:`_SocketTransport`); elsewhere
 (uvloop) it uses the loop's own datagram transport, which already reads in batches.
 
+Lookups are driven once per batch (the core's ``batch_lookups``): an answer only
+updates its lookup, and the lookups a batch answered take their next step at its end
+(after ``read_ready``'s batch, or, with the loop's own transport, which hands over
+one datagram per call, in a ``call_soon`` callback run after this loop iteration's
+datagrams), as the old all-in-one node's lookup tasks woke once per batch of answers.
+
 The awaitable API (``request``, ``put``, ``get``, ``listen``, ...) starts an
 operation on the core and waits for its event.
 """
@@ -88,17 +94,24 @@ class _SocketTransport(asyncio.DatagramTransport):
         self._closing = False
 
     def read_ready(self) -> None:
+        node = self._node
         recv = self._sock.recvfrom
-        received = self._node.datagram_received
-        for _ in range(_READ_BATCH):
-            try:
-                data, addr = recv(_RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._node.error_received(exc)
-                return
-            received(data, addr)
+        received = node.datagram_received
+        node._in_batch = True
+        try:
+            for _ in range(_READ_BATCH):
+                try:
+                    data, addr = recv(_RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    node.error_received(exc)
+                    return
+                received(data, addr)
+        finally:
+            node._in_batch = False
+            if node.core.lookups_due:
+                node._drive_lookups()
 
     def sendto(self, data: Any, addr: Any = None) -> None:
         if self._closing:
@@ -157,6 +170,7 @@ class DhtNode(asyncio.DatagramProtocol):
         wallclock: Callable[[], float] = time.time,
     ) -> None:
         self.core = core = Node(node_id, config, wallclock=wallclock)
+        core.batch_lookups = True
         self.config = core.config
         self.id = node_id
         self.wallclock = wallclock
@@ -175,6 +189,11 @@ class DhtNode(asyncio.DatagramProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
+        #: a batch of datagrams is being handed over (our own transport's read_ready)
+        self._in_batch = False
+        #: _drive_lookups is scheduled with call_soon
+        self._drive_soon = False
+        self._time: Callable[[], float] = _loop_time
 
     @functools.cached_property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -265,6 +284,7 @@ class DhtNode(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
+        self._time = self._loop.time
         sock = transport.get_extra_info("sockname")
         self.core.start((sock[0], sock[1]) if sock is not None else None, self._loop.time())
         self._service()
@@ -316,10 +336,26 @@ class DhtNode(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         core = self.core
         src = addr if len(addr) == 2 else (addr[0], addr[1])
-        reply = core.receive_datagram(data, src, self.loop.time())
-        if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, src)
+        reply = core.receive_datagram(data, src, self._time())
+        if reply is not None:
+            transport = self.transport
+            if transport is not None:
+                transport.sendto(reply, src)
         if core.outgoing or core.events or core.timer_changed:
+            self._service()
+        if core._dirty and not self._in_batch and not self._drive_soon:  # lookups_due, inlined
+            # The loop's own transport hands datagrams over one call each: drive the
+            # lookups they answered once this loop iteration's datagrams are all in.
+            self._drive_soon = True
+            self.loop.call_soon(self._drive_lookups)
+
+    def _drive_lookups(self) -> None:
+        """Drive the lookups answered by the last batch of datagrams (see
+        :meth:`Node.drive_lookups`), then send what they queued."""
+        self._drive_soon = False
+        core = self.core
+        if core.lookups_due and not self._closed:
+            core.drive_lookups(self._time())
             self._service()
 
     def _service(self) -> None:

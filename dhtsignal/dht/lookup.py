@@ -57,9 +57,16 @@ class _Cand:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """Send a query to each of these contacts now."""
+    """Send a query to each of these contacts now.
+
+    ``until``, if not None, is what :meth:`Lookup.next` called again at once (with the
+    same ``now``) would answer: after a query step it answers :class:`Wait` with the
+    earliest soft deadline of the queries in flight, these included, so a driver may
+    wait until then instead of calling again. None: call again (a ``peer_timeout`` of
+    0 or less, where the queries just sent are at once past it)."""
 
     contacts: list[Contact]
+    until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +218,13 @@ class Lookup:
                     self.queried += 1
                     to_send.append(cand.contact)
         if to_send:
-            return Query(to_send)
+            if timeout <= 0:
+                return Query(to_send)
+            # Called again now, next() would send nothing (the free slots are taken, or
+            # no new candidate is left among the k closest) and wait for the earliest
+            # query in flight: the ones just sent if none was before.
+            due = now + timeout
+            return Query(to_send, due if earliest is None or due < earliest else earliest)
         if waiting == 0 and self._overdue_needed(now):
             return Wait(None)  # woken by their answer or their RPC's final failure
         if waiting == 0:

@@ -38,7 +38,9 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   time); new records are pushed to subscribers (``ds_notify``).
 * Lookups drive :class:`~dhtsignal.dht.lookup.Lookup` machines: each answer is
   parsed (:func:`value_page`, :meth:`Node._contacts`), fed to the machine, and the
-  machine's next step sent at once. Record pages beyond the first are fetched while
+  machine's next step sent at once; or, with :attr:`Node.batch_lookups` (the asyncio
+  adapter), once per batch of datagrams, when the driver calls
+  :meth:`Node.drive_lookups`. Record pages beyond the first are fetched while
   the lookup runs; the result waits for them. A lookup's closest nodes are cached
   for ``lookup_cache_ttl`` to start the next lookup of the same key from.
 * A put is a storing lookup (``ds_store_find``); refusal tags of the storing nodes
@@ -356,6 +358,7 @@ class _Rpc:
 class _LookupOp:
     __slots__ = (
         "chains",
+        "dirty",
         "done",
         "found",
         "key",
@@ -391,6 +394,8 @@ class _LookupOp:
         self.found: dict[bytes, set[bytes]] = {}
         self.stored: dict[bytes, Any] = {}
         self.done = False
+        #: answered since it was last driven, waiting in Node._dirty (batched drive)
+        self.dirty = False
         self.step: Finished | None = None
         self.pages = 0
         self.chains = 0
@@ -432,6 +437,7 @@ class Node:
 
     __slots__ = (
         "_closed",
+        "_dirty",
         "_first_armed",
         "_flags",
         "_listening",
@@ -444,6 +450,7 @@ class Node:
         "_stats",
         "_timers",
         "address",
+        "batch_lookups",
         "config",
         "events",
         "handler",
@@ -492,6 +499,10 @@ class Node:
         self.events: list[Event] = []
         #: the earliest timer moved earlier since the driver last cleared this
         self.timer_changed = False
+        #: drive lookups once per batch of datagrams: an answer only marks its lookup,
+        #: and the driver calls :meth:`drive_lookups` after the batch (see there)
+        self.batch_lookups = False
+        self._dirty: list[_LookupOp] = []
         self._flags = FLAG_CLIENT if cfg.client_mode else 0
         self._pending: dict[bytes, _Rpc] = {}
         self._pinging: dict[bytes, None] = {}
@@ -526,6 +537,7 @@ class Node:
         self._closed = True
         self._pending = {}
         self._lookups = {}
+        self._dirty = []
         self._listening = {}
         self._timers = []
         self.outgoing = []
@@ -576,6 +588,34 @@ class Node:
                 self._maintain(now)
             elif kind == _LISTEN and self._live(arg):
                 self._subscribe(arg, now)
+        if self._dirty:
+            self.drive_lookups(now)
+
+    @property
+    def lookups_due(self) -> bool:
+        """Whether lookups answered since :meth:`drive_lookups` last ran wait for it
+        (only with :attr:`batch_lookups`)."""
+        return bool(self._dirty)
+
+    def drive_lookups(self, now: float) -> None:
+        """Take the next step of every lookup answered since this last ran.
+
+        With :attr:`batch_lookups` set, an answer (or a failed query) only updates its
+        lookup's machine and marks it; the driver calls this once it has handed over a
+        batch of datagrams (:meth:`handle_timer` calls it itself), so a lookup answered
+        several times in one batch is driven once, as a lookup woken by its answers
+        would be. Without :attr:`batch_lookups`, every answer drives its lookup at once
+        and this has nothing to do.
+
+        :param now: monotonic time, seconds.
+        """
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        for op in dirty:
+            op.dirty = False
+            self._drive(op, now)
 
     def _schedule(self, when: float, kind: int, arg: Any) -> None:
         self._seq += 1
@@ -933,15 +973,19 @@ class Node:
                         self._lookups.pop(op.op_id, None)
                         self._done(op.op_id, op.then, LookupFinished, None, exc, now)
                         return
-                continue
-            if type(step) is Finished:
+                until = step.until
+                if until is None:
+                    continue  # the machine cannot tell what comes next: ask it
+                # The Wait the machine would answer now (see Query.until).
+            elif type(step) is Finished:
                 op.done = True
                 op.step = step
                 if op.pages == 0:
                     self._finish_lookup(op, now)
                 return
-            assert type(step) is Wait
-            until = step.until
+            else:
+                assert type(step) is Wait
+                until = step.until
             if until is not None and until != op.timer_at:
                 op.timer_at = until
                 self._schedule(until, _LOOKUP, op)
@@ -965,7 +1009,7 @@ class Node:
         if error is not None:
             self.table.failed(c.id)
             op.lk.on_failure(c)
-            self._drive(op, now)
+            self._answer_taken(op, now)
             return
         if op.done:
             self._learned(c, now)
@@ -982,7 +1026,15 @@ class Node:
         else:
             self._learned(c, now)
             op.lk.on_success(c, closer)
-        self._drive(op, now)
+        self._answer_taken(op, now)
+
+    def _answer_taken(self, op: _LookupOp, now: float) -> None:
+        """A lookup's machine took an answer: drive it now, or after the batch."""
+        if not self.batch_lookups:
+            self._drive(op, now)
+        elif not op.dirty and not op.done:
+            op.dirty = True
+            self._dirty.append(op)
 
     def _absorb(self, op: _LookupOp, c: Contact, reply: Any, now: float) -> list[Contact] | None:
         """Parse a find reply; collect records; returns the closer contacts or None.
