@@ -790,6 +790,8 @@ class Node:
         self, head: Contact, result: Any, error: DhtSignalError | None, now: float
     ) -> None:
         self._pinging.pop(head.id, None)
+        if not self._pinging:
+            self._pinging = {}
         if error is None:
             self._learned(head, now)
         else:
@@ -970,7 +972,7 @@ class Node:
                         self._query(op, c, now)
                     except DhtSignalError as exc:
                         op.done = True
-                        self._lookups.pop(op.op_id, None)
+                        self._drop_lookup(op)
                         self._done(op.op_id, op.then, LookupFinished, None, exc, now)
                         return
                 until = step.until
@@ -1104,8 +1106,13 @@ class Node:
         if op.pages == 0 and op.step is not None and op.op_id in self._lookups:
             self._finish_lookup(op, now)
 
-    def _finish_lookup(self, op: _LookupOp, now: float) -> None:
+    def _drop_lookup(self, op: _LookupOp) -> None:
         self._lookups.pop(op.op_id, None)
+        if not self._lookups:
+            self._lookups = {}  # a dict keeps its largest size: an idle node keeps no burst
+
+    def _finish_lookup(self, op: _LookupOp, now: float) -> None:
+        self._drop_lookup(op)
         step = op.step
         assert step is not None
         cfg = self.config
