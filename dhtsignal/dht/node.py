@@ -32,19 +32,20 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   all (an RPC answered in time costs none); a retried RPC has its own entry, the
   n-th try waiting ``n * rpc_timeout``; after ``rpc_retries`` retries it fails with
   :class:`~dhtsignal.errors.RpcTimeout` (counted ``rpc-timeout``).
-* Requests are rate-limited per source (:class:`RateLimiter`) and answered by the
-  I/O-free :class:`~dhtsignal.dht.rpc.RequestHandler`; a contact waiting for a full
-  bucket's place makes the node ping that bucket's head (one ping per head at a
-  time); new records are pushed to subscribers (``ds_notify``).
+* Requests are rate-limited per source (:class:`~dhtsignal.dht.ratelimit.RateLimiter`)
+  and answered by the I/O-free :class:`~dhtsignal.dht.rpc.RequestHandler`; a contact
+  waiting for a full bucket's place makes the node ping that bucket's head (one ping
+  per head at a time); new records are pushed to subscribers (``ds_notify``).
 * Lookups drive :class:`~dhtsignal.dht.lookup.Lookup` machines: each answer is
-  parsed (:func:`value_page`, :meth:`Node._contacts`), fed to the machine, and the
+  parsed (:mod:`~dhtsignal.dht.replies`), fed to the machine, and the
   machine's next step sent at once; or, with :attr:`Node.batch_lookups` (the asyncio
   adapter), once per batch of datagrams, when the driver calls
   :meth:`Node.drive_lookups`. Record pages beyond the first are fetched while
   the lookup runs; the result waits for them. A lookup's closest nodes are cached
   for ``lookup_cache_ttl`` to start the next lookup of the same key from.
-* A put is a storing lookup (``ds_store_find``); refusal tags of the storing nodes
-  become :class:`~dhtsignal.errors.NodeIdTaken`,
+* A put is a storing lookup (``ds_store_find``); the node stores its own copy if it
+  is among the closest, and :func:`~dhtsignal.dht.putpolicy.put_result` turns the
+  storing nodes' refusal tags into :class:`~dhtsignal.errors.NodeIdTaken`,
   :class:`~dhtsignal.errors.StoreLimitExceeded` or
   :class:`~dhtsignal.errors.PutFailed`.
 * Listening: one subscription cycle per key, however many listeners: subscribe
@@ -59,11 +60,16 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
 
 Nothing a remote party sends raises out of :meth:`Node.receive_datagram`: every
 refusal is counted in :attr:`Node.stats` by reason.
+
+Around it, in modules of their own: the events and results it reports
+(:mod:`~dhtsignal.dht.events`), the per-source rate limiter
+(:mod:`~dhtsignal.dht.ratelimit`), reply parsing (:mod:`~dhtsignal.dht.replies`) and
+the put-result policy (:mod:`~dhtsignal.dht.putpolicy`), each pure; this module
+re-exports the names that were importable from it before.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import heapq
@@ -71,40 +77,79 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from dhtsignal.dht import records
+from dhtsignal.dht.events import (
+    Bootstrapped,
+    Event,
+    HeldRecords,
+    LookupFinished,
+    LookupResult,
+    OperationFailed,
+    PingAnswered,
+    PutResult,
+    RecordsFound,
+    RecordsReceived,
+    RecordsStored,
+    RequestAnswered,
+    RequestFailed,
+    SubscriptionRenewed,
+    Then,
+    ignore,
+)
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.params import NodeConfig
+from dhtsignal.dht.putpolicy import STORE_LIMITS, put_result
+from dhtsignal.dht.ratelimit import RateLimiter
 from dhtsignal.dht.records import Record, RecordType
+from dhtsignal.dht.replies import (
+    MAX_PAGE_RECORDS,
+    closer_contacts,
+    collect_records,
+    ping_reply,
+    shaped,
+    value_page,
+)
 from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
 from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
 from dhtsignal.errors import (
     DhtSignalError,
     LimitExceeded,
-    NodeIdTaken,
-    PutFailed,
     RecordRejected,
     RpcTimeout,
-    StoreLimitExceeded,
     UsageError,
 )
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
-log = logging.getLogger(__name__)
+# Re-exported: what was importable from this module before it was carved stays so.
+__all__ = [
+    "MAX_PAGE_RECORDS",
+    "STORE_LIMITS",
+    "Bootstrapped",
+    "Event",
+    "HeldRecords",
+    "LookupFinished",
+    "LookupResult",
+    "Node",
+    "OperationFailed",
+    "PingAnswered",
+    "PutResult",
+    "RateLimiter",
+    "RecordsFound",
+    "RecordsReceived",
+    "RecordsStored",
+    "RequestAnswered",
+    "RequestFailed",
+    "SubscriptionRenewed",
+    "Then",
+    "routing_id",
+    "value_page",
+]
 
-#: Refusal reasons of storing nodes that mean "a limit is used up", and what they mean.
-STORE_LIMITS = {
-    "quota": "the storing nodes' quota for this source address (records or bytes, "
-    "StorageLimits.max_records_per_source / max_bytes_per_source)",
-    "key-full": "the values-per-key cap of the storing nodes (StorageLimits.max_values_per_key)",
-    "store-full": "the storing nodes' total capacity (StorageLimits.max_keys / max_bytes)",
-}
-#: Records taken from one page of a ``ds_find_value`` answer.
-MAX_PAGE_RECORDS = 64
+log = logging.getLogger(__name__)
 
 _FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN = range(5)
 
@@ -112,233 +157,6 @@ _FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN = range(5)
 def routing_id(public_key: bytes) -> bytes:
     """A node's 20-byte routing ID, derived from its identity key (stable across restarts)."""
     return hashlib.sha256(b"dhtsignal/routing/" + public_key).digest()[:20]
-
-
-# -- results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LookupResult:
-    """Outcome of an iterative lookup."""
-
-    closest: list[Contact]
-    hops: int
-    queried: int
-    records: list[Record] = field(default_factory=list)
-    #: for each record's raw bytes, the IDs of the nodes whose answers held it
-    held_by: dict[bytes, set[bytes]] = field(default_factory=dict)
-    #: a storing lookup's store results, per ID of the node that answered
-    stored: dict[bytes, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class HeldRecords:
-    """What a get found: the merged records, and how many distinct storing nodes
-    answered with at least one live record of each signer."""
-
-    records: list[Record]
-    support: dict[bytes, int]
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    """How a ``put`` went: storing nodes that accepted, and refusals by reason."""
-
-    stored: int
-    refused: dict[str, int]
-    hops: int
-
-
-# -- events ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Something the node reports to its driver."""
-
-
-@dataclass(frozen=True, slots=True)
-class RequestAnswered(Event):
-    """An RPC started with :meth:`Node.send_request` was answered."""
-
-    request_id: bytes
-    result: Any
-
-
-@dataclass(frozen=True, slots=True)
-class RequestFailed(Event):
-    """An RPC got no answer after all its tries (also reported for the node's own RPCs)."""
-
-    request_id: bytes
-    error: RpcTimeout
-
-
-@dataclass(frozen=True, slots=True)
-class LookupFinished(Event):
-    """A lookup started with :meth:`Node.start_lookup` finished."""
-
-    op_id: int
-    result: LookupResult
-
-
-@dataclass(frozen=True, slots=True)
-class RecordsStored(Event):
-    """A put started with :meth:`Node.start_put` stored its records."""
-
-    op_id: int
-    result: PutResult
-
-
-@dataclass(frozen=True, slots=True)
-class RecordsFound(Event):
-    """A get started with :meth:`Node.start_get` finished."""
-
-    op_id: int
-    held: HeldRecords
-
-
-@dataclass(frozen=True, slots=True)
-class PingAnswered(Event):
-    """A ping started with :meth:`Node.start_ping` was answered by ``node_id``."""
-
-    op_id: int
-    node_id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Bootstrapped(Event):
-    """A bootstrap finished; the routing table holds ``contacts``."""
-
-    op_id: int
-    contacts: int
-
-
-@dataclass(frozen=True, slots=True)
-class OperationFailed(Event):
-    """An operation (lookup, put, get, ping, bootstrap) failed."""
-
-    op_id: int
-    error: DhtSignalError
-
-
-@dataclass(frozen=True, slots=True)
-class RecordsReceived(Event):
-    """Records under a listened key: pushed by a storing node, or polled."""
-
-    key: bytes
-    records: list[Record]
-    pushed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionRenewed(Event):
-    """A (re)subscription to ``key`` ended; ``accepted`` storing nodes took it (0: polling)."""
-
-    key: bytes
-    accepted: int
-
-
-#: Continuation of an internal step: (result, error, now).
-Then = Callable[[Any, "DhtSignalError | None", float], None]
-
-
-def _ignore(result: Any, error: DhtSignalError | None, now: float) -> None:
-    """A continuation that wants nothing."""
-
-
-def value_page(reply: Any) -> tuple[Any, list[Any], int | None] | None:
-    """Parse a ``ds_find_value`` answer ``[contacts, records, next]``.
-
-    :returns: (contacts as sent, records page, next cursor or None), or None if malformed.
-    """
-    if type(reply) is not list or len(reply) != 3:
-        return None
-    items, page, nxt = reply
-    if type(page) is not list:
-        return None
-    return items, page, nxt if type(nxt) is int else None
-
-
-def _collect(found: dict[bytes, set[bytes]], page: list[Any], holder: bytes) -> None:
-    for raw in page[:MAX_PAGE_RECORDS]:
-        if type(raw) is bytes:
-            found.setdefault(raw, set()).add(holder)
-
-
-def _shaped(value: Any, shape: list[Any]) -> bool:
-    """Whether ``value`` is a list matching ``shape``: a list of types and nested shapes."""
-    if type(value) is not list or len(value) != len(shape):
-        return False
-    return all(
-        _shaped(v, t) if type(t) is list else type(v) is t
-        for v, t in zip(value, shape, strict=True)
-    )
-
-
-class RateLimiter:
-    """Per-source token buckets. An entry whose bucket has refilled carries no
-    information (a new source starts full), so such entries are dropped: the oldest
-    ones as new sources arrive, all of them at each :meth:`prune`.
-
-    :param rate: tokens per second (0 or less: no limit).
-    :param burst: bucket size.
-    :param max_entries: sources tracked at most.
-    """
-
-    __slots__ = ("_table", "burst", "max_entries", "rate")
-
-    def __init__(self, rate: float, burst: float, max_entries: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.max_entries = max_entries
-        self._table: dict[Addr, list[float]] = {}
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-    def sources(self) -> list[Addr]:
-        """The sources tracked, oldest first."""
-        return list(self._table)
-
-    def admit(self, src: Addr, now: float) -> bool:
-        """Take a token for ``src``; False if it has none.
-
-        :param src: the source address.
-        :param now: monotonic time, seconds.
-        """
-        rate = self.rate
-        if rate <= 0:
-            return True
-        table = self._table
-        entry = table.get(src)
-        if entry is None:
-            # Drop the oldest entry if it has refilled (usually: 1/rate seconds after its
-            # last request), so the table only holds sources that are being limited.
-            if table:
-                old = next(iter(table))
-                e = table[old]
-                if e[0] + (now - e[1]) * rate >= self.burst or len(table) >= self.max_entries:
-                    del table[old]
-            table[src] = [self.burst - 1.0, now]
-            return True
-        tokens = entry[0] + (now - entry[1]) * rate
-        if tokens > self.burst:
-            tokens = self.burst
-        entry[1] = now
-        if tokens < 1.0:
-            entry[0] = tokens
-            return False
-        entry[0] = tokens - 1.0
-        return True
-
-    def prune(self, now: float) -> None:
-        """Drop every entry whose bucket has refilled."""
-        rate, burst = self.rate, self.burst
-        full = [src for src, e in self._table.items() if e[0] + (now - e[1]) * rate >= burst]
-        for src in full:
-            del self._table[src]
-        if not self._table:
-            self._table = {}
 
 
 class _Rpc:
@@ -854,21 +672,15 @@ class Node:
         error: DhtSignalError | None,
         now: float,
     ) -> None:
-        if error is None and (
-            type(reply) is not list
-            or len(reply) != 2
-            or type(reply[0]) is not bytes
-            or len(reply[0]) != 20
-        ):
-            error = RpcTimeout("ds_ping (bad reply)", addr, 0.0)
-        if error is not None:
+        parsed = None if error is not None else ping_reply(reply)
+        if parsed is None:
+            if error is None:
+                error = RpcTimeout("ds_ping (bad reply)", addr, 0.0)
             self._done(op_id, then, PingAnswered, None, error, now)
             return
-        nid = bytes(reply[0])
-        seen = reply[1]
-        if type(seen) is list and len(seen) == 2:
-            with contextlib.suppress(TypeError, ValueError):
-                self.observed[(str(seen[0]), int(seen[1]))] += 1
+        nid, seen = parsed
+        if seen is not None:
+            self.observed[seen] += 1
         self._learned(Contact(nid, addr[0], addr[1], DIALECT_DS), now)
         self._done(op_id, then, PingAnswered, nid, None, now)
 
@@ -1048,29 +860,14 @@ class Node:
             if parsed is None:
                 return None
             items, page, nxt = parsed
-            _collect(op.found, page, c.id)
+            collect_records(op.found, page, c.id)
             if nxt is not None and nxt > 0 and op.chains < self.config.max_pages:
                 op.chains += 1
                 op.pages += 1
                 self._fetch_page(op, c, nxt, 1, now)
         if type(items) is not list:
             return None
-        return self._contacts(op.lk, items)
-
-    def _contacts(self, lk: Lookup, items: list[Any]) -> list[Contact]:
-        out: list[Contact] = []
-        known, far = lk.skip_state()
-        target = lk.target
-        for item in items[: self.config.ksize * 2]:
-            if type(item) is list and item and type(nid := item[0]) is bytes:
-                if nid in known:
-                    continue
-                if far is not None and int.from_bytes(nid, "big") ^ target >= far:
-                    continue
-            contact = parse_contact(item)
-            if contact is not None:
-                out.append(contact)
-        return out
+        return closer_contacts(op.lk, items, self.config.ksize * 2)
 
     def _fetch_page(self, op: _LookupOp, c: Contact, cursor: int, n: int, now: float) -> None:
         """Ask ``c`` for the records page at ``cursor`` (the ``n``-th of its chain)."""
@@ -1094,7 +891,7 @@ class Node:
         if error is None:
             parsed = value_page(reply)
             if parsed is not None:
-                _collect(op.found, parsed[1], c.id)
+                collect_records(op.found, parsed[1], c.id)
                 nxt = parsed[2]
                 if nxt is not None and nxt > cursor and n < self.config.max_pages:
                     self._fetch_page(op, c, nxt, n + 1, now)
@@ -1186,7 +983,8 @@ class Node:
         self._done(op_id, then, RecordsStored, result, None, now)
 
     def _put_outcome(self, recs: list[Record], res: LookupResult, now: float) -> PutResult:
-        """The put-result policy: storing nodes' answers to a :class:`PutResult` or error."""
+        """Store our own copy if we are among the closest, then apply the put-result
+        policy (:func:`~dhtsignal.dht.putpolicy.put_result`)."""
         key = recs[0].key
         refused: Counter[str] = Counter()
         stored = 0
@@ -1210,32 +1008,7 @@ class Node:
         spare = len(res.stored) - len(replies)
         if spare > 0:
             self._stats["put:spare-copies"] += spare
-        for reply in replies:
-            if type(reply) is list and reply and all(x == "ok" for x in reply):
-                stored += 1
-            elif type(reply) is list:
-                for x in reply:
-                    if x != "ok":
-                        refused[str(x)[:32]] += 1
-            else:
-                refused["bad-reply"] += 1
-        if refused.get("id-taken"):
-            # One storing node holding another key's live claim is enough: the ID is taken.
-            raise NodeIdTaken("another key holds a live claim on this node id")
-        detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
-        limits = [r for r in refused if r in STORE_LIMITS]
-        if stored == 0:
-            if limits:
-                worst = max(limits, key=refused.__getitem__)
-                raise StoreLimitExceeded(
-                    worst, f"no node stored the record: {STORE_LIMITS[worst]} is used up ({detail})"
-                )
-            raise PutFailed(f"no node stored the record ({detail})")
-        if limits:
-            log.warning(
-                "put: %d storing nodes stored the record, others refused (%s)", stored, detail
-            )
-        return PutResult(stored, dict(refused), res.hops)
+        return put_result(replies, res.hops, stored=stored, refused=refused)
 
     def start_get(
         self,
@@ -1316,7 +1089,7 @@ class Node:
             if self._closed:
                 return
             try:
-                self._rpc(addr, "ds_unlisten", self.ds_args(key), now, _ignore)
+                self._rpc(addr, "ds_unlisten", self.ds_args(key), now, ignore)
             except DhtSignalError:  # too many RPCs in flight: the subscription just lapses
                 return
 
@@ -1445,7 +1218,7 @@ class Node:
                 target = (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(
                     20, "big"
                 )
-                self.start_lookup(target, now, remember=False, then=_ignore)
+                self.start_lookup(target, now, remember=False, then=ignore)
         self._schedule(now + cfg.maintenance_interval, _MAINT, None)
 
     def snapshot(self) -> dict[str, Any]:
@@ -1489,7 +1262,7 @@ class Node:
         wall = self.wallclock()
         good = []
         for item in saved:
-            if not _shaped(item, [bytes, [str, int]]):
+            if not shaped(item, [bytes, [str, int]]):
                 self._stats["state:bad-entry"] += 1
                 continue
             good.append(item)
