@@ -48,11 +48,12 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   storing nodes' refusal tags into :class:`~dhtsignal.errors.NodeIdTaken`,
   :class:`~dhtsignal.errors.StoreLimitExceeded` or
   :class:`~dhtsignal.errors.PutFailed`.
-* Listening: one subscription cycle per key, however many listeners: subscribe
-  (lookup, then ``ds_listen`` to the closest), refresh at half ``listen_ttl``; with
-  no storing node accepting, poll every ``poll_interval`` and, once a subscription
-  is accepted again, poll once more to catch up; the last listener leaving sends
-  ``ds_unlisten``. Pushed and polled records come out as :class:`RecordsReceived`.
+* Listening (:class:`~dhtsignal.dht.listen.Listening`, which the node composes):
+  one subscription cycle per key, however many listeners: subscribe (lookup, then
+  ``ds_listen`` to the closest), refresh at half ``listen_ttl``; with no storing node
+  accepting, poll every ``poll_interval`` and, once a subscription is accepted again,
+  poll once more to catch up; the last listener leaving sends ``ds_unlisten``. Pushed
+  and polled records come out as :class:`RecordsReceived`.
 * Maintenance every ``maintenance_interval``: expiry, rate-limiter pruning, cache
   expiry, and lookups refreshing stale buckets.
 * :meth:`Node.snapshot` / :meth:`Node.restore`: the persistent state as plain data
@@ -64,7 +65,8 @@ refusal is counted in :attr:`Node.stats` by reason.
 Around it, in modules of their own: the events and results it reports
 (:mod:`~dhtsignal.dht.events`), the per-source rate limiter
 (:mod:`~dhtsignal.dht.ratelimit`), reply parsing (:mod:`~dhtsignal.dht.replies`) and
-the put-result policy (:mod:`~dhtsignal.dht.putpolicy`), each pure; this module
+the put-result policy (:mod:`~dhtsignal.dht.putpolicy`), each pure; and the listen
+cycle (:mod:`~dhtsignal.dht.listen`), which works through this node. This module
 re-exports the names that were importable from it before.
 """
 
@@ -98,6 +100,7 @@ from dhtsignal.dht.events import (
     Then,
     ignore,
 )
+from dhtsignal.dht.listen import Listening
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.putpolicy import STORE_LIMITS, put_result
@@ -220,29 +223,14 @@ class _LookupOp:
         self.timer_at: float | None = None
 
 
-class _Sub:
-    """The subscription cycle of one listened key."""
-
-    __slots__ = ("at", "count", "gap", "key")
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-        self.count = 1
-        self.gap = False
-        #: the storing nodes that accepted the last subscription
-        self.at: list[Addr] = []
-
-
 class _Gather:
     """Answers awaited from several nodes."""
 
-    __slots__ = ("accepted", "left", "live", "ok")
+    __slots__ = ("left", "ok")
 
     def __init__(self, left: int) -> None:
         self.left = left
         self.ok = 0
-        self.accepted: list[Addr] = []
-        self.live = True
 
 
 class Node:
@@ -258,7 +246,7 @@ class Node:
         "_dirty",
         "_first_armed",
         "_flags",
-        "_listening",
+        "_listens",
         "_lookup_cache",
         "_lookups",
         "_next_op",
@@ -304,7 +292,6 @@ class Node:
             wallclock,
             accept_stock=cfg.accept_stock,
         )
-        self.handler.on_notify = self._on_notify
         self._stats: Counter[str] = self.handler._stats
         self.rate = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.max_rate_entries)
         #: our address as the driver bound it (None: not yet)
@@ -324,7 +311,8 @@ class Node:
         self._flags = FLAG_CLIENT if cfg.client_mode else 0
         self._pending: dict[bytes, _Rpc] = {}
         self._pinging: dict[bytes, None] = {}
-        self._listening: dict[bytes, _Sub] = {}
+        self._listens = Listening(self, _LISTEN)
+        self.handler.on_notify = self._listens.on_notify
         self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
         self._lookups: dict[int, _LookupOp] = {}
         self._timers: list[tuple[float, int, int, Any]] = []
@@ -356,7 +344,7 @@ class Node:
         self._pending = {}
         self._lookups = {}
         self._dirty = []
-        self._listening = {}
+        self._listens.clear()
         self._timers = []
         self.outgoing = []
 
@@ -404,8 +392,8 @@ class Node:
                     self._drive(arg, now)
             elif kind == _MAINT:
                 self._maintain(now)
-            elif kind == _LISTEN and self._live(arg):
-                self._subscribe(arg, now)
+            elif kind == _LISTEN:
+                self._listens.timer_due(arg, now)
         if self._dirty:
             self.drive_lookups(now)
 
@@ -1065,139 +1053,19 @@ class Node:
     # -- listen -------------------------------------------------------------------------
 
     def listen(self, key: bytes, now: float) -> None:
-        """One more listener on ``key``: the first starts the subscription cycle.
-        Records arrive as :class:`RecordsReceived`; each (re)subscription reports a
-        :class:`SubscriptionRenewed`."""
-        sub = self._listening.get(key)
-        if sub is not None:
-            sub.count += 1
-            return
-        sub = self._listening[key] = _Sub(key)
-        self._subscribe(sub, now)
+        """One more listener on ``key``: the first starts the subscription cycle
+        (:mod:`~dhtsignal.dht.listen`). Records arrive as :class:`RecordsReceived`; each
+        (re)subscription reports a :class:`SubscriptionRenewed`."""
+        self._listens.listen(key, now)
 
     def unlisten(self, key: bytes, now: float) -> None:
         """One listener fewer on ``key``; the last one leaving unsubscribes (no answer
         awaited)."""
-        sub = self._listening.get(key)
-        if sub is None:
-            return
-        sub.count -= 1
-        if sub.count > 0:
-            return
-        del self._listening[key]
-        for addr in sub.at:
-            if self._closed:
-                return
-            try:
-                self._rpc(addr, "ds_unlisten", self.ds_args(key), now, ignore)
-            except DhtSignalError:  # too many RPCs in flight: the subscription just lapses
-                return
+        self._listens.unlisten(key, now)
 
     def listening(self, key: bytes) -> int:
         """How many listeners ``key`` has."""
-        sub = self._listening.get(key)
-        return 0 if sub is None else sub.count
-
-    def _live(self, sub: _Sub) -> bool:
-        return self._listening.get(sub.key) is sub
-
-    def _subscribe(self, sub: _Sub, now: float) -> None:
-        self.start_lookup(
-            sub.key,
-            now,
-            k=self.config.replicas,
-            then=functools.partial(self._sub_looked_up, sub),
-        )
-
-    def _sub_looked_up(self, sub: _Sub, res: Any, error: DhtSignalError | None, now: float) -> None:
-        if not self._live(sub):
-            return
-        if error is not None:
-            self._sub_error(sub, error, now)
-            return
-        targets = [c for c in res.closest if c.dialect == DIALECT_DS]
-        if not targets:
-            self._subscribed(sub, [], now)
-            return
-        gather = _Gather(len(targets))
-        args = self.ds_args(sub.key, self.config.listen_ttl)
-        for c in targets:
-            try:
-                self._rpc(
-                    c.addr,
-                    "ds_listen",
-                    args,
-                    now,
-                    functools.partial(self._sub_answer, sub, gather, c),
-                )
-            except DhtSignalError as exc:
-                gather.live = False
-                self._sub_error(sub, exc, now)
-                return
-
-    def _sub_error(self, sub: _Sub, error: DhtSignalError, now: float) -> None:
-        self._stats["listen-error"] += 1
-        log.debug("%s: listen %s: %s", self, sub.key.hex()[:12], error)
-        self._subscribed(sub, [], now)
-
-    def _sub_answer(
-        self,
-        sub: _Sub,
-        gather: _Gather,
-        c: Contact,
-        reply: Any,
-        error: DhtSignalError | None,
-        now: float,
-    ) -> None:
-        if not gather.live:
-            return
-        gather.left -= 1
-        if error is None and type(reply) in (int, float):
-            gather.accepted.append(c.addr)
-        if gather.left == 0 and self._live(sub):
-            self._subscribed(sub, gather.accepted, now)
-
-    def _subscribed(self, sub: _Sub, accepted: list[Addr], now: float) -> None:
-        cfg = self.config
-        sub.at = accepted
-        self.events.append(SubscriptionRenewed(sub.key, len(accepted)))
-        if accepted:
-            if sub.gap:  # catch up on what was stored while we polled
-                sub.gap = False
-                self._poll(sub, cfg.listen_ttl / 2, now)
-            else:
-                self._schedule(now + cfg.listen_ttl / 2, _LISTEN, sub)
-            return
-        sub.gap = True  # not subscribed for a while: records may go unpushed
-        self._stats["listen-fallback-poll"] += 1
-        self._poll(sub, cfg.poll_interval, now)
-
-    def _poll(self, sub: _Sub, then_wait: float, now: float) -> None:
-        self.start_get(
-            sub.key,
-            now,
-            include_tombstones=True,
-            then=functools.partial(self._polled, sub, then_wait),
-        )
-
-    def _polled(
-        self, sub: _Sub, then_wait: float, held: Any, error: DhtSignalError | None, now: float
-    ) -> None:
-        if not self._live(sub):
-            return
-        if error is not None:
-            self._stats["listen-error"] += 1
-            log.debug("%s: listen %s: %s", self, sub.key.hex()[:12], error)
-        elif held.records:
-            self.events.append(RecordsReceived(sub.key, held.records, False))
-        self._schedule(now + then_wait, _LISTEN, sub)
-
-    def _on_notify(self, key: bytes, recs: list[Record], addr: Addr) -> bool:
-        if key not in self._listening:
-            return False
-        if recs:
-            self.events.append(RecordsReceived(key, recs, True))
-        return True
+        return self._listens.listening(key)
 
     # -- maintenance & persistence ------------------------------------------------------
 
