@@ -125,3 +125,10 @@ def test_a_refilled_entry_makes_room_for_a_new_source() -> None:
     assert rl.sources() == [a, b]
     rl.admit(("10.0.0.3", 3), 1.0)  # a refilled (1 token at 1/s): dropped
     assert rl.sources() == [b, ("10.0.0.3", 3)]
+
+
+def test_ping_reply_ignores_a_seen_address_of_the_wrong_shape() -> None:
+    nid = bytes(20)
+    assert ping_reply([nid, ["1.2.3.4", 5]]) == (nid, ("1.2.3.4", 5))
+    for seen in (["1.2.3.4", float("inf")], ["1.2.3.4", float("nan")], ["h", 70000], ["h", 0]):
+        assert ping_reply([nid, seen]) == (nid, None)

@@ -90,8 +90,11 @@ def ping_reply(reply: Any) -> tuple[bytes, Addr | None] | None:
     seen = reply[1]
     observed: Addr | None = None
     if type(seen) is list and len(seen) == 2:
-        with contextlib.suppress(TypeError, ValueError):
-            observed = (str(seen[0]), int(seen[1]))
+        # int() of a float infinity raises OverflowError: nothing a remote sends may escape.
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            host, port = str(seen[0]), int(seen[1])
+            if 0 < len(host) <= 64 and 0 < port < 65536:
+                observed = (host, port)
     return bytes(reply[0]), observed
 
 
