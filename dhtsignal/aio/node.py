@@ -309,11 +309,24 @@ class DhtNode(asyncio.DatagramProtocol):
             self.core._stats["task-error"] += 1
             self.log.debug("task %s failed: %r", task.get_name(), task.exception())
 
-    async def close(self) -> None:
-        """Cancel every task and timer, fail outstanding RPCs, close the socket."""
+    async def close(self, *, leave: bool = True) -> None:
+        """Cancel every task and timer, fail outstanding RPCs, close the socket.
+
+        :param leave: first tell the routing contacts that this node leaves (one
+            ``ds_leave`` datagram each, bounded by ``leave_notices``), so they stop
+            handing it out at once instead of after ``good_for``.
+        """
         if self._closed:
             return
         self._closed = True
+        if leave and self.transport is not None:
+            core = self.core
+            if core.leave(self._time()):
+                for data, addr in core.datagrams_to_send(self._time()):
+                    try:
+                        self.transport.sendto(data, addr)
+                    except OSError as exc:  # best effort: the node is going anyway
+                        self.log.debug("leave notice to %s not sent: %r", addr, exc)
         self.core.close()
         if self._timer is not None:
             self._timer.cancel()

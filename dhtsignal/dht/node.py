@@ -154,7 +154,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN = range(5)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE = range(6)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -165,15 +165,27 @@ def routing_id(public_key: bytes) -> bytes:
 class _Rpc:
     """One outstanding RPC; ``then`` None: report it as an event."""
 
-    __slots__ = ("addr", "data", "name", "started", "then", "tries")
+    __slots__ = ("addr", "data", "name", "peer", "retries", "started", "then", "tries")
 
-    def __init__(self, addr: Addr, data: bytes, name: str, started: float, then: Then | None):
+    def __init__(
+        self,
+        addr: Addr,
+        data: bytes,
+        name: str,
+        started: float,
+        then: Then | None,
+        retries: int,
+        peer: bytes | None,
+    ):
         self.addr = addr
         self.data = data
         self.name = name
         self.started = started
         self.then = then
         self.tries = 1
+        self.retries = retries
+        #: the routing ID of a lookup query's contact (recently-failed bookkeeping)
+        self.peer = peer
 
 
 class _LookupOp:
@@ -247,11 +259,14 @@ class Node:
         "_first_armed",
         "_flags",
         "_listens",
+        "_live_armed",
+        "_live_last",
         "_lookup_cache",
         "_lookups",
         "_next_op",
         "_pending",
         "_pinging",
+        "_recent",
         "_seq",
         "_stats",
         "_timers",
@@ -278,7 +293,14 @@ class Node:
         self.config = cfg = config or NodeConfig()
         self.id = node_id
         self.wallclock = wallclock
-        self.table = RoutingTable(node_id, cfg.ksize, cfg.max_failures, cfg.replacements)
+        self.table = RoutingTable(
+            node_id,
+            cfg.ksize,
+            cfg.max_failures,
+            cfg.replacements,
+            good_for=cfg.good_for,
+            max_suspects=cfg.max_suspects,
+        )
         self.store = RecordStore(cfg.limits)
         self.legacy = LegacyStore(cfg.limits)
         self.subs = Subscriptions(cfg.limits)
@@ -311,6 +333,10 @@ class Node:
         self._flags = FLAG_CLIENT if cfg.client_mode else 0
         self._pending: dict[bytes, _Rpc] = {}
         self._pinging: dict[bytes, None] = {}
+        #: contacts whose lookup query went unanswered: ID -> until when to avoid them
+        self._recent: dict[bytes, float] = {}
+        self._live_armed = False
+        self._live_last = float("-inf")
         self._listens = Listening(self, _LISTEN)
         self.handler.on_notify = self._listens.on_notify
         self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
@@ -394,6 +420,9 @@ class Node:
                 self._maintain(now)
             elif kind == _LISTEN:
                 self._listens.timer_due(arg, now)
+            elif kind == _LIVE:
+                self._live_armed = False
+                self._liveness_round(now)
         if self._dirty:
             self.drive_lookups(now)
 
@@ -459,6 +488,10 @@ class Node:
             out = self.handler.handle(msg, addr, now)
             if out.ping is not None:
                 self._ping_head(out.ping, now)
+            if out.leaving is not None:
+                self._confirm_leave(out.leaving, now)
+            if self.table.suspects and not self._live_armed:
+                self._arm_liveness(now)
             if out.notify:
                 for listener, key, raws in out.notify:
                     self._send_notify(listener, key, raws, now)
@@ -497,7 +530,17 @@ class Node:
             return len(self._pending)
         return sum(1 for p in self._pending.values() if p.addr == addr)
 
-    def _rpc(self, addr: Addr, name: str, args: list[Any], now: float, then: Then | None) -> bytes:
+    def _rpc(
+        self,
+        addr: Addr,
+        name: str,
+        args: list[Any],
+        now: float,
+        then: Then | None,
+        *,
+        retries: int | None = None,
+        peer: bytes | None = None,
+    ) -> bytes:
         cfg = self.config
         if len(self._pending) >= cfg.max_inflight:
             raise LimitExceeded(f"{cfg.max_inflight} RPCs already outstanding")
@@ -505,7 +548,9 @@ class Node:
         data = codec.encode_request(msg_id, name, args)
         if len(data) > codec.MAX_DATAGRAM:
             raise LimitExceeded(f"{name} request is {len(data)} bytes, over {codec.MAX_DATAGRAM}")
-        self._pending[msg_id] = _Rpc(addr, data, name, now, then)
+        self._pending[msg_id] = _Rpc(
+            addr, data, name, now, then, cfg.rpc_retries if retries is None else retries, peer
+        )
         self.outgoing.append((data, addr))
         if not self._first_armed:
             self._first_armed = True
@@ -521,6 +566,8 @@ class Node:
             self._stats["drop:response-from-wrong-address"] += 1
             return
         self._forget(msg.msg_id)
+        if p.peer is not None and self._recent:
+            self._recent.pop(p.peer, None)
         if p.then is None:
             self.events.append(RequestAnswered(msg.msg_id, msg.result))
         else:
@@ -559,7 +606,9 @@ class Node:
         if p is None:
             return
         cfg = self.config
-        if p.tries <= cfg.rpc_retries:
+        if p.tries == 1 and p.peer is not None:
+            self._failed_recently(p.peer, now)
+        if p.tries <= p.retries:
             p.tries += 1
             self._stats["rpc-retry"] += 1
             self.outgoing.append((p.data, p.addr))
@@ -601,7 +650,103 @@ class Node:
         if error is None:
             self._learned(head, now)
         else:
+            # Not yet evicted: queued again (RoutingTable.failed), pinged next round.
             self.table.failed(head.id)
+            if self.table.suspects and not self._live_armed:
+                self._arm_liveness(now)
+
+    # -- liveness -----------------------------------------------------------------------
+
+    def _arm_liveness(self, now: float) -> None:
+        """Schedule the next round of liveness pings: at once, unless the last round was
+        less than ``liveness_interval`` ago."""
+        if self._closed:
+            return
+        self._live_armed = True
+        self._schedule(max(now, self._live_last + self.config.liveness_interval), _LIVE, None)
+
+    def _liveness_round(self, now: float) -> None:
+        """Ping up to ``liveness_pings`` questionable contacts (the oldest queued first)."""
+        self._live_last = now
+        table = self.table
+        sus = table.suspects
+        started = 0
+        while sus and started < self.config.liveness_pings:
+            nid = next(iter(sus))
+            c = sus.pop(nid)
+            if table.get(nid) is not c or table.is_good(c, now) or nid in self._pinging:
+                continue
+            self._ping_head(c, now)
+            started += 1
+        if not sus:
+            table.suspects = {}  # a dict keeps its largest size
+        else:
+            self._arm_liveness(now)
+
+    def _confirm_leave(self, c: Contact, now: float) -> None:
+        """A contact said it leaves: one ping (``leave_confirm_retries`` retries); evict it
+        unless it answers."""
+        if self._closed or c.id in self._pinging:
+            return
+        if len(self._pending) > self.config.max_inflight // 2:
+            return
+        self._stats["leave-notice"] += 1
+        self._pinging[c.id] = None
+        then = functools.partial(self._leave_confirmed, c)
+        self._rpc(
+            c.addr, "ds_ping", self.ds_args(), now, then, retries=self.config.leave_confirm_retries
+        )
+
+    def _leave_confirmed(
+        self, c: Contact, result: Any, error: DhtSignalError | None, now: float
+    ) -> None:
+        self._pinging.pop(c.id, None)
+        if not self._pinging:
+            self._pinging = {}
+        if error is None:
+            self._learned(c, now)  # still there: the notice was stale or forged
+            return
+        if self.table.get(c.id) is c:
+            self._stats["left"] += 1
+            self.table.remove(c.id)
+
+    def _failed_recently(self, nid: bytes, now: float) -> None:
+        """A lookup query to ``nid`` went unanswered: other lookups avoid it for a while."""
+        cfg = self.config
+        recent = self._recent
+        recent.pop(nid, None)
+        recent[nid] = now + cfg.recent_failure_ttl
+        while len(recent) > cfg.recent_failures_size:
+            del recent[next(iter(recent))]
+
+    def avoided(self, nid: bytes, now: float) -> bool:
+        """Whether lookups avoid ``nid`` now (its query went unanswered lately)."""
+        until = self._recent.get(nid)
+        return until is not None and until > now
+
+    def leave(self, now: float) -> int:
+        """Tell routing contacts that this node stops: one ``ds_leave`` datagram each (no
+        answer awaited), to at most ``leave_notices`` of them, the closest to our ID
+        first, then the most recently seen. Returns how many were queued in
+        :attr:`outgoing`; the driver sends them before it closes its socket."""
+        cfg = self.config
+        if self._closed or cfg.client_mode or cfg.leave_notices <= 0:
+            return 0
+        table = self.table
+        half = cfg.leave_notices // 2
+        chosen: dict[bytes, Contact] = {c.id: c for c in table.closest(self.id, half)}
+        for c in sorted(table.contacts(), key=lambda c: c.last_seen, reverse=True):
+            if len(chosen) >= cfg.leave_notices:
+                break
+            chosen.setdefault(c.id, c)
+        data = codec.encode_request(os.urandom(codec.MSG_ID_BYTES), "ds_leave", self.ds_args())
+        sent = 0
+        for c in chosen.values():
+            if c.dialect == DIALECT_DS:
+                self.outgoing.append((data, c.addr))
+                sent += 1
+        self._stats["leave-sent"] += sent
+        return sent
 
     def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes], now: float) -> None:
         if self._closed or len(self._pending) > self.config.max_inflight // 2:
@@ -711,7 +856,26 @@ class Node:
     def _boot_looked(
         self, op_id: int, then: Then | None, res: Any, error: DhtSignalError | None, now: float
     ) -> None:
+        if error is None and not self.config.client_mode:
+            self._refresh_after_join(now)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
+
+    def _refresh_after_join(self, now: float) -> None:
+        """After a join's self-lookup, refresh the buckets we landed in (a lookup of a
+        random ID in each, the nearest ranges first, at most ``join_refreshes``), so the
+        nodes that should know us learn us (paper section 2.3)."""
+        cfg = self.config
+        own = self.table.own_long
+        ranges = [b.range for b in self.table.buckets if not b.lo <= own <= b.hi]
+        ranges.sort(key=lambda r: r[0] ^ own)
+        for lo, hi in ranges[: cfg.join_refreshes]:
+            if len(self._lookups) >= cfg.max_refresh_lookups:
+                break
+            self.start_lookup(self._random_in(lo, hi), now, remember=False, then=ignore)
+
+    @staticmethod
+    def _random_in(lo: int, hi: int) -> bytes:
+        return (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(20, "big")
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -747,6 +911,11 @@ class Node:
             initial, warm = cached[1], True
         else:
             initial, warm = self.table.closest(key, max(k, cfg.ksize)), False
+        if self._recent or any(c.failures for c in initial):
+            # Contacts that just failed (a query of another lookup, or RPCs since they
+            # last answered) only if nothing else is known.
+            fresh = [c for c in initial if not c.failures and not self.avoided(c.id, now)]
+            initial = fresh or initial
         lk = Lookup(
             key,
             initial,
@@ -754,6 +923,7 @@ class Node:
             alpha=k if warm else cfg.alpha,
             peer_timeout=cfg.peer_timeout,
             own_id=self.id,
+            strict_wait=cfg.strict_wait if (want_value or store is not None) else 0.0,
         )
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op
@@ -795,14 +965,16 @@ class Node:
 
     def _query(self, op: _LookupOp, c: Contact, now: float) -> None:
         then = functools.partial(self._answered, op, c)
+        cid = c.id
         if c.dialect == DIALECT_STOCK:
-            self._rpc(c.addr, "find_node", [self.id, op.key], now, then)
+            self._rpc(c.addr, "find_node", [self.id, op.key], now, then, peer=cid)
         elif op.store is not None:
-            self._rpc(c.addr, "ds_store_find", self.ds_args(op.key, op.store), now, then)
+            args = self.ds_args(op.key, op.store)
+            self._rpc(c.addr, "ds_store_find", args, now, then, peer=cid)
         elif op.want_value:
-            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, 0), now, then)
+            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, 0), now, then, peer=cid)
         else:
-            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then)
+            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then, peer=cid)
 
     def _answered(
         self, op: _LookupOp, c: Contact, reply: Any, error: DhtSignalError | None, now: float
@@ -855,7 +1027,10 @@ class Node:
                 self._fetch_page(op, c, nxt, 1, now)
         if type(items) is not list:
             return None
-        return closer_contacts(op.lk, items, self.config.ksize * 2)
+        closer = closer_contacts(op.lk, items, self.config.ksize * 2)
+        if self._recent and closer:
+            closer = [x for x in closer if not self.avoided(x.id, now)]
+        return closer
 
     def _fetch_page(self, op: _LookupOp, c: Contact, cursor: int, n: int, now: float) -> None:
         """Ask ``c`` for the records page at ``cursor`` (the ``n``-th of its chain)."""
@@ -1083,10 +1258,19 @@ class Node:
             self._lookup_cache = {}
         for lo, hi in self.table.stale_buckets(now, cfg.refresh_interval)[:4]:
             if len(self.table) and len(self._lookups) < cfg.max_refresh_lookups:
-                target = (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(
-                    20, "big"
-                )
-                self.start_lookup(target, now, remember=False, then=ignore)
+                self.start_lookup(self._random_in(lo, hi), now, remember=False, then=ignore)
+        recent = self._recent
+        for nid in [n for n, until in recent.items() if until <= now]:
+            del recent[nid]
+        if not recent:
+            self._recent = {}
+        # Contacts not heard from within good_for: ping them before handing them out.
+        budget = max(1, int(cfg.liveness_pings * cfg.maintenance_interval / cfg.liveness_interval))
+        for c in self.table.questionable(now, min(budget, cfg.max_suspects)):
+            if c.id not in self._pinging:
+                self.table.suspect(c)
+        if self.table.suspects and not self._live_armed:
+            self._arm_liveness(now)
         self._schedule(now + cfg.maintenance_interval, _MAINT, None)
 
     def snapshot(self) -> dict[str, Any]:
@@ -1127,6 +1311,14 @@ class Node:
                 self._stats["state:bad-entry"] += 1
                 continue
             self.table.add_contact(c, now)
+            known = self.table.get(c.id)
+            if known is not None:
+                # Heard from at some unknown time: questionable until it answers a ping.
+                known.last_seen = float("-inf")
+        for c in self.table.questionable(now, self.config.max_suspects):
+            self.table.suspect(c)
+        if self.table.suspects and not self._live_armed:
+            self._arm_liveness(now)
         wall = self.wallclock()
         good = []
         for item in saved:

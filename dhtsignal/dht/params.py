@@ -63,5 +63,33 @@ class NodeConfig:
     """Keys whose closest nodes are remembered (see ``lookup_cache_ttl``)."""
     max_refresh_lookups: int = 64
     """Operations in progress beyond which maintenance starts no bucket refresh."""
+    good_for: float = 900.0
+    """Seconds a contact stays *good* after we last heard from it (BEP 5's 15 minutes).
+    Find replies (ours and the stock ``find_node``/``find_value``) name only good
+    contacts; an older one is *questionable* and is pinged before it is handed out again."""
+    liveness_interval: float = 1.0
+    """Seconds between rounds of liveness pings of questionable contacts."""
+    liveness_pings: int = 8
+    """Liveness pings started per round at most (questionable contacts wait their turn)."""
+    max_suspects: int = 256
+    """Questionable contacts queued for a liveness ping at most (the oldest go first)."""
+    recent_failure_ttl: float = 30.0
+    """Seconds a contact that just failed a lookup query (its first try unanswered) is
+    not asked again by other lookups, unless it answers meanwhile."""
+    recent_failures_size: int = 1024
+    """Contacts remembered as recently failed at most (the oldest entry goes first)."""
+    strict_wait: float = 1.0
+    """Seconds a put/get lookup keeps waiting for a slow contact among the k closest
+    (past ``peer_timeout`` it no longer holds a parallelism slot, but the lookup only
+    ends once the k closest have answered or failed, or this passed): two nodes then
+    agree on where a key lives."""
+    join_refreshes: int = 8
+    """Buckets refreshed (a lookup of a random ID in each) after a join's self-lookup,
+    so the nodes that should know a newcomer learn it."""
+    leave_notices: int = 64
+    """``ds_leave`` datagrams a node sends when it stops (its closest contacts first)."""
+    leave_confirm_retries: int = 1
+    """Retries of the ping that confirms a ``ds_leave`` before the contact is evicted
+    (a notice is only a hint: a node that still answers stays)."""
     limits: StorageLimits = field(default_factory=StorageLimits)
     """Bounds on what others can make this node store."""
