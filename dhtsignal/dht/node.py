@@ -279,6 +279,7 @@ class Node:
         "legacy",
         "observed",
         "outgoing",
+        "randbytes",
         "rate",
         "store",
         "subs",
@@ -346,6 +347,8 @@ class Node:
         self._next_op = 0
         self._first_armed = False
         self._closed = False
+        #: random bytes for bucket-refresh targets (the simulator passes a seeded source)
+        self.randbytes: Callable[[int], bytes] = os.urandom
 
     @property
     def stats(self) -> Counter[str]:
@@ -873,9 +876,8 @@ class Node:
                 break
             self.start_lookup(self._random_in(lo, hi), now, remember=False, then=ignore)
 
-    @staticmethod
-    def _random_in(lo: int, hi: int) -> bytes:
-        return (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(20, "big")
+    def _random_in(self, lo: int, hi: int) -> bytes:
+        return (lo + int.from_bytes(self.randbytes(20), "big") % (hi - lo + 1)).to_bytes(20, "big")
 
     # -- lookups ------------------------------------------------------------------------
 

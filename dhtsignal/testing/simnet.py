@@ -58,10 +58,9 @@ The network
 
 Determinism
     All the simulator's choices (node IDs, latencies, losses, bootstrap contacts, crash
-    victims) come from ``random.Random(seed)``. The protocol code draws RPC message IDs
-    and bucket-refresh targets from ``os.urandom``; message IDs do not change behaviour,
-    and refresh targets only matter once buckets go stale (``refresh_interval`` of
-    virtual time).
+    victims) come from ``random.Random(seed)``; the nodes' bucket-refresh targets from a
+    second generator seeded from it (:attr:`Node.randbytes`). The protocol code draws
+    RPC message IDs from ``os.urandom``; they do not change behaviour.
 
 Memory
     A large simulated network holds millions of long-lived objects: a run of thousands
@@ -217,6 +216,8 @@ class SimNetwork:
         """Virtual monotonic time, seconds."""
         self.time_limit = time_limit
         self.rng = random.Random(cfg.seed)
+        #: the nodes' own random choices (refresh targets), apart from the simulator's
+        self.node_rng = random.Random(cfg.seed ^ 0x5EED)
         self.nodes: list[Node] = []
         """Every node ever created, by index."""
         self.alive: list[bool] = []
@@ -441,6 +442,7 @@ class SimNetwork:
         index = len(self.nodes)
         nid = node_id if node_id is not None else self.rng.randbytes(20)
         node = Node(nid, self.config.node_config, wallclock=self.wallclock)
+        node.randbytes = self.node_rng.randbytes
         addr = self.address_of(index)
         self.nodes.append(node)
         self.alive.append(True)
