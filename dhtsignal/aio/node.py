@@ -319,14 +319,13 @@ class DhtNode(asyncio.DatagramProtocol):
         if self._closed:
             return
         self._closed = True
+        notices: list[tuple[bytes, Addr]] = []
         if leave and self.transport is not None:
             core = self.core
+            core.datagrams_to_send(self._time())  # what was queued is not sent any more
             if core.leave(self._time()):
-                for data, addr in core.datagrams_to_send(self._time()):
-                    try:
-                        self.transport.sendto(data, addr)
-                    except OSError as exc:  # best effort: the node is going anyway
-                        self.log.debug("leave notice to %s not sent: %r", addr, exc)
+                notices = core.datagrams_to_send(self._time())
+        # From here on the core answers nothing (a ping confirming our leave must fail).
         self.core.close()
         if self._timer is not None:
             self._timer.cancel()
@@ -342,6 +341,11 @@ class DhtNode(asyncio.DatagramProtocol):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.transport is not None:
+            for data, addr in notices:  # last: nothing of ours follows them
+                try:
+                    self.transport.sendto(data, addr)
+                except OSError as exc:  # best effort: the node is going anyway
+                    self.log.debug("leave notice to %s not sent: %r", addr, exc)
             self.transport.close()
 
     # -- the core's I/O -----------------------------------------------------------------

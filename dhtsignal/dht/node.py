@@ -471,6 +471,8 @@ class Node:
         :returns: the reply to send to ``addr`` at once, if any (other datagrams wait in
             :attr:`outgoing`).
         """
+        if self._closed:
+            return None
         try:
             if codec.is_stun(data):
                 self._stats["drop:stun"] += 1

@@ -78,7 +78,7 @@ class NodeConfig:
     not asked again by other lookups, unless it answers meanwhile."""
     recent_failures_size: int = 1024
     """Contacts remembered as recently failed at most (the oldest entry goes first)."""
-    strict_wait: float = 1.0
+    strict_wait: float = 0.5
     """Seconds a put/get lookup keeps waiting for a slow contact among the k closest
     (past ``peer_timeout`` it no longer holds a parallelism slot, but the lookup only
     ends once the k closest have answered or failed, or this passed): two nodes then
