@@ -49,7 +49,9 @@ The network
 
     :meth:`SimNetwork.crash` kills a node: it sends nothing more, datagrams addressed to
     it (including those already in flight) are dropped, and its timer never fires
-    again. Nothing is said to anyone, as in a crash.
+    again. Nothing is said to anyone, as in a crash. :meth:`SimNetwork.leave` stops a
+    node cleanly: its ``ds_leave`` notices go out first. :mod:`dhtsignal.testing.churn`
+    drives sessions of random length on top of both.
 
     :meth:`SimNetwork.grow` joins nodes in waves: each new node bootstraps off a random
     node that had already joined when its wave began, and a wave is at most as large as
@@ -529,6 +531,19 @@ class SimNetwork:
         if self.alive[index]:
             self.alive[index] = False
             node.close()
+
+    def leave(self, node: Node) -> int:
+        """Stop ``node`` cleanly: it tells its contacts it leaves (``ds_leave``, see
+        :meth:`Node.leave <dhtsignal.dht.node.Node.leave>`), then sends and receives
+        nothing more. Returns how many notices it sent."""
+        index = self.index_of(node)
+        if not self.alive[index]:
+            return 0
+        sent = node.leave(self.now)
+        self._service(index)
+        self.alive[index] = False
+        node.close()
+        return sent
 
     def crash_random(self, fraction: float, *, spare: Iterable[Node] = ()) -> list[Node]:
         """Crash a random ``fraction`` of the live nodes.
