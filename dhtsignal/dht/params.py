@@ -86,7 +86,7 @@ class NodeConfig:
     join_refreshes: int = 8
     """Buckets refreshed (a lookup of a random ID in each) after a join's self-lookup,
     so the nodes that should know a newcomer learn it."""
-    leave_notices: int = 64
+    leave_notices: int = 256
     """``ds_leave`` datagrams a node sends when it stops (its closest contacts first)."""
     leave_confirm_retries: int = 1
     """Retries of the ping that confirms a ``ds_leave`` before the contact is evicted
