@@ -158,6 +158,9 @@ async def _worker(impl: str, refresh: float | None) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys_impl: Any = _Ours(refresh) if impl == "ours" else _Stock()
     loop = asyncio.get_running_loop()
+    if impl != "ours":
+        # rpcudp's timeout callback fails on a future a timed-out get cancelled; quiet it.
+        loop.set_exception_handler(lambda _loop, _ctx: None)
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     nodes: list[Any] = []

@@ -267,7 +267,9 @@ class Node:
         "_pending",
         "_pinging",
         "_recent",
+        "_rttvar",
         "_seq",
+        "_srtt",
         "_stats",
         "_timers",
         "address",
@@ -338,6 +340,9 @@ class Node:
         self._recent: dict[bytes, float] = {}
         self._live_armed = False
         self._live_last = float("-inf")
+        #: smoothed round-trip time of first tries answered, and its deviation (RFC 6298)
+        self._srtt: float | None = None
+        self._rttvar = 0.0
         self._listens = Listening(self, _LISTEN)
         self.handler.on_notify = self._listens.on_notify
         self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
@@ -571,6 +576,14 @@ class Node:
             self._stats["drop:response-from-wrong-address"] += 1
             return
         self._forget(msg.msg_id)
+        if p.tries == 1:
+            sample = now - p.started
+            srtt = self._srtt
+            if srtt is None:
+                self._srtt, self._rttvar = sample, sample / 2
+            else:
+                self._rttvar += (abs(srtt - sample) - self._rttvar) / 4
+                self._srtt = srtt + (sample - srtt) / 8
         if p.peer is not None and self._recent:
             self._recent.pop(p.peer, None)
         if p.then is None:
@@ -723,6 +736,14 @@ class Node:
         recent[nid] = now + cfg.recent_failure_ttl
         while len(recent) > cfg.recent_failures_size:
             del recent[next(iter(recent))]
+
+    def soft_timeout(self) -> float:
+        """The soft per-peer timeout lookups start with now (see ``adaptive_timeouts``)."""
+        cfg = self.config
+        if not cfg.adaptive_timeouts or self._srtt is None:
+            return cfg.peer_timeout
+        rto = self._srtt + 4 * self._rttvar
+        return min(cfg.peer_timeout, max(cfg.min_peer_timeout, rto))
 
     def avoided(self, nid: bytes, now: float) -> bool:
         """Whether lookups avoid ``nid`` now (its query went unanswered lately)."""
@@ -920,14 +941,16 @@ class Node:
             # last answered) only if nothing else is known.
             fresh = [c for c in initial if not c.failures and not self.avoided(c.id, now)]
             initial = fresh or initial
+        soft = self.soft_timeout()
+        strict = want_value or store is not None
         lk = Lookup(
             key,
             initial,
             k=k,
             alpha=k if warm else cfg.alpha,
-            peer_timeout=cfg.peer_timeout,
+            peer_timeout=soft,
             own_id=self.id,
-            strict_wait=cfg.strict_wait if (want_value or store is not None) else 0.0,
+            strict_wait=min(cfg.strict_wait, 3 * soft) if strict else 0.0,
         )
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op

@@ -28,6 +28,14 @@ class NodeConfig:
     peer_timeout: float = 0.3
     """Soft per-peer timeout of a lookup: a peer slower than this stops holding a
     parallelism slot and the lookup no longer waits for it."""
+    adaptive_timeouts: bool = True
+    """Shorten the soft per-peer timeout to what this node's answers take: the smoothed
+    round-trip time plus four deviations (RFC 6298), between ``min_peer_timeout`` and
+    ``peer_timeout``; a strict lookup then waits three times that, up to
+    ``strict_wait``. A dead contact then costs a lookup about one round trip's worth,
+    not ``peer_timeout``."""
+    min_peer_timeout: float = 0.02
+    """Floor of the adaptive soft timeout, seconds (scheduling jitter on a busy host)."""
     max_failures: int = 3
     """Consecutive failed RPCs before a contact is evicted (one lost reply never evicts)."""
     replacements: int = 5
