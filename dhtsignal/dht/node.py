@@ -56,6 +56,18 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   and polled records come out as :class:`RecordsReceived`.
 * Maintenance every ``maintenance_interval``: expiry, rate-limiter pruning, cache
   expiry, and lookups refreshing stale buckets.
+* Liveness (BEP 5; :mod:`~dhtsignal.dht.routing`): find replies name only contacts heard
+  from within ``good_for``; the questionable ones (passed over in a reply, silent
+  since ``good_for``, or with a failed RPC) are pinged in rounds of at most
+  ``liveness_pings`` every ``liveness_interval``, and evicted after ``max_failures``.
+  A ``ds_leave`` hides its sender's contact at once and is confirmed by one ping before
+  eviction. :meth:`Node.leave` sends our own notices when we stop.
+* Lookups avoid, for ``recent_failure_ttl``, a contact whose query just went unanswered
+  (its first try); their soft timeout follows the smoothed round-trip time
+  (``adaptive_timeouts``); put and get lookups are strict (``strict_wait``): they end only
+  once the k closest answered or failed (a get only until half of ``replicas`` storing
+  nodes answered with records). A join's self-lookup is followed by refreshes
+  of up to ``join_refreshes`` buckets.
 * :meth:`Node.snapshot` / :meth:`Node.restore`: the persistent state as plain data
   (the adapter writes and reads the file).
 
@@ -194,6 +206,7 @@ class _LookupOp:
         "dirty",
         "done",
         "found",
+        "holders",
         "key",
         "lk",
         "op_id",
@@ -225,6 +238,8 @@ class _LookupOp:
         self.store = store
         self.then = then
         self.found: dict[bytes, set[bytes]] = {}
+        #: nodes that answered with records (a get relaxes its strictness at a quorum)
+        self.holders = 0
         self.stored: dict[bytes, Any] = {}
         self.done = False
         #: answered since it was last driven, waiting in Node._dirty (batched drive)
@@ -1048,6 +1063,12 @@ class Node:
                 return None
             items, page, nxt = parsed
             collect_records(op.found, page, c.id)
+            if page and op.lk.strict_wait:
+                op.holders += 1
+                if op.holders >= max(1, self.config.replicas // 2):
+                    # Enough storing nodes answered with records: a slow one among the
+                    # k closest no longer holds the get up past the soft timeout.
+                    op.lk.strict_wait = 0.0
             if nxt is not None and nxt > 0 and op.chains < self.config.max_pages:
                 op.chains += 1
                 op.pages += 1
