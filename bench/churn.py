@@ -177,6 +177,15 @@ async def _worker(impl: str, refresh: float | None) -> None:
 
     async def handle(req: dict[str, Any]) -> None:
         op, rid = req["op"], req["id"]
+        began = time.monotonic()
+        try:
+            await _handle(req, op, rid)
+        finally:
+            took = time.monotonic() - began
+            if took > 5 and op not in ("lookloop", "get", "put", "start"):
+                print(f"worker {os.getpid()}: {op} took {took:.1f} s", file=sys.stderr)
+
+    async def _handle(req: dict[str, Any], op: str, rid: int) -> None:
         try:
             if op == "start":
                 boot = tuple(req["boot"]) if req.get("boot") else None
@@ -395,12 +404,17 @@ async def run_churn(a: argparse.Namespace, impl: str) -> dict[str, Any]:
         began = time.monotonic()
         replaced = {"crash": 0, "leave": 0}
         k = 0
+        stuck = 0
         while time.monotonic() - began < churn_s - gap / 2:
             w = workers[k % len(workers)]
             how = "crash" if k % 2 == 0 else "leave"
-            addrs = (await workers[(k + 1) % len(workers)].call("addrs"))["addrs"]
-            await w.call("replace", how=how, boot=random.choice(addrs))
-            replaced[how] += 1
+            try:
+                addrs = (await workers[(k + 1) % len(workers)].call("addrs", 30))["addrs"]
+                await w.call("replace", 60, how=how, boot=random.choice(addrs))
+                replaced[how] += 1
+            except TimeoutError:
+                stuck += 1
+                progress(f"{impl}: replacement {k} in worker {w.wid} took over 60 s")
             k += 1
             next_at = began + k * gap
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -421,6 +435,7 @@ async def run_churn(a: argparse.Namespace, impl: str) -> dict[str, Any]:
             "quiet": _summary(*merged(quiet)),
             "churn": _summary(*merged(churned)),
             "replaced": replaced,
+            "replacements_over_60s": stuck,
         }
     finally:
         await _close(workers)
