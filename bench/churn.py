@@ -66,7 +66,9 @@ def _pct(xs: list[float], q: float) -> float | None:
 class _Ours:
     """dhtsignal nodes of one worker."""
 
-    def __init__(self, refresh: float | None) -> None:
+    def __init__(self, refresh: float | None, overrides: dict[str, Any]) -> None:
+        import dataclasses
+
         from dhtsignal.aio.node import DhtNode
         from dhtsignal.dht.params import NodeConfig
         from dhtsignal.identity import Identity
@@ -79,6 +81,7 @@ class _Ours:
                 good_for=refresh,
                 maintenance_interval=min(cfg.maintenance_interval, refresh / 4),
             )
+        cfg = dataclasses.replace(cfg, **overrides)
         self.cfg = cfg
         self.ident = Identity.generate()
         self.records: dict[str, Any] = {}
@@ -153,10 +156,10 @@ class _Stock:
         return bool(await srv.get(name) == "v:" + name)
 
 
-async def _worker(impl: str, refresh: float | None) -> None:
+async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -> None:
     for name in ("kademlia", "rpcudp"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    sys_impl: Any = _Ours(refresh) if impl == "ours" else _Stock()
+    sys_impl: Any = _Ours(refresh, overrides) if impl == "ours" else _Stock()
     loop = asyncio.get_running_loop()
     if impl != "ours":
         # rpcudp's timeout callback fails on a future a timed-out get cancelled; quiet it.
@@ -324,12 +327,14 @@ class Worker:
         return msg
 
 
-async def _spawn(n: int, impl: str, refresh: float | None) -> list[Worker]:
+async def _spawn(n: int, impl: str, a: argparse.Namespace) -> list[Worker]:
     workers = []
     for wid in range(n):
         args = [sys.executable, __file__, "--worker", "--impl", impl]
-        if refresh is not None:
-            args += ["--refresh", str(refresh)]
+        if a.refresh is not None:
+            args += ["--refresh", str(a.refresh)]
+        if a.node_config:
+            args += ["--node-config", a.node_config]
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
@@ -363,7 +368,7 @@ def _summary(ms: list[float], ok: list[bool]) -> dict[str, Any]:
 
 async def run_churn(a: argparse.Namespace, impl: str) -> dict[str, Any]:
     per = a.nodes // a.procs
-    workers = await _spawn(a.procs, impl, a.refresh)
+    workers = await _spawn(a.procs, impl, a)
     try:
         seed = (await workers[0].call("start", n=1, fixed=True))["addrs"][0]
         joined = await asyncio.gather(
@@ -443,7 +448,7 @@ async def run_churn(a: argparse.Namespace, impl: str) -> dict[str, Any]:
 
 async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
     per = a.nodes // a.procs
-    workers = await _spawn(a.procs, "ours", a.refresh)
+    workers = await _spawn(a.procs, "ours", a)
     try:
         seed = (await workers[0].call("start", n=1, fixed=True))["addrs"][0]
         began = time.monotonic()
@@ -500,13 +505,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--refresh", type=float, help="dhtsignal refresh interval and good-for bound, seconds"
     )
+    p.add_argument(
+        "--node-config", metavar="JSON", help='dhtsignal NodeConfig overrides, e.g. {"alpha": 4}'
+    )
     p.add_argument("--quick", action="store_true", help="a scaled-down run")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        asyncio.run(_worker(a.impl, a.refresh))
+        asyncio.run(_worker(a.impl, a.refresh, json.loads(a.node_config or "{}")))
         return 0
     if a.mode == "churn":
         a.nodes = a.nodes or 100
@@ -515,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             a.minutes, a.quiet = min(a.minutes, 2.0), min(a.quiet, 30.0)
         out: dict[str, Any] = {"mode": "churn", "nodes": a.nodes, "procs": a.procs}
         out["minutes"], out["refresh"] = a.minutes, a.refresh
+        out["node_config"] = a.node_config
         for impl in a.systems.split(","):
             out[impl] = asyncio.run(run_churn(a, impl))
             print(json.dumps({impl: out[impl]}), flush=True)

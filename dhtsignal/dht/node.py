@@ -166,7 +166,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE = range(6)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED = range(7)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -446,6 +446,8 @@ class Node:
             elif kind == _LIVE:
                 self._live_armed = False
                 self._liveness_round(now)
+            elif kind == _JOINED:
+                self._refresh_after_join(now)
         if self._dirty:
             self.drive_lookups(now)
 
@@ -897,22 +899,33 @@ class Node:
     def _boot_looked(
         self, op_id: int, then: Then | None, res: Any, error: DhtSignalError | None, now: float
     ) -> None:
-        if error is None and not self.config.client_mode:
-            self._refresh_after_join(now)
+        cfg = self.config
+        if error is None and not cfg.client_mode and cfg.join_refreshes > 0:
+            # Later, at a random moment: in a mass join every table is nearly empty at
+            # first, and a burst of refreshes from every newcomer at once only loads it.
+            spread = cfg.join_refresh_delay * (1 + self.randbytes(1)[0] / 255) / 2
+            self._schedule(now + spread, _JOINED, None)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
 
     def _refresh_after_join(self, now: float) -> None:
-        """After a join's self-lookup, refresh the buckets we landed in (a lookup of a
-        random ID in each, the nearest ranges first, at most ``join_refreshes``), so the
-        nodes that should know us learn us (paper section 2.3)."""
+        """After a join's self-lookup, refresh every bucket farther than our closest
+        neighbour (paper section 2.3): a lookup of a random ID at each distance 2**i from
+        ours, from the farthest half of the ID space down to our closest neighbour's
+        distance, at most ``join_refreshes`` of them. Our table's far buckets fill, and
+        the nodes there learn us. (The table's own buckets cannot be the guide: a new
+        table is one bucket until it fills.)"""
         cfg = self.config
         own = self.table.own_long
-        ranges = [b.range for b in self.table.buckets if not b.lo <= own <= b.hi]
-        ranges.sort(key=lambda r: r[0] ^ own)
-        for lo, hi in ranges[: cfg.join_refreshes]:
+        near = self.table.closest(self.id, 1)
+        if not near:
+            return
+        lowest = (near[0].long_id ^ own).bit_length() - 1  # our neighbour's distance bit
+        for bit in range(159, lowest, -1)[: cfg.join_refreshes]:
             if len(self._lookups) >= cfg.max_refresh_lookups:
                 break
-            self.start_lookup(self._random_in(lo, hi), now, remember=False, then=ignore)
+            low = int.from_bytes(self.randbytes(20), "big") & ((1 << bit) - 1)
+            target = ((own ^ (1 << bit)) >> bit << bit) | low
+            self.start_lookup(target.to_bytes(20, "big"), now, remember=False, then=ignore)
 
     def _random_in(self, lo: int, hi: int) -> bytes:
         return (lo + int.from_bytes(self.randbytes(20), "big") % (hi - lo + 1)).to_bytes(20, "big")

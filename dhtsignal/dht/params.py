@@ -91,9 +91,14 @@ class NodeConfig:
     (past ``peer_timeout`` it no longer holds a parallelism slot, but the lookup only
     ends once the k closest have answered or failed, or this passed): two nodes then
     agree on where a key lives."""
-    join_refreshes: int = 8
-    """Buckets refreshed (a lookup of a random ID in each) after a join's self-lookup,
-    so the nodes that should know a newcomer learn it."""
+    join_refreshes: int = 16
+    """Bucket refreshes after a join's self-lookup at most: a lookup of a random ID at
+    each distance from the farthest half of the ID space down to our closest
+    neighbour's (about log2 of the network's size), so the nodes that should know a
+    newcomer learn it and its far buckets fill."""
+    join_refresh_delay: float = 30.0
+    """Seconds after a join's self-lookup by which its bucket refreshes start (at a
+    random moment in the second half of it)."""
     leave_notices: int = 256
     """``ds_leave`` datagrams a node sends when it stops (its closest contacts first)."""
     leave_confirm_retries: int = 1
