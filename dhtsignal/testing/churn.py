@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,12 +129,11 @@ def run_churn(net: SimNetwork, cfg: ChurnConfig) -> ChurnReport:
     values = _values(net, cfg)
     held_by = [owners[i % len(owners)] for i in range(len(values))]
 
+    def putting(v: Record) -> Callable[[Node, float], int]:
+        return lambda n, now: n.start_put([v], now)
+
     def publish() -> None:
-        ops = [
-            net.start(o, lambda n, now, v=v: n.start_put([v], now))
-            for o, v in zip(held_by, values, strict=True)
-        ]
-        net.wait(ops)
+        net.wait([net.start(o, putting(v)) for o, v in zip(held_by, values, strict=True)])
 
     publish()
     start = net.now
