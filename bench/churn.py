@@ -246,7 +246,7 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                 res = await asyncio.gather(*(fetch(n) for n in req["names"]))
                 reply(rid, ms=[r[0] for r in res], ok=[r[1] for r in res])
             elif op == "lookloop":
-                out: dict[str, list[Any]] = {"ms": [], "ok": [], "at": []}
+                out: dict[str, list[Any]] = {"ms": [], "ok": []}
                 end = time.monotonic() + req["seconds"]
                 names = req["names"]
                 while time.monotonic() < end:
@@ -259,9 +259,8 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                     except Exception:
                         ok = False
                     ms = (time.perf_counter() - began) * 1000
-                    out["ms"].append(ms)
+                    out["ms"].append(round(ms, 3))
                     out["ok"].append(ok)
-                    out["at"].append(time.monotonic())
                     await asyncio.sleep(max(0.0, req["interval"] - ms / 1000))
                 reply(rid, **out)
             elif op == "quit":
@@ -305,11 +304,14 @@ class Worker:
 
     async def _read(self) -> None:
         assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            msg = json.loads(line)
-            fut = self.pending.pop(msg["id"], None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+        try:
+            while line := await self.proc.stdout.readline():
+                msg = json.loads(line)
+                fut = self.pending.pop(msg["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            progress(f"worker {self.wid}: unreadable reply: {exc!r}")
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(RuntimeError(f"worker {self.wid} exited"))
@@ -336,7 +338,10 @@ async def _spawn(n: int, impl: str, a: argparse.Namespace) -> list[Worker]:
         if a.node_config:
             args += ["--node-config", a.node_config]
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # a lookloop's reply is one line of every lookup
         )
         workers.append(Worker(proc, wid))
     return workers
