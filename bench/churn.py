@@ -63,6 +63,14 @@ def _pct(xs: list[float], q: float) -> float | None:
 # -- worker ------------------------------------------------------------------------------
 
 
+def _reraise_if_cancelling() -> None:
+    """Inside an ``except CancelledError``: re-raise if our own task is being cancelled
+    (shutdown); otherwise the cancellation was an operation's, whose node closed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _Ours:
     """dhtsignal nodes of one worker."""
 
@@ -224,7 +232,8 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                         try:
                             async with asyncio.timeout(LOOKUP_TIMEOUT):
                                 return bool(await sys_impl.put(node, name))
-                        except Exception:
+                        except (Exception, asyncio.CancelledError):
+                            _reraise_if_cancelling()
                             return False
 
                 oks = await asyncio.gather(*(one(n) for n in req["names"]))
@@ -239,7 +248,9 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                         try:
                             async with asyncio.timeout(LOOKUP_TIMEOUT):
                                 ok = await sys_impl.get(node, name)
-                        except Exception:
+                        except (Exception, asyncio.CancelledError):
+                            # CancelledError: the node was replaced (closed) meanwhile.
+                            _reraise_if_cancelling()
                             ok = False
                         return ((time.perf_counter() - began) * 1000, ok)
 
@@ -256,7 +267,9 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                     try:
                         async with asyncio.timeout(LOOKUP_TIMEOUT):
                             ok = await sys_impl.get(node, name)
-                    except Exception:
+                    except (Exception, asyncio.CancelledError):
+                        # CancelledError: the node was replaced (closed) meanwhile.
+                        _reraise_if_cancelling()
                         ok = False
                     ms = (time.perf_counter() - began) * 1000
                     out["ms"].append(round(ms, 3))
