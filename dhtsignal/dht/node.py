@@ -129,6 +129,7 @@ from dhtsignal.dht.replies import (
 from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
 from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
+from dhtsignal.dht.validation import AddressBook
 from dhtsignal.errors import (
     DhtSignalError,
     LimitExceeded,
@@ -287,7 +288,10 @@ class Node:
         "_srtt",
         "_stats",
         "_timers",
+        "_unacked",
+        "_validating",
         "address",
+        "addrs",
         "batch_lookups",
         "config",
         "events",
@@ -334,6 +338,17 @@ class Node:
         )
         self._stats: Counter[str] = self.handler._stats
         self.rate = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.max_rate_entries)
+        #: validated addresses and the amplification limit (:mod:`~dhtsignal.dht.validation`)
+        self.addrs = AddressBook(
+            cfg.amplification_factor,
+            cfg.validated_size,
+            cfg.unvalidated_size,
+            cfg.validation_pings,
+        )
+        #: addresses a validation ping is outstanding to
+        self._validating: dict[Addr, None] = {}
+        #: ``ds_notify`` pushes awaiting acknowledgement, per listener
+        self._unacked: dict[Addr, int] = {}
         #: our address as the driver bound it (None: not yet)
         self.address: Addr | None = None
         #: our address as others saw it (``ds_ping`` answers), counted
@@ -391,6 +406,8 @@ class Node:
         """Stop: forget every RPC, operation, subscription and timer (no events)."""
         self._closed = True
         self._pending = {}
+        self._validating = {}
+        self._unacked = {}
         self._lookups = {}
         self._dirty = []
         self._listens.clear()
@@ -512,7 +529,15 @@ class Node:
             if not self.rate.admit(addr, now):
                 self._stats["drop:rate-limited"] += 1
                 return None
-            out = self.handler.handle(msg, addr, now)
+            book = self.addrs
+            handler = self.handler
+            trusted = book.touch(addr)
+            if trusted:
+                handler.limit = None
+            else:
+                # Not validated: everything sent to it is charged to 3x what it sent.
+                handler.limit = book.received(addr, len(data)) - codec.HEADER_BYTES
+            out = handler.handle(msg, addr, now)
             if out.ping is not None:
                 self._ping_head(out.ping, now)
             if out.leaving is not None:
@@ -522,9 +547,16 @@ class Node:
             if out.notify:
                 for listener, key, raws in out.notify:
                     self._send_notify(listener, key, raws, now)
+            reply = None
             if out.has_reply:
-                return b"\x01" + msg.msg_id + out.body()
-            return None
+                reply = b"\x01" + msg.msg_id + out.body()
+                if not trusted and not book.spend(addr, len(reply)):
+                    self._stats["drop:amplification"] += 1
+                    reply = None
+            if out.newcomer is not None or (not trusted and out.has_reply):
+                ds = msg.name.startswith("ds_")
+                self._validate_sender(addr, DIALECT_DS if ds else DIALECT_STOCK, out, now)
+            return reply
         except Exception as exc:  # the guarantee: nothing escapes the handler
             self._stats["drop:internal"] += 1
             log.debug("%s: internal error on datagram from %s: %r", self, addr, exc)
@@ -532,6 +564,66 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self.id.hex()[:8]}>"
+
+    # -- address validation (issue 10 items 1 and 5) -------------------------------------
+
+    def _validate_sender(self, addr: Addr, dialect: int, out: Any, now: float) -> None:
+        """Ping a sender not yet validated, or not yet a contact (``out.newcomer``): its
+        answer validates the address and, for a newcomer, admits the ID it answers with.
+        One ping per address at a time, ``validation_pings`` per second at most, and
+        within the address's byte allowance."""
+        if self._closed or addr in self._validating or addr == self.address:
+            return
+        if len(self._pending) > self.config.max_inflight // 2:
+            return
+        if dialect == DIALECT_DS:
+            name, args = "ds_ping", self.ds_args()
+        else:
+            name, args = "ping", [self.id]
+        book = self.addrs
+        size = codec.HEADER_BYTES + len(codec.pack([name, args]))
+        allowance = book.allowance(addr)
+        if allowance is not None and allowance < size:
+            self._stats["validation-skipped"] += 1
+            return
+        if not book.may_ping(now):
+            self._stats["validation-rate-limited"] += 1
+            return
+        book.spend(addr, size)
+        self._validating[addr] = None
+        self._stats["validation-ping"] += 1
+        admit = None if out.newcomer is None else out.newcomer
+        then = functools.partial(self._sender_pinged, addr, dialect, admit)
+        self._rpc(addr, name, args, now, then, retries=0)
+
+    def _sender_pinged(
+        self,
+        addr: Addr,
+        dialect: int,
+        admit: int | None,
+        reply: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        self._validating.pop(addr, None)
+        if not self._validating:
+            self._validating = {}
+        if error is not None:
+            self._stats["validation-failed"] += 1
+            return
+        if dialect == DIALECT_DS:
+            parsed = ping_reply(reply)
+            nid = None if parsed is None else parsed[0]
+        else:
+            nid = reply if type(reply) is bytes and len(reply) == 20 else None
+        if nid is None:
+            self._stats["drop:bad-reply"] += 1
+            return
+        if admit is not None and nid != self.id:
+            # The ID it answered with, at the address that answered: not what a
+            # (possibly spoofed) request claimed.
+            known = self.table.get(nid)
+            self._learned(Contact(nid, addr[0], addr[1], known.dialect if known else admit), now)
 
     # -- RPCs ---------------------------------------------------------------------------
 
@@ -593,6 +685,8 @@ class Node:
             self._stats["drop:response-from-wrong-address"] += 1
             return
         self._forget(msg.msg_id)
+        # It answered a request of ours from that address: validated.
+        self.addrs.validate(src)
         if p.tries == 1:
             sample = now - p.started
             srtt = self._srtt
@@ -651,6 +745,7 @@ class Node:
             return
         self._forget(msg_id)
         self._stats["rpc-timeout"] += 1
+        self.addrs.invalidate(p.addr)
         error = RpcTimeout(p.name, p.addr, now - p.started)
         self.events.append(RequestFailed(msg_id, error))
         if p.then is not None:
@@ -795,12 +890,28 @@ class Node:
         if self._closed or len(self._pending) > self.config.max_inflight // 2:
             self._stats["notify-skipped"] += 1
             return
+        if not self.addrs.is_validated(listener):
+            # It stopped answering (an RPC of ours timed out) or was forgotten: no push
+            # to an address that did not just prove it asks.
+            self._stats["notify-unvalidated"] += 1
+            self.subs.remove(key, listener)
+            return
+        unacked = self._unacked.get(listener, 0)
+        if unacked >= self.config.max_unacked_pushes:
+            self._stats["notify-unacked"] += 1
+            return
+        self._unacked[listener] = unacked + 1
         then = functools.partial(self._notified, key, listener)
         self._rpc(listener, "ds_notify", self.ds_args(key, raws), now, then)
 
     def _notified(
         self, key: bytes, listener: Addr, result: Any, error: DhtSignalError | None, now: float
     ) -> None:
+        left = self._unacked.pop(listener, 1) - 1
+        if left > 0:
+            self._unacked[listener] = left
+        elif not self._unacked:
+            self._unacked = {}
         if error is not None or result is False:
             self.subs.remove(key, listener)
 
