@@ -281,6 +281,7 @@ class Node:
         "_lookups",
         "_next_op",
         "_pending",
+        "_ping_size",
         "_pinging",
         "_recent",
         "_rttvar",
@@ -344,6 +345,11 @@ class Node:
             cfg.validated_size,
             cfg.unvalidated_size,
             cfg.validation_pings,
+        )
+        #: bytes of our largest validation ping (``ds_ping``), kept free in a reply's
+        #: allowance
+        self._ping_size = codec.HEADER_BYTES + len(
+            codec.pack(["ds_ping", [cfg.network, node_id, 0xFF]])
         )
         #: addresses a validation ping is outstanding to
         self._validating: dict[Addr, None] = {}
@@ -535,8 +541,12 @@ class Node:
             if trusted:
                 handler.limit = None
             else:
-                # Not validated: everything sent to it is charged to 3x what it sent.
-                handler.limit = book.received(addr, len(data)) - codec.HEADER_BYTES
+                # Not validated: everything sent to it is charged to 3x what it sent,
+                # keeping room for the ping that validates it.
+                allowance = book.received(addr, len(data)) - codec.HEADER_BYTES
+                if addr not in self._validating:
+                    allowance -= self._ping_size
+                handler.limit = allowance
             out = handler.handle(msg, addr, now)
             if out.ping is not None:
                 self._ping_head(out.ping, now)

@@ -112,7 +112,7 @@ class NodeConfig:
     address forgotten is validated again by a ping when it next asks."""
     unvalidated_size: int = 16384
     """Byte accounts of addresses not yet validated kept at most (oldest first out)."""
-    validation_pings: float = 100.0
+    validation_pings: float = 1000.0
     """Pings per second at most to validate new senders (and admit them as contacts)."""
     max_unacked_pushes: int = 4
     """``ds_notify`` pushes to one listener awaiting its acknowledgement at most; more
