@@ -24,7 +24,7 @@ from dhtsignal.dht import records
 from dhtsignal.dht.node import Node
 from dhtsignal.dht.params import DEFAULT_NETWORK
 from dhtsignal.dht.records import RecordType
-from dhtsignal.dht.routing import DIALECT_DS, Contact
+from dhtsignal.dht.routing import Contact
 from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr

@@ -537,7 +537,7 @@ class Node:
                 return None
             book = self.addrs
             handler = self.handler
-            trusted = book.touch(addr)
+            trusted, handler.confirmed = book.touch(addr)
             if trusted:
                 handler.limit = None
             else:
@@ -763,6 +763,7 @@ class Node:
 
     def _learned(self, contact: Contact, now: float) -> None:
         """A contact answered us: add it to the table (unless we are a pure client)."""
+        self.addrs.confirm(contact.addr, contact.id)
         head = self.table.add_contact(contact, now)
         if head is not None:
             self._ping_head(head, now)

@@ -170,6 +170,8 @@ class RequestHandler:
         #: bytes the reply to the request being handled may take (None: no limit, the
         #: address is validated); set by the node before :meth:`handle`
         self.limit: int | None = None
+        #: the routing ID that answered us from the request's (validated) address
+        self.confirmed: bytes | None = None
 
     @property
     def stats(self) -> Counter[str]:
@@ -236,6 +238,10 @@ class RequestHandler:
         request's source may be spoofed, so its claimed ID and address never enter the
         table by themselves (issue 10 item 5)."""
         table = self.table
+        if nid == self.confirmed and self.limit is None:
+            # The ID that answered a request of ours from this very address.
+            out.ping = table.heard_from(nid, addr[0], addr[1], dialect, now)
+            return
         known = table.get(nid)
         if known is None or self.limit is not None:
             out.newcomer = dialect

@@ -62,7 +62,8 @@ class AddressBook:
         self.validated_size = validated_size
         self.unvalidated_size = unvalidated_size
         self.pings_per_second = pings_per_second
-        self._valid: dict[Addr, None] = {}
+        #: validated address -> the routing ID confirmed there (None: not known yet)
+        self._valid: dict[Addr, bytes | None] = {}
         #: address -> [bytes received, bytes sent], least recently used first
         self._accounts: dict[Addr, list[int]] = {}
         self._tokens = pings_per_second
@@ -80,21 +81,29 @@ class AddressBook:
         """Whether ``addr`` answered a request of ours (and has not since failed one)."""
         return addr in self._valid
 
-    def touch(self, addr: Addr) -> bool:
-        """:meth:`is_validated`, and keep a validated address as most recently used."""
+    def touch(self, addr: Addr) -> tuple[bool, bytes | None]:
+        """:meth:`is_validated`, and keep a validated address as most recently used.
+
+        :returns: whether it is validated, and the routing ID confirmed there.
+        """
         valid = self._valid
         if addr not in valid:
-            return False
-        del valid[addr]
-        valid[addr] = None
-        return True
+            return False, None
+        nid = valid.pop(addr)
+        valid[addr] = nid
+        return True, nid
+
+    def confirm(self, addr: Addr, node_id: bytes) -> None:
+        """A contact with ``node_id`` answered us from the validated ``addr``: requests
+        from there naming that ID may refresh or add it without another ping."""
+        if addr in self._valid:
+            self._valid[addr] = node_id
 
     def validate(self, addr: Addr) -> None:
         """``addr`` answered a request of ours from that address."""
         self._accounts.pop(addr, None)
         valid = self._valid
-        valid.pop(addr, None)
-        valid[addr] = None
+        valid[addr] = valid.pop(addr, None)
         while len(valid) > self.validated_size:
             del valid[next(iter(valid))]
 
