@@ -230,7 +230,8 @@ async def test_malformed_datagrams_are_counted_by_reason(
         [
             b"\x00" + os.urandom(20) + b"\xc1",  # a byte msgpack never uses
             b"\x00" + os.urandom(20) + b"\x92\xa4pi",  # truncated
-            b"\x00" + os.urandom(20) + codec.pack(["ping", []]) + b"\x00",  # trailing bytes
+            # trailing bytes other than padding (zero bytes: issue 10's padded requests)
+            b"\x00" + os.urandom(20) + codec.pack(["ping", []]) + b"\x00\x01",
             b"\x00" + os.urandom(20) + b"\xc7\x01\x05x",  # ext type
             b"\x00" + os.urandom(20) + b"\x91" * 1200,  # nested deeper than the decoder allows
             b"\x01" + os.urandom(20) + b"\xdb\xff\xff\xff\xff",  # str32 claiming 4 GB
@@ -635,8 +636,12 @@ async def _learn(n: DhtNode, peer: RawPeer) -> None:
 async def _newcomer_asks(n: DhtNode, newcomer: RawPeer) -> None:
     """``newcomer`` sends a request, then answers the ping by which the node validates it
     (a request alone admits no contact: issue 10 item 5)."""
+    confirmed = n.core.addrs.touch(newcomer.addr)[1] == newcomer.id
     reply = await newcomer.call(n.address, "ds_ping", [NET, newcomer.id, 0])  # type: ignore[arg-type]
     assert reply[0] == n.id
+    if confirmed:  # it answered from this address with this ID before: no ping needed
+        await newcomer.barrier(n.address)  # type: ignore[arg-type]
+        return
     ping, src = await newcomer.next_message()
     assert isinstance(ping, codec.Request) and ping.name == "ds_ping"
     await _answer_ds_ping(newcomer, ping, src)

@@ -167,6 +167,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Bytes a first find request is padded to: 3x of it holds the largest answer (a
+#: datagram) beside the validation ping (RFC 9000 section 8.1's 3x, section 14.1's padding).
+PAD_TO = (codec.MAX_DATAGRAM + 100) // 3 + codec.HEADER_BYTES
+
 _FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED = range(7)
 
 
@@ -669,12 +673,17 @@ class Node:
         *,
         retries: int | None = None,
         peer: bytes | None = None,
+        pad: bool = False,
     ) -> bytes:
         cfg = self.config
         if len(self._pending) >= cfg.max_inflight:
             raise LimitExceeded(f"{cfg.max_inflight} RPCs already outstanding")
         msg_id = os.urandom(codec.MSG_ID_BYTES)
-        data = codec.encode_request(msg_id, name, args)
+        # A first request to an address (it has not answered us, so it has most likely
+        # not validated us either) whose answer may be large is padded so the answer
+        # fits 3x of it (issue 10; QUIC's padded first packet).
+        pad_to = PAD_TO if pad and not self.addrs.is_validated(addr) else 0
+        data = codec.encode_request(msg_id, name, args, pad_to)
         if len(data) > codec.MAX_DATAGRAM:
             raise LimitExceeded(f"{name} request is {len(data)} bytes, over {codec.MAX_DATAGRAM}")
         self._pending[msg_id] = _Rpc(
@@ -1147,11 +1156,12 @@ class Node:
             self._rpc(c.addr, "find_node", [self.id, op.key], now, then, peer=cid)
         elif op.store is not None:
             args = self.ds_args(op.key, op.store)
-            self._rpc(c.addr, "ds_store_find", args, now, then, peer=cid)
+            self._rpc(c.addr, "ds_store_find", args, now, then, peer=cid, pad=True)
         elif op.want_value:
-            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, 0), now, then, peer=cid)
+            args = self.ds_args(op.key, 0)
+            self._rpc(c.addr, "ds_find_value", args, now, then, peer=cid, pad=True)
         else:
-            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then, peer=cid)
+            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then, peer=cid, pad=True)
 
     def _answered(
         self, op: _LookupOp, c: Contact, reply: Any, error: DhtSignalError | None, now: float
@@ -1204,7 +1214,9 @@ class Node:
                     # Enough storing nodes answered with records: a slow one among the
                     # k closest no longer holds the get up past the soft timeout.
                     op.lk.strict_wait = 0.0
-            if nxt is not None and nxt > 0 and op.chains < self.config.max_pages:
+            # nxt 0: the first page was cut to nothing (our address not validated there
+            # yet): ask for it again (validated by then, or cut again and given up).
+            if nxt is not None and (nxt > 0 or not page) and op.chains < self.config.max_pages:
                 op.chains += 1
                 op.pages += 1
                 self._fetch_page(op, c, nxt, 1, now)
@@ -1219,7 +1231,7 @@ class Node:
         """Ask ``c`` for the records page at ``cursor`` (the ``n``-th of its chain)."""
         then = functools.partial(self._page_answered, op, c, cursor, n)
         try:
-            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, cursor), now, then)
+            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, cursor), now, then, pad=True)
         except DhtSignalError:
             self._stats["task-error"] += 1
             self._page_chain_ended(op, now)
