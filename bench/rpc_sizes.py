@@ -29,7 +29,6 @@ from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
-
 PADDED = ("ds_find_node", "ds_find_value", "ds_store_find")
 
 

@@ -156,9 +156,7 @@ async def barrier(n: DhtNode, h: Host) -> None:
 
 def _record(key: bytes, payload: bytes = b"v" * 300, who: Identity | None = None) -> bytes:
     who = who or Identity.generate()
-    return records.sign(
-        who, RecordType.DATA, key, payload, seq=1, expires=time.time() + 600
-    ).raw
+    return records.sign(who, RecordType.DATA, key, payload, seq=1, expires=time.time() + 600).raw
 
 
 async def test_spoofed_listens_then_stores_push_nothing_to_the_victim(
@@ -230,9 +228,7 @@ async def test_every_reply_to_an_unvalidated_address_is_at_most_3x(
     assert node.stats["reply-cut"] > 0
 
 
-async def test_a_validated_address_gets_full_replies(
-    node: DhtNode, open_host: OpenHost
-) -> None:
+async def test_a_validated_address_gets_full_replies(node: DhtNode, open_host: OpenHost) -> None:
     """A host that answers the node's ping is validated: then its find gets all 20."""
     h = await open_host(answers=True)
     key = os.urandom(20)
