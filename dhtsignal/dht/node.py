@@ -567,9 +567,11 @@ class Node:
                 if not trusted and not book.spend(addr, len(reply)):
                     self._stats["drop:amplification"] += 1
                     reply = None
-            if out.newcomer is not None or (not trusted and out.has_reply):
-                ds = msg.name.startswith("ds_")
-                self._validate_sender(addr, DIALECT_DS if ds else DIALECT_STOCK, out, now)
+            # Ping to validate when a reply had to be cut or a listen refused, or to admit
+            # a newcomer (its answer names the ID that enters the table).
+            if out.cut or out.newcomer is not None:
+                dialect = DIALECT_DS if msg.name.startswith("ds_") else DIALECT_STOCK
+                self._validate_sender(addr, dialect, out, now)
             return reply
         except Exception as exc:  # the guarantee: nothing escapes the handler
             self._stats["drop:internal"] += 1

@@ -98,6 +98,8 @@ class Outcome:
     """The reply body already msgpack-encoded (then ``reply`` is unused)."""
     leaving: Contact | None = None
     """A contact that said it leaves (``ds_leave``): ping it once, evict it if silent."""
+    cut: bool = False
+    """The reply was cut (or refused) for want of a validated address: validate it."""
     newcomer: int | None = None
     """The dialect of a sender that may become a contact but is not one at this address
     (or whose address is not validated): ping it, and admit it once it answers."""
@@ -251,7 +253,9 @@ class RequestHandler:
         ):
             out.ping = table.refresh(known, addr[0], addr[1], dialect, now)
 
-    def _fit(self, found: list[Contact], room: int, stock: bool = False) -> list[Contact]:
+    def _fit(
+        self, found: list[Contact], room: int, out: Outcome, stock: bool = False
+    ) -> list[Contact]:
         """The first of ``found`` whose packed list fits in ``room`` bytes (the reply to
         an address not yet validated)."""
         size = 3
@@ -259,6 +263,7 @@ class RequestHandler:
             size += len(c.packed()) - stock
             if size > room:
                 self._stats["reply-cut"] += 1
+                out.cut = True
                 return found[:i]
         return found
 
@@ -299,7 +304,7 @@ class RequestHandler:
             return
         found = self._neighbours(key, addr)
         if self.limit is not None:
-            found = self._fit(found, self.limit, stock=True)
+            found = self._fit(found, self.limit, out, stock=True)
         out.raw = pack_stock_contacts(found)
         out.has_reply = True
 
@@ -313,6 +318,7 @@ class RequestHandler:
                     out.has_reply = True
                     return
                 self._stats["reply-cut"] += 1  # contacts instead: ask again once validated
+                out.cut = True
         self._find_node(args, addr, out)
 
     # -- dhtsignal RPCs (args: network, sender id, flags, then the RPC's own) -----------
@@ -328,7 +334,7 @@ class RequestHandler:
             return
         found = self._neighbours(key, addr)
         if self.limit is not None:
-            found = self._fit(found, self.limit)
+            found = self._fit(found, self.limit, out)
         out.raw = pack_contacts(found)
         out.has_reply = True
 
@@ -341,7 +347,10 @@ class RequestHandler:
         held = sorted(self.store.get(key, self.wallclock()), key=lambda r: r.raw)
         sizes = [len(c.packed()) for c in found]
         # 1 + 3 + 5: the reply's array header, the page's, the cursor's int
-        total = REPLY_BUDGET if self.limit is None else min(REPLY_BUDGET, self.limit - 9)
+        total = REPLY_BUDGET
+        if self.limit is not None and self.limit - 9 < REPLY_BUDGET:
+            total = self.limit - 9
+            out.cut = True  # perhaps: validate the address for the next page
         budget = total - len(codec.array_header(len(found))) - sum(sizes)
         while found and (budget < 0 or (held[cursor:] and len(held[cursor].raw) + 3 > budget)):
             found.pop()  # make room for at least one record beside the contacts
@@ -399,7 +408,7 @@ class RequestHandler:
             packed = codec.pack(results)
             found = self._neighbours(key, addr)
             if self.limit is not None:
-                found = self._fit(found, self.limit - 1 - len(packed))
+                found = self._fit(found, self.limit - 1 - len(packed), out)
             out.raw = b"\x92" + packed + pack_contacts(found)
 
     def _ds_listen(self, args: list[Any], addr: Addr, out: Outcome) -> None:
@@ -412,6 +421,7 @@ class RequestHandler:
             # Pushes go only to addresses that asked: one that never answered a request
             # of ours may be a victim's, spoofed (issue 10 item 1).
             self._stats["refused:unvalidated"] += 1
+            out.cut = True
             out.reply = "unvalidated"
             return
         try:
