@@ -12,6 +12,7 @@ from typing import Any
 from dhtsignal.errors import (
     ConfigError,
     ConnectFailed,
+    DaemonError,
     DependencyChanged,
     DhtSignalError,
     DhtTimeout,
@@ -50,6 +51,7 @@ __all__ = [
     "ChannelOptions",
     "ConfigError",
     "ConnectFailed",
+    "DaemonError",
     "DependencyChanged",
     "DhtSignalError",
     "DhtTimeout",

@@ -252,6 +252,8 @@ async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("peers")
 async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("peers", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import PeerInfo, room_peers
@@ -297,6 +299,8 @@ def _addr(a: tuple[str, int]) -> str:
 
 @_runs("lookup")
 async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("lookup", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import resolve
@@ -321,6 +325,8 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("status")
 async def _status(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("status", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.errors import DhtTimeout, RpcTimeout
     from dhtsignal.wire.addr import show_addr
@@ -360,6 +366,8 @@ def _dialer_options(settings: Settings) -> dict[str, Any]:
 
 @_runs("ping")
 async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("ping", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.ping(
@@ -374,6 +382,8 @@ async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("send")
 async def _send(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("send", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.send(
@@ -388,11 +398,43 @@ async def _send(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("chat")
 async def _chat(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("chat", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.chat(
         ns.target_id, settings.bootstrap, emit=_out, **_dialer_options(settings)
     )
+
+
+async def _through_daemon(command: str, settings: Settings, ns: argparse.Namespace) -> int:
+    """Run a client command through the daemon of ``--daemon`` (:mod:`dhtsignal.viadaemon`)."""
+    from dhtsignal import viadaemon
+
+    d = settings.daemon
+    assert d is not None
+    if command == "peers":
+        return await viadaemon.peers(d, settings.room, settings.json, _out, _err)
+    if command == "lookup":
+        return await viadaemon.lookup(d, ns.target_id, settings.json, _out)
+    if command == "status":
+        return await viadaemon.status(d, settings.json, _out)
+    if command == "send":
+        return await viadaemon.send(d, ns.target_id, ns.text, settings.ack_timeout, _out)
+    if command == "ping":
+        return await viadaemon.ping(d, ns.target_id, settings.count, settings.json, _out)
+    if command == "chat":
+        return await viadaemon.chat(d, ns.target_id, _out)
+    if command == "recv":
+        return await viadaemon.recv(d, settings.json, _out)
+    raise ValueError(command)
+
+
+@_runs("recv")
+async def _recv(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is None:
+        raise ConfigError("daemon", "required by 'recv' (--daemon DATA_DIR or DHTSIGNAL_DAEMON)")
+    return await _through_daemon("recv", settings, ns)
 
 
 @_runs("demo")

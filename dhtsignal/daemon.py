@@ -52,6 +52,7 @@ from dhtsignal.presence import resolve
 from dhtsignal.wire.addr import Addr, show_addr, show_addrs
 
 if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
+    from dhtsignal.api import ApiServer, DaemonApi, SessionHub
     from dhtsignal.peer import Peer
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class Daemon:
         self.node: DhtNode | None = None
         self.identity: Identity | None = None
         self._lock = DataDirLock(self.data_dir)
+        self.api: DaemonApi | None = None
+        self._api_server: ApiServer | None = None
 
     async def run(self) -> None:
         """Start, announce readiness, serve until SIGTERM/SIGINT, shut down.
@@ -118,12 +121,14 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         try:
             if await self._unless_stopped(self.start(), stop):
+                await self.start_api()
                 self.ready(self.ready_line())
                 await self.serve(stop)
             else:
                 log.info("stopped while starting")
         finally:
             try:
+                await self.stop_api()
                 await asyncio.wait_for(self.shutdown(), SHUTDOWN_BUDGET)
             except TimeoutError:
                 log.warning("shutdown took over %.1f s; exiting anyway", SHUTDOWN_BUDGET)
@@ -173,6 +178,37 @@ class Daemon:
         self.save()
         await node.close()
         log.info("stopped")
+
+    # -- local API ----------------------------------------------------------------------
+
+    def make_api(self) -> DaemonApi:
+        """The operations this daemon offers on its local API."""
+        from dhtsignal.api import DaemonApi, Events
+        from dhtsignal.datadir import KnownPeers
+
+        assert self.node is not None and self.identity is not None
+        return DaemonApi(
+            self.command,
+            self.node,
+            KnownPeers(self.data_dir / KNOWN_PEERS_FILE),
+            events=Events(),
+            key=self.identity.public_key.hex(),
+        )
+
+    async def start_api(self) -> None:
+        """Serve the local API on the socket in the data directory (:mod:`dhtsignal.api`)."""
+        from dhtsignal.api import ApiServer, socket_path
+
+        self.api = self.make_api()
+        server = ApiServer(self.api, socket_path(self.data_dir))
+        if await server.start():
+            self._api_server = server
+
+    async def stop_api(self) -> None:
+        """Stop serving the local API (before the node closes)."""
+        if self._api_server is not None:
+            server, self._api_server = self._api_server, None
+            await server.close()
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -264,6 +300,18 @@ class PeerDaemon(Daemon):
         super().__init__(settings, ready)
         self.peer: Peer | None = None
         self.node_id = settings.node_id or ""
+        self.hub: SessionHub | None = None
+
+    def make_api(self) -> DaemonApi:
+        """The local API with the peer's sessions (:class:`~dhtsignal.api.SessionHub`)."""
+        from dhtsignal.api import SessionHub
+
+        api = super().make_api()
+        assert self.peer is not None
+        api.known = self.peer.known
+        api.node_id = self.node_id
+        self.hub = api.hub = SessionHub(self.peer, api.events, self.ready)
+        return api
 
     async def start(self) -> None:
         """Lock the data directory, then :meth:`Peer.start <dhtsignal.peer.Peer.start>`:
@@ -338,10 +386,8 @@ class PeerDaemon(Daemon):
 
         Presence refresh, state saves and re-joins run as tasks of the node.
         """
-        from dhtsignal.dialing import serve_sessions
-
-        assert self.peer is not None
-        serving = asyncio.create_task(serve_sessions(self.peer, self.ready), name="sessions")
+        assert self.hub is not None
+        serving = asyncio.create_task(self.hub.serve(), name="sessions")
         try:
             await stop.wait()
         finally:
