@@ -318,7 +318,6 @@ class DaemonApi:
         self.node_id = node_id
         self.key = key
         self.started = time.monotonic()
-        self._room_watch: dict[str, asyncio.Task[None]] = {}
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "hello": self._hello,
             "status": self._status,
@@ -350,13 +349,13 @@ class DaemonApi:
         stats = node.stats
         peer_stats = self.hub.peer.stats if self.hub is not None else {}
         dropped: dict[str, int] = {}
+        refused: dict[str, int] = {}
         for name, n in [*stats.items(), *peer_stats.items()]:
-            for prefix in ("drop:", "refused:", "incoming-failed", "closed:"):
-                if name.startswith(prefix) and n:
-                    reason = name.split(":", 1)[1] if ":" in name else name
-                    if prefix == "refused:" or prefix == "closed:":
-                        reason = name
-                    dropped[reason] = dropped.get(reason, 0) + n
+            kind, _, reason = name.partition(":")
+            if kind == "drop" and n:
+                dropped[reason] = dropped.get(reason, 0) + n
+            elif kind in ("refused", "incoming-failed", "closed") and n:
+                refused[name] = refused.get(name, 0) + n
         return {
             "kind": self.kind,
             "node_id": self.node_id,
@@ -376,6 +375,8 @@ class DaemonApi:
                 k.split(":", 1)[1]: n for k, n in sorted(stats.items()) if k.startswith("rpc:")
             },
             "dropped": dict(sorted(dropped.items())),
+            "refused": dict(sorted(refused.items())),
+            "api": {"subscribers": len(self.events.subscribers)},
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
@@ -464,26 +465,12 @@ class DaemonApi:
 
     # -- room events --------------------------------------------------------------------
 
-    def watch_rooms(self, rooms: set[str]) -> None:
-        """Publish ``peer-joined``/``peer-left`` events of ``rooms`` from now on."""
+    async def watch_room(self, room: str, sub: Subscriber) -> None:
+        """Offer ``room``'s joins and leaves to ``sub`` (the current members first)."""
         from dhtsignal.rooms import watch_room
 
-        for room in rooms:
-            if room not in self._room_watch:
-                self._room_watch[room] = self.node.spawn(
-                    self._watch(room, watch_room), name="room-watch"
-                )
-
-    async def _watch(self, room: str, watch_room: Any) -> None:
         async for change in watch_room(self.node, room, self.known):
-            self.events.publish("room", change.to_json())
-
-    def unwatch_idle(self) -> None:
-        """Stop watching the rooms no subscriber asks for any more."""
-        wanted = {r for s in self.events.subscribers if "room" in s.kinds for r in s.rooms}
-        for room in list(self._room_watch):
-            if room not in wanted:
-                self._room_watch.pop(room).cancel()
+            sub.offer("room", change.to_json())
 
 
 def _str(p: dict[str, Any], name: str, *, empty: bool = False) -> str:
@@ -599,6 +586,7 @@ class _Connection:
         self.out: asyncio.Queue[Event | None] = asyncio.Queue()
         self.sub: Subscriber | None = None
         self.inflight: set[asyncio.Task[None]] = set()
+        self.watching: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         writing = asyncio.create_task(self._write(), name="api-write")
@@ -615,12 +603,11 @@ class _Connection:
                 if writing.done():
                     break
         finally:
-            for t in list(self.inflight):
+            for t in [*self.inflight, *self.watching.values()]:
                 t.cancel()
-            await asyncio.gather(*self.inflight, return_exceptions=True)
+            await asyncio.gather(*self.inflight, *self.watching.values(), return_exceptions=True)
             if self.sub is not None:
                 self.api.events.subscribers.discard(self.sub)
-                self.api.unwatch_idle()
             self.out.put_nowait(None)
             await asyncio.gather(writing, return_exceptions=True)
 
@@ -667,8 +654,12 @@ class _Connection:
             self.sub.kinds |= set(kinds)
             self.sub.rooms |= rooms
             self.out.put_nowait({"id": rid, "ok": True, "result": {}})
-        if rooms:
-            self.api.watch_rooms(rooms)
+        sub = self.sub
+        for room in rooms:
+            if room not in self.watching and len(self.watching) < MAX_WATCHED_ROOMS:
+                self.watching[room] = asyncio.create_task(
+                    self.api.watch_room(room, sub), name="room-watch"
+                )
 
     async def _run(self, rid: Any, op: str, msg: dict[str, Any]) -> None:
         try:

@@ -252,6 +252,14 @@ async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("peers")
 async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.watch:
+        from dhtsignal import viadaemon
+        from dhtsignal.datadir import KnownPeers
+
+        known = None if settings.daemon else KnownPeers(settings.known_peers)
+        return await viadaemon.watch_peers(
+            settings.daemon, settings.room, settings.json, _out, settings=settings, known=known
+        )
     if settings.daemon is not None:
         return await _through_daemon("peers", settings, ns)
     from dhtsignal.daemon import client_node

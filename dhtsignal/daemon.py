@@ -53,6 +53,7 @@ from dhtsignal.wire.addr import Addr, show_addr, show_addrs
 
 if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
     from dhtsignal.api import ApiServer, DaemonApi, SessionHub
+    from dhtsignal.metrics import MetricsServer
     from dhtsignal.peer import Peer
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Daemon:
         self._lock = DataDirLock(self.data_dir)
         self.api: DaemonApi | None = None
         self._api_server: ApiServer | None = None
+        self._metrics_server: MetricsServer | None = None
 
     async def run(self) -> None:
         """Start, announce readiness, serve until SIGTERM/SIGINT, shut down.
@@ -122,7 +124,10 @@ class Daemon:
         try:
             if await self._unless_stopped(self.start(), stop):
                 await self.start_api()
-                self.ready(self.ready_line())
+                line = self.ready_line()
+                if self._metrics_server is not None and self._metrics_server.bound:
+                    line += f" metrics={show_addr(self._metrics_server.bound)}"
+                self.ready(line)
                 await self.serve(stop)
             else:
                 log.info("stopped while starting")
@@ -196,16 +201,31 @@ class Daemon:
         )
 
     async def start_api(self) -> None:
-        """Serve the local API on the socket in the data directory (:mod:`dhtsignal.api`)."""
+        """Serve the local API on the socket in the data directory (:mod:`dhtsignal.api`),
+        and the metrics with ``--metrics`` (:mod:`dhtsignal.metrics`).
+
+        :raises ConfigError: the metrics address cannot be bound.
+        """
         from dhtsignal.api import ApiServer, socket_path
 
-        self.api = self.make_api()
-        server = ApiServer(self.api, socket_path(self.data_dir))
+        self.api = api = self.make_api()
+        if self.settings.metrics is not None:
+            from dhtsignal.metrics import DaemonMetrics, MetricsServer
+
+            metrics = DaemonMetrics(api)
+            if api.hub is not None:
+                api.hub.on_setup = metrics.observe_setup
+            self._metrics_server = MetricsServer(metrics.exposition, self.settings.metrics)
+            await self._metrics_server.start()  # ConfigError("metrics") if it cannot
+        server = ApiServer(api, socket_path(self.data_dir))
         if await server.start():
             self._api_server = server
 
     async def stop_api(self) -> None:
         """Stop serving the local API (before the node closes)."""
+        if self._metrics_server is not None:
+            metrics, self._metrics_server = self._metrics_server, None
+            await metrics.close()
         if self._api_server is not None:
             server, self._api_server = self._api_server, None
             await server.close()

@@ -108,6 +108,7 @@ def format_status(st: dict[str, Any]) -> str:
         ("sessions", pairs(st.get("sessions") or {})),
         ("rpc", pairs(st.get("rpc_requests") or {})),
         ("dropped", pairs(st.get("dropped") or {})),
+        ("refused", pairs(st.get("refused") or {})),
         ("uptime", f"{st['uptime_s']} s"),
     ]
     return "\n".join(f"{k:<11} {v}" for k, v in rows)
@@ -230,3 +231,63 @@ __all__ = [
     "send",
     "status",
 ]
+
+
+def format_room_event(ev: dict[str, Any]) -> str:
+    """A room event as ``peers --watch`` prints it."""
+    if ev.get("event") == "peer-joined":
+        p = ev["peer"]
+        addrs = " ".join(_addr(a) for a in p["addresses"]) or "-"
+        return f"joined {ev['room']} {p['node_id']} key={str(p['key'])[:16]} {addrs}"
+    return f"left {ev.get('room')} {ev.get('node_id')} ({ev.get('why')})"
+
+
+async def watch_peers(
+    data_dir: Path | None, rooms: Sequence[str], as_json: bool, out: Emit, **client: Any
+) -> int:
+    """``peers --watch``: a line per join and leave in ``rooms`` as the DHT pushes them,
+    through the daemon of ``data_dir``, or else a client node of its own (``client``:
+    ``settings`` and ``known`` for :func:`~dhtsignal.daemon.client_node`).
+
+    Runs until interrupted.
+
+    :raises DaemonError: the daemon stopped.
+    """
+
+    def show(ev: dict[str, Any]) -> None:
+        out(json.dumps(ev) if as_json else format_room_event(ev))
+
+    if data_dir is not None:
+        async with open_client(data_dir) as api:
+            await api.subscribe(["room"], list(rooms))
+            async for ev in api.events():
+                show(ev)
+        raise DaemonError("DaemonGone", None, "the daemon closed the connection (it stopped)")
+
+    from dhtsignal.daemon import client_node
+    from dhtsignal.rooms import watch_room
+
+    settings = client["settings"]
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def one(node: Any, room: str) -> None:
+        async for change in watch_room(node, room, client.get("known")):
+            events.put_nowait(change.to_json())
+
+    async with client_node(settings, settings.bootstrap) as node:
+        tasks = [asyncio.create_task(one(node, r)) for r in rooms]
+        try:
+            while True:
+                getting = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait([getting, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                if getting not in done:
+                    getting.cancel()
+                    for t in tasks:
+                        if t.done() and t.exception() is not None:
+                            raise t.exception()  # type: ignore[misc]
+                    return 0
+                show(getting.result())
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
