@@ -341,7 +341,7 @@ async def _status(settings: Settings, ns: argparse.Namespace) -> int:
 
     assert settings.target is not None
     shown = show_addr(settings.target)
-    async with client_node(settings) as node:
+    async with client_node(settings, reach=[settings.target]) as node:
         assert node.address is not None
         targets = await node.resolve([settings.target])
         if not targets:
@@ -362,10 +362,11 @@ async def _status(settings: Settings, ns: argparse.Namespace) -> int:
 def _dialer_options(settings: Settings) -> dict[str, Any]:
     """The :class:`~dhtsignal.peer.Peer` options of ``ping``, ``send`` and ``chat``."""
     from dhtsignal.aio import rtc
+    from dhtsignal.daemon import bind_for
 
     rtc.use_host_addresses(list(settings.ice_host) or None)
     return {
-        "listen": settings.listen,
+        "listen": bind_for(settings.listen, settings.bootstrap),
         "ice_servers": settings.ice_servers(),
         "node_config": settings.node_config(client_mode=True),
         "known_peers": settings.known_peers,

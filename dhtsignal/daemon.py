@@ -49,7 +49,7 @@ from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock
 from dhtsignal.errors import ConfigError, DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
 from dhtsignal.identity import Identity
 from dhtsignal.presence import resolve
-from dhtsignal.wire.addr import Addr, show_addr, show_addrs
+from dhtsignal.wire.addr import Addr, listen_for, show_addr, show_addrs
 
 if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
     from dhtsignal.api import ApiServer, DaemonApi, SessionHub
@@ -252,7 +252,7 @@ class Daemon:
             restored,
             len(node.table),
         )
-        await node.listen_udp(*s.listen)  # ConfigError("listen") if it cannot
+        await node.listen_udp(*bind_for(s.listen, s.join))  # ConfigError("listen") if it cannot
         node.spawn(self._save_periodically(), name="save-state")
         return node
 
@@ -355,7 +355,7 @@ class PeerDaemon(Daemon):
         self.peer = peer = Peer(
             self.node_id,
             s.bootstrap,
-            listen=s.listen,
+            listen=bind_for(s.listen, s.bootstrap),
             rooms=list(s.room),
             data_dir=self.data_dir,
             identity=identity,
@@ -424,16 +424,32 @@ class PeerDaemon(Daemon):
             log.info("stopped")
 
 
+def bind_for(listen: Addr, targets: Sequence[Addr]) -> Addr:
+    """The address to bind to reach ``targets`` (see :func:`~dhtsignal.wire.addr.listen_for`:
+    the IPv4 wildcard becomes the dual-stack ``[::]`` for an IPv6 target).
+
+    :raises ConfigError: ``listen`` cannot reach a target's address family.
+    """
+    try:
+        return listen_for(listen, targets)
+    except ValueError as exc:
+        raise ConfigError("listen", str(exc)) from None
+
+
 @contextlib.asynccontextmanager
-async def client_node(settings: Settings, addrs: Sequence[Addr] = ()) -> AsyncIterator[DhtNode]:
+async def client_node(
+    settings: Settings, addrs: Sequence[Addr] = (), *, reach: Sequence[Addr] = ()
+) -> AsyncIterator[DhtNode]:
     """A short-lived client-mode node with a throwaway key, joined through ``addrs``.
+
+    :param reach: other addresses it will talk to (the family of its socket follows them).
 
     :raises DhtTimeout: none of ``addrs`` answered.
     :raises ConfigError: the listen address cannot be bound.
     """
     node = DhtNode(routing_id(os.urandom(32)), settings.node_config(client_mode=True))
     try:
-        await node.listen_udp(*settings.listen)
+        await node.listen_udp(*bind_for(settings.listen, [*addrs, *reach]))
         began = time.monotonic()
         if addrs and await node.bootstrap(addrs) == 0:
             raise _unreachable(addrs, began)
