@@ -172,7 +172,7 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     if ns.print_config:
         _out(config.dump(settings, command).rstrip("\n"))
         return 0
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         if argv is None and command not in DAEMONS:
             _default_signal_handlers()  # a daemon keeps them until it installs its own
@@ -197,12 +197,10 @@ def _out(line: str) -> None:
     print(line, flush=True)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from dhtsignal import logs
+
+    logs.setup(level, fmt, sys.stderr)
 
 
 def _check_node_id(node_id: str) -> None:
@@ -234,11 +232,22 @@ def _runs(name: str) -> Callable[[_Handler], _Handler]:
     return attach
 
 
+def _reloader(command: str, ns: argparse.Namespace) -> Callable[[], Settings]:
+    """Reads a daemon's settings again (SIGHUP): the same flags, the environment as it
+    was at start, the config file as it is now."""
+    from dhtsignal import config
+
+    flags, env = vars(ns), dict(os.environ)
+    return lambda: config.load(command, flags, env)
+
+
 @_runs("bootstrap")
 async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import BootstrapDaemon
 
-    await BootstrapDaemon(settings, _out).run()
+    daemon = BootstrapDaemon(settings, _out)
+    daemon.reload_settings = _reloader("bootstrap", ns)
+    await daemon.run()
     return 0
 
 
@@ -246,7 +255,9 @@ async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
 async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import PeerDaemon
 
-    await PeerDaemon(settings, _out).run()
+    daemon = PeerDaemon(settings, _out)
+    daemon.reload_settings = _reloader("peer", ns)
+    await daemon.run()
     return 0
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -64,7 +65,10 @@ T = TypeVar("T")
 SHUTDOWN_BUDGET = 1.6
 #: Of which a peer may spend this long publishing its tombstones.
 SIGNOFF_BUDGET = 1.0
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Signals that end a daemon (the state is saved on the way out).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+#: The signal that reloads what can be reloaded (log level, accept list) and saves.
+RELOAD_SIGNAL = signal.SIGHUP
 
 ReadyCallback = Callable[[str], None]
 
@@ -109,6 +113,8 @@ class Daemon:
         self._lock = DataDirLock(self.data_dir)
         self.api: DaemonApi | None = None
         self._api_server: ApiServer | None = None
+        self.reload_settings: Callable[[], Settings] | None = None
+        """Reads the settings again on SIGHUP (the CLI sets it; None: SIGHUP only saves)."""
         self._metrics_server: MetricsServer | None = None
 
     async def run(self) -> None:
@@ -118,9 +124,11 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        handled = (*_STOP_SIGNALS, RELOAD_SIGNAL)
+        before = {sig: signal.getsignal(sig) for sig in handled}
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(RELOAD_SIGNAL, self.reload)
         try:
             if await self._unless_stopped(self.start(), stop):
                 await self.start_api()
@@ -139,7 +147,7 @@ class Daemon:
                 log.warning("shutdown took over %.1f s; exiting anyway", SHUTDOWN_BUDGET)
             finally:
                 self._lock.release()
-                for sig in _STOP_SIGNALS:
+                for sig in handled:
                     loop.remove_signal_handler(sig)
                     if before[sig] is not None:  # e.g. the CLI's quiet exit
                         signal.signal(sig, before[sig])
@@ -183,6 +191,33 @@ class Daemon:
         self.save()
         await node.close()
         log.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: read the settings again and apply the log level and the accept list;
+        save the state. A bad config file is logged and changes nothing."""
+        from dhtsignal import logs
+
+        self.save()
+        if self.reload_settings is None:
+            return
+        try:
+            new = self.reload_settings()
+        except ConfigError as exc:
+            log.warning("SIGHUP: settings not reloaded: %s", exc)
+            return
+        logs.set_level(new.log_level)
+        self.apply_reloaded(new)
+        self.settings = dataclasses.replace(
+            self.settings, log_level=new.log_level, accept=new.accept
+        )
+        log.info(
+            "SIGHUP: reloaded settings: log_level %s, accept %s",
+            new.log_level,
+            ", ".join(new.accept) or "anyone",
+        )
+
+    def apply_reloaded(self, new: Settings) -> None:
+        """Apply what a peer reloads besides the log level (nothing for a bootstrap node)."""
 
     # -- local API ----------------------------------------------------------------------
 
@@ -321,6 +356,11 @@ class PeerDaemon(Daemon):
         self.peer: Peer | None = None
         self.node_id = settings.node_id or ""
         self.hub: SessionHub | None = None
+
+    def apply_reloaded(self, new: Settings) -> None:
+        """The accept list takes effect for the next incoming session."""
+        if self.peer is not None:
+            self.peer.accept = set(new.accept) if new.accept else None
 
     def make_api(self) -> DaemonApi:
         """The local API with the peer's sessions (:class:`~dhtsignal.api.SessionHub`)."""

@@ -635,6 +635,12 @@ class Peer:
                 return
         if self._pending_incoming >= self.config.max_pending_incoming:
             self.stats["refused:too-many-handshakes"] += 1
+            log.info(
+                "incoming session %s from %s refused: over %d handshakes in progress",
+                offer.session_id.hex(),
+                self_certifying_id(offer.sender),
+                self.config.max_pending_incoming,
+            )
             return
         self._pending_incoming += 1
         self.node.spawn(self._answer(offer, None), name="answer")
@@ -675,6 +681,12 @@ class Peer:
                 remote_id = await drive.within(self._check_policy(sender, offer.label))
             if remote_id is None:
                 self.stats["refused:policy"] += 1
+                log.info(
+                    "incoming session %s from %s (claims %r) refused: not in the accept list",
+                    session_id.hex(),
+                    self_certifying_id(sender),
+                    offer.label,
+                )
                 self._reject(offer, "not accepted")
                 drive.fail("refused")
                 return
