@@ -251,11 +251,11 @@ class SessionHub:
         task.add_done_callback(self._readers.discard)
 
     async def _read(self, session: Session) -> None:
-        from dhtsignal.dialing import _one_line, _text
+        from dhtsignal.terminal import one_line, text_of
 
         try:
             async for message in session:
-                self.emit(f"message from {session.remote_id}: {_one_line(_text(message))}")
+                self.emit(f"message from {session.remote_id}: {one_line(text_of(message))}")
                 self.events.publish("message", message_event(session, message))
         finally:
             self.sessions.pop(session.session_id, None)

@@ -35,8 +35,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dhtsignal import __version__
-from dhtsignal.commands import BY_NAME, COMMANDS, DAEMONS
-from dhtsignal.errors import ConfigError, DhtSignalError
+from dhtsignal.commands import BY_NAME, COMMANDS, DAEMONS, SESSIONS
+from dhtsignal.errors import ConfigError, DhtSignalError, UsageError
 
 if TYPE_CHECKING:  # config imports the DHT node: loaded after the signal handlers
     from dhtsignal.config import Settings
@@ -176,6 +176,8 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     try:
         if argv is None and command not in DAEMONS:
             _default_signal_handlers()  # a daemon keeps them until it installs its own
+        if command in SESSIONS and getattr(settings, "daemon", None) is None:
+            _require_webrtc(command)
         from dhtsignal import daemon
 
         return daemon.run(_HANDLERS[command](settings, ns))
@@ -201,6 +203,23 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     from dhtsignal import logs
 
     logs.setup(level, fmt, sys.stderr)
+
+
+def _require_webrtc(command: str) -> None:
+    """Refuse a command that runs WebRTC sessions when aiortc is not installed.
+
+    :raises UsageError: naming the extra to install.
+    """
+    from dhtsignal import WEBRTC_EXTRA
+
+    try:
+        import aiortc  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"'{command}' needs WebRTC support, which is not installed: "
+            f"pip install '{WEBRTC_EXTRA}' (a bootstrap node, peers, lookup and status "
+            "work without it)"
+        ) from None
 
 
 def _check_node_id(node_id: str) -> None:

@@ -151,12 +151,12 @@ async def ping(data_dir: Path, target: str, count: int, as_json: bool, out: Emit
 
 def format_message(ev: dict[str, Any]) -> str:
     """A ``message`` event as the daemon prints it: ``message from NODE_ID: TEXT``."""
-    from dhtsignal.dialing import _one_line
+    from dhtsignal.terminal import one_line
 
     body = ev.get("text")
     if body is None:
         body = f"<{len(str(ev.get('data', '')))} base64 chars of binary>"
-    return f"message from {ev.get('from')}: {_one_line(str(body))}"
+    return f"message from {ev.get('from')}: {one_line(str(body))}"
 
 
 async def recv(data_dir: Path, as_json: bool, out: Emit) -> int:
@@ -183,7 +183,7 @@ async def chat(
     """``chat --daemon``: lines typed go to ``target`` through the daemon; its messages
     (on any of the daemon's sessions with it) are printed. Ends at the end of input (once
     every line is acknowledged) or when the session closes."""
-    from dhtsignal.dialing import _one_line, _stdin_lines
+    from dhtsignal.terminal import one_line, stdin_lines
 
     async with open_client(data_dir) as api:
         await api.subscribe(["message", "session"])
@@ -194,13 +194,13 @@ async def chat(
         session = opened["session"]
 
         async def typing(api: ApiClient) -> None:
-            async for line in lines if lines is not None else _stdin_lines():
+            async for line in lines if lines is not None else stdin_lines():
                 await api.call("send", to=target, text=line, timeout=timeout)
 
         async def showing(api: ApiClient) -> None:
             async for ev in api.events():
                 if ev.get("event") == "message" and ev.get("from") == target:
-                    out(f"{target}: {_one_line(str(ev.get('text', '')))}")
+                    out(f"{target}: {one_line(str(ev.get('text', '')))}")
                 elif ev.get("event") == "session-closed" and ev.get("session") == session:
                     out(f"{target} closed the session")
                     return
