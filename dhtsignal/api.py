@@ -216,8 +216,9 @@ class SessionHub:
         if found is not None:
             return found, True
         task = self._dialing.get(node_id)
-        if task is None:
-            task = self.peer.node.spawn(self._dial(node_id), name="api-dial")
+        if task is None:  # owned here: cancelled by serve()'s end, failures go to the caller
+            task = asyncio.create_task(self._dial(node_id), name="api-dial")
+            task.add_done_callback(_read_outcome)
             self._dialing[node_id] = task
         return await asyncio.shield(task), False
 
@@ -275,9 +276,10 @@ class SessionHub:
                 log.info("session %s from %s", session.session_id.hex(), session.remote_id)
                 self.track(session, incoming=True)
         finally:
-            for task in list(self._readers):
+            tasks = [*self._readers, *self._dialing.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._readers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def counts(self) -> dict[str, int]:
         """Sessions by state: ``open``, ``dialing``, ``answering``."""
@@ -286,6 +288,12 @@ class SessionHub:
             "dialing": self.peer.dialing,
             "answering": self.peer.pending_incoming,
         }
+
+
+def _read_outcome(task: asyncio.Task[Any]) -> None:
+    """Mark a shared dial's failure as seen (each caller gets it from the shield)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class DaemonApi:

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import LOOPBACK_RTC, Launcher, Proc
 
-from dhtsignal.api import SOCKET_FILE
+from dhtsignal.api import MAX_LINE, SOCKET_FILE
 
 WATCH_LEAVE_LIMIT = 2.0
 
@@ -194,6 +194,12 @@ def test_api_socket_is_private_and_survives_garbage(net: Net) -> None:
         s.sendall(b"not json\n[1,2]\n" + b'{"id": 1, "op": "nope"}\n{"id": 2, "op": "hello"}\n')
         reader = s.makefile("rb")
         replies = [json.loads(reader.readline()) for _ in range(4)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5.0)
+        s.connect(str(path))
+        s.sendall(b"x" * (MAX_LINE + 10) + b"\n")
+        too_long = json.loads(s.makefile("rb").readline())
+    assert too_long["ok"] is False and "line over" in too_long["error"]["message"]
     errors = [r["error"]["type"] for r in replies if not r["ok"]]
     assert errors == ["UsageError"] * 3
     hello = next(r for r in replies if r["ok"])
@@ -284,3 +290,12 @@ def test_watch_shows_join_and_clean_leave_within_2_s(net: Net) -> None:
     assert elapsed < WATCH_LEAVE_LIMIT, f"leave shown after {elapsed:.2f} s"
     via.line_matching(lambda ln: ln == "left watch carol (signed-off)", 5.0)
     assert carol.popen.wait(5) == 0
+
+
+def test_a_metrics_address_in_use_exits_2_naming_it(net: Net) -> None:
+    res = net.lau.run(
+        "bootstrap", "--listen", "127.0.0.1:0", "--data-dir", str(net.lau.workdir / "taken"),
+        "--metrics", net.metrics["b0"],
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "'metrics'" in res.stderr and "Traceback" not in res.stderr
