@@ -595,6 +595,7 @@ class _Connection:
         self.sub: Subscriber | None = None
         self.inflight: set[asyncio.Task[None]] = set()
         self.watching: dict[str, asyncio.Task[None]] = {}
+        self._forwarding = False  # events flow once the subscribe response is written
 
     async def run(self) -> None:
         writing = asyncio.create_task(self._write(), name="api-write")
@@ -711,8 +712,6 @@ class _Connection:
             responses.cancel()
             if events is not None:
                 events.cancel()
-
-    _forwarding = False
 
     async def _send(self, item: Event) -> None:
         self.writer.write(json.dumps(item, separators=(",", ":")).encode() + b"\n")
