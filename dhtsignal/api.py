@@ -199,9 +199,14 @@ class SessionHub:
         self._readers: set[asyncio.Task[None]] = set()
 
     def find(self, node_id: str) -> Session | None:
-        """An open session with ``node_id`` (the newest), if any."""
+        """An open session with ``node_id`` (the newest), if any; a self-certifying ID
+        matches a session by its key, whatever label the session was opened under."""
+        from dhtsignal.identity import self_certifying_id
+
         for session in reversed(list(self.sessions.values())):
-            if session.remote_id == node_id and session.is_open:
+            if session.is_open and (
+                session.remote_id == node_id or self_certifying_id(session.remote_key) == node_id
+            ):
                 return session
         return None
 

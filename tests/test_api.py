@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_cli import LOOPBACK_RTC, Launcher, Proc
 
 from dhtsignal.api import MAX_LINE, SOCKET_FILE
+from dhtsignal.identity import self_certifying_id
 
 WATCH_LEAVE_LIMIT = 2.0
 
@@ -164,10 +165,14 @@ def test_queries_through_a_daemon_need_no_bootstrap(net: Net) -> None:
     )
     assert lookup.returncode == 0, lookup.stderr
     assert json.loads(lookup.stdout)["node_id"] == "bob"
-    ping = net.lau.run("ping", "bob", "--json", "--count", "2", "--daemon", str(net.dirs["alice"]))
+    alice = str(net.dirs["alice"])
+    assert net.lau.run("send", "bob", "opening", "--daemon", alice).returncode == 0
+    bob_id = self_certifying_id(bytes.fromhex(_status(net, "bob")["key"]))
+    ping = net.lau.run("ping", bob_id, "--json", "--count", "2", "--daemon", alice)
     assert ping.returncode == 0, ping.stderr
     out = json.loads(ping.stdout)
     assert len(out["rtt_ms"]) == 2 and out["path"] == {"local": "host", "remote": "host"}
+    assert out["reused"] is True  # the session opened to "bob", matched by its key
 
 
 def test_client_errors_are_one_line(net: Net) -> None:
