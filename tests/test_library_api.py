@@ -147,3 +147,21 @@ def test_a_bootstrap_node_runs_without_webrtc(no_webrtc: Launcher) -> None:
         assert len(res.stderr.strip().splitlines()) == 1
     imported = lau.run("peers", "--bootstrap", entry)  # no traceback anywhere
     assert "Traceback" not in imported.stderr + b0.stderr()
+
+
+@pytest.mark.timeout(30)
+async def test_room_events_announce_a_crashed_member_when_its_record_expires(
+    peers: StartPeer, boot: list[str]
+) -> None:
+    alice = await peers("alice", boot, rooms=["hall"])
+    dave = await peers("dave", boot, rooms=["hall"], presence_ttl=2.0)
+    events = alice.room_events("hall")
+    try:
+        seen = {e.peer.node_id for e in [await _next(events), await _next(events)]}  # type: ignore[union-attr]
+        assert seen == {"alice", "dave"}
+        dave.presence = None  # a crash: no tombstones, no refresh
+        await dave.close()
+        left = await _next(events)
+        assert left == PeerLeft("hall", "dave", dave.public_key.hex(), "expired")
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
