@@ -35,8 +35,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dhtsignal import __version__
-from dhtsignal.commands import BY_NAME, COMMANDS, DAEMONS
-from dhtsignal.errors import ConfigError, DhtSignalError
+from dhtsignal.commands import BY_NAME, COMMANDS, DAEMONS, SESSIONS
+from dhtsignal.errors import ConfigError, DhtSignalError, UsageError
 
 if TYPE_CHECKING:  # config imports the DHT node: loaded after the signal handlers
     from dhtsignal.config import Settings
@@ -172,10 +172,12 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     if ns.print_config:
         _out(config.dump(settings, command).rstrip("\n"))
         return 0
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         if argv is None and command not in DAEMONS:
             _default_signal_handlers()  # a daemon keeps them until it installs its own
+        if command in SESSIONS and getattr(settings, "daemon", None) is None:
+            _require_webrtc(command)
         from dhtsignal import daemon
 
         return daemon.run(_HANDLERS[command](settings, ns))
@@ -197,12 +199,27 @@ def _out(line: str) -> None:
     print(line, flush=True)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from dhtsignal import logs
+
+    logs.setup(level, fmt, sys.stderr)
+
+
+def _require_webrtc(command: str) -> None:
+    """Refuse a command that runs WebRTC sessions when aiortc is not installed.
+
+    :raises UsageError: naming the extra to install.
+    """
+    from dhtsignal import WEBRTC_EXTRA
+
+    try:
+        import aiortc  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"'{command}' needs WebRTC support, which is not installed: "
+            f"pip install '{WEBRTC_EXTRA}' (a bootstrap node, peers, lookup and status "
+            "work without it)"
+        ) from None
 
 
 def _check_node_id(node_id: str) -> None:
@@ -234,11 +251,22 @@ def _runs(name: str) -> Callable[[_Handler], _Handler]:
     return attach
 
 
+def _reloader(command: str, ns: argparse.Namespace) -> Callable[[], Settings]:
+    """Reads a daemon's settings again (SIGHUP): the same flags, the environment as it
+    was at start, the config file as it is now."""
+    from dhtsignal import config
+
+    flags, env = vars(ns), dict(os.environ)
+    return lambda: config.load(command, flags, env)
+
+
 @_runs("bootstrap")
 async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import BootstrapDaemon
 
-    await BootstrapDaemon(settings, _out).run()
+    daemon = BootstrapDaemon(settings, _out)
+    daemon.reload_settings = _reloader("bootstrap", ns)
+    await daemon.run()
     return 0
 
 
@@ -246,12 +274,24 @@ async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
 async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import PeerDaemon
 
-    await PeerDaemon(settings, _out).run()
+    daemon = PeerDaemon(settings, _out)
+    daemon.reload_settings = _reloader("peer", ns)
+    await daemon.run()
     return 0
 
 
 @_runs("peers")
 async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.watch:
+        from dhtsignal import viadaemon
+        from dhtsignal.datadir import KnownPeers
+
+        known = None if settings.daemon else KnownPeers(settings.known_peers)
+        return await viadaemon.watch_peers(
+            settings.daemon, settings.room, settings.json, _out, settings=settings, known=known
+        )
+    if settings.daemon is not None:
+        return await _through_daemon("peers", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import PeerInfo, room_peers
@@ -297,6 +337,8 @@ def _addr(a: tuple[str, int]) -> str:
 
 @_runs("lookup")
 async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("lookup", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import resolve
@@ -321,13 +363,15 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("status")
 async def _status(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("status", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.errors import DhtTimeout, RpcTimeout
     from dhtsignal.wire.addr import show_addr
 
     assert settings.target is not None
     shown = show_addr(settings.target)
-    async with client_node(settings) as node:
+    async with client_node(settings, reach=[settings.target]) as node:
         assert node.address is not None
         targets = await node.resolve([settings.target])
         if not targets:
@@ -348,10 +392,11 @@ async def _status(settings: Settings, ns: argparse.Namespace) -> int:
 def _dialer_options(settings: Settings) -> dict[str, Any]:
     """The :class:`~dhtsignal.peer.Peer` options of ``ping``, ``send`` and ``chat``."""
     from dhtsignal.aio import rtc
+    from dhtsignal.daemon import bind_for
 
     rtc.use_host_addresses(list(settings.ice_host) or None)
     return {
-        "listen": settings.listen,
+        "listen": bind_for(settings.listen, settings.bootstrap),
         "ice_servers": settings.ice_servers(),
         "node_config": settings.node_config(client_mode=True),
         "known_peers": settings.known_peers,
@@ -360,6 +405,8 @@ def _dialer_options(settings: Settings) -> dict[str, Any]:
 
 @_runs("ping")
 async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("ping", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.ping(
@@ -374,6 +421,8 @@ async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("send")
 async def _send(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("send", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.send(
@@ -388,11 +437,43 @@ async def _send(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("chat")
 async def _chat(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("chat", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.chat(
         ns.target_id, settings.bootstrap, emit=_out, **_dialer_options(settings)
     )
+
+
+async def _through_daemon(command: str, settings: Settings, ns: argparse.Namespace) -> int:
+    """Run a client command through the daemon of ``--daemon`` (:mod:`dhtsignal.viadaemon`)."""
+    from dhtsignal import viadaemon
+
+    d = settings.daemon
+    assert d is not None
+    if command == "peers":
+        return await viadaemon.peers(d, settings.room, settings.json, _out, _err)
+    if command == "lookup":
+        return await viadaemon.lookup(d, ns.target_id, settings.json, _out)
+    if command == "status":
+        return await viadaemon.status(d, settings.json, _out)
+    if command == "send":
+        return await viadaemon.send(d, ns.target_id, ns.text, settings.ack_timeout, _out)
+    if command == "ping":
+        return await viadaemon.ping(d, ns.target_id, settings.count, settings.json, _out)
+    if command == "chat":
+        return await viadaemon.chat(d, ns.target_id, _out)
+    if command == "recv":
+        return await viadaemon.recv(d, settings.json, _out)
+    raise ValueError(command)
+
+
+@_runs("recv")
+async def _recv(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is None:
+        raise ConfigError("daemon", "required by 'recv' (--daemon DATA_DIR or DHTSIGNAL_DAEMON)")
+    return await _through_daemon("recv", settings, ns)
 
 
 @_runs("demo")

@@ -39,6 +39,8 @@ class Role(enum.Enum):
     """A short-lived anonymous peer that opens one WebRTC session."""
     DEMO = "demo"
     """Runs a whole network inside one process."""
+    CLIENT = "client"
+    """Talks to a running daemon through its local API (:mod:`dhtsignal.api`); no node."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,15 @@ COMMANDS: tuple[Command, ...] = (
         (_DIAL_TARGET,),
     ),
     Command(
+        "recv",
+        Role.CLIENT,
+        "stream the messages a running daemon receives (--daemon DATA_DIR)",
+        "Connect to the peer daemon of --daemon DATA_DIR and print every message it "
+        "receives, as 'message from NODE_ID: TEXT' or, with --json, one JSON event per line, "
+        "until interrupted or the daemon stops. Answer with 'send NODE_ID TEXT --daemon "
+        "DATA_DIR'.",
+    ),
+    Command(
         "demo",
         Role.DEMO,
         "the embedded demo: a whole network on loopback, one dial, a timeline",
@@ -154,5 +165,7 @@ DIALERS = _with(Role.DIALER)
 """Short-lived peers that open one session."""
 SESSIONS = DIALERS | {"peer"}
 """The commands that run WebRTC sessions."""
-NODES = ALL - _with(Role.DEMO)
+NODES = ALL - _with(Role.DEMO) - _with(Role.CLIENT)
 """The commands that run a DHT node of their own (``demo`` runs a whole network inside)."""
+CLIENTS = frozenset({"send", "ping", "chat", "peers", "lookup", "status"}) | _with(Role.CLIENT)
+"""The commands that can use a running daemon's local API (``--daemon DATA_DIR``)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dhtsignal.commands import ALL, DAEMONS, DIALERS, NODES, QUERIES, SESSIONS
+from dhtsignal.commands import ALL, CLIENTS, DAEMONS, DIALERS, NODES, QUERIES, SESSIONS
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import MAX_TTL, RecordType, check_label
 from dhtsignal.dht.storage import StorageLimits
@@ -49,6 +49,7 @@ ENV_PREFIX = "DHTSIGNAL_"
 #: The word that turns an optional file setting off (``--known-peers none``).
 NONE_WORD = "none"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 DEFAULT_ROOM = "lobby"
 BOOTSTRAP_PORT = 4000
 
@@ -566,7 +567,7 @@ class Settings:
         metadata=spec(
             boolean(),
             "print JSON instead of text",
-            frozenset({"peers", "lookup", "status", "ping"}),
+            frozenset({"peers", "lookup", "status", "ping", "recv"}),
         ),
     )
     """Machine-readable output."""
@@ -647,6 +648,40 @@ class Settings:
         ),
     )
     """Per-source request rate limit."""
+    daemon: Path | None = field(
+        default=None,
+        metadata=spec(
+            path(),
+            "data directory of a running daemon to act through (its node ID, node, sessions)",
+            CLIENTS,
+            default_help="none: run a throwaway node",
+            required=False,
+        ),
+    )
+    """A running daemon's data directory: the command uses its local API (``api.sock``)
+    instead of starting a node of its own, and needs no ``bootstrap``."""
+    metrics: Addr | None = field(
+        default=None,
+        metadata=spec(
+            address(),
+            "serve Prometheus metrics over HTTP at HOST:PORT",
+            DAEMONS,
+            default_help="none",
+        ),
+    )
+    """Where a daemon serves ``/metrics`` (Prometheus text); None: nowhere."""
+    log_format: str = field(
+        default="text",
+        metadata=spec(choice(LOG_FORMATS), "log line format: text, or json (one object a line)"),
+    )
+    """How log lines on stderr are written."""
+    watch: bool = field(
+        default=False,
+        metadata=spec(
+            boolean(), "keep running and print each join and leave", frozenset({"peers"})
+        ),
+    )
+    """``peers --watch``: print the room's joins and leaves as they happen."""
     storage_max_keys: int = _limit("max_keys", "storage: distinct keys held")
     """Distinct keys held for others."""
     storage_max_values_per_key: int = _limit("max_values_per_key", "storage: records per key")
@@ -896,9 +931,10 @@ def load(
         if name in flags:
             values[name] = _from_flag(name, flags[name])
 
+    through_daemon = values.get("daemon") is not None  # the daemon has its own bootstrap
     for name in names:
         spec = SPECS[name]
-        if spec.required and not values.get(name, _DEFAULTS[name]):
+        if spec.required and not through_daemon and not values.get(name, _DEFAULTS[name]):
             raise ConfigError(
                 name,
                 f"required by '{command}' ({flag_of(name)} {spec.vtype.metavar}, "

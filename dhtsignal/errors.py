@@ -74,6 +74,19 @@ class NodeIdTaken(RemoteError):
     """Another key holds a live claim on the node ID."""
 
 
+class DaemonError(RemoteError):
+    """A running daemon refused or failed a request of its local API (:mod:`dhtsignal.api`).
+
+    ``type_name`` names the daemon's error class (``DialFailed``, ``PeerNotFound``...,
+    ``DaemonGone`` when the connection ended), ``reason`` its machine tag or None.
+    """
+
+    def __init__(self, type_name: str, reason: str | None, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.reason = reason
+
+
 class PeerNotFound(RemoteError):
     """No live presence record exists for the node ID."""
 

@@ -68,6 +68,7 @@ from dhtsignal.errors import (
 )
 from dhtsignal.identity import Identity, self_certifying_id
 from dhtsignal.presence import PeerInfo, Presence, resolve
+from dhtsignal.rooms import RoomEvent
 from dhtsignal.session import DEFAULT_MAX_UNREAD_BYTES, Session
 from dhtsignal.signaling import inbox as inbox_protocol
 from dhtsignal.signaling.envelope import MessageType
@@ -389,6 +390,16 @@ class Peer:
         """Our self-certifying node ID."""
         return self.identity.self_id
 
+    @property
+    def pending_incoming(self) -> int:
+        """Incoming handshakes in progress (being answered, not yet open)."""
+        return self._pending_incoming
+
+    @property
+    def dialing(self) -> int:
+        """Outgoing dials in progress."""
+        return len(self._dials)
+
     async def start(self) -> None:
         """Load the saved state (with :attr:`PeerConfig.keep_state`), bind, join the DHT,
         listen on the inbox, claim the node ID and publish presence. On failure the peer
@@ -483,6 +494,21 @@ class Peer:
         """Sessions other peers opened to us (open and ready)."""
         while True:
             yield await self._incoming.get()
+
+    def room_events(self, room: str) -> AsyncIterator[RoomEvent]:
+        """Joins and leaves of ``room`` as the DHT pushes them (the current members first),
+        like PeerJS/Trystero's ``onPeerJoin``/``onPeerLeave``::
+
+            async for event in peer.room_events("lab"):
+                if isinstance(event, PeerJoined): ...
+
+        See :func:`dhtsignal.rooms.watch_room`.
+
+        :raises UsageError: ``room`` is not a valid room name.
+        """
+        from dhtsignal.rooms import watch_room
+
+        return watch_room(self.node, room, self.known)
 
     def _observe(self, event: PeerEvent) -> None:
         if self._observer is not None:
@@ -609,6 +635,12 @@ class Peer:
                 return
         if self._pending_incoming >= self.config.max_pending_incoming:
             self.stats["refused:too-many-handshakes"] += 1
+            log.info(
+                "incoming session %s from %s refused: over %d handshakes in progress",
+                offer.session_id.hex(),
+                self_certifying_id(offer.sender),
+                self.config.max_pending_incoming,
+            )
             return
         self._pending_incoming += 1
         self.node.spawn(self._answer(offer, None), name="answer")
@@ -649,6 +681,12 @@ class Peer:
                 remote_id = await drive.within(self._check_policy(sender, offer.label))
             if remote_id is None:
                 self.stats["refused:policy"] += 1
+                log.info(
+                    "incoming session %s from %s (claims %r) refused: not in the accept list",
+                    session_id.hex(),
+                    self_certifying_id(sender),
+                    offer.label,
+                )
                 self._reject(offer, "not accepted")
                 drive.fail("refused")
                 return

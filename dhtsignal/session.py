@@ -269,6 +269,13 @@ class Session:
         self._on_close()
         await self._pc.close()
 
+    async def __aenter__(self) -> Session:
+        """``async with await peer.connect("bob") as session:`` closes it on the way out."""
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     def __repr__(self) -> str:
         return f"<Session {self.session_id.hex()} with {self.remote_id}>"
 

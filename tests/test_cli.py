@@ -39,7 +39,18 @@ from dhtsignal.identity import self_certifying_id
 
 READY_TIMEOUT = 20.0
 RUN_TIMEOUT = 20.0
-COMMANDS = ("bootstrap", "peer", "peers", "lookup", "status", "ping", "send", "chat", "demo")
+COMMANDS = (
+    "bootstrap",
+    "peer",
+    "peers",
+    "lookup",
+    "status",
+    "ping",
+    "send",
+    "chat",
+    "recv",
+    "demo",
+)
 #: Options of every command that opens a session: stay on loopback, pin nothing on disk.
 LOOPBACK_RTC = ("--listen", "127.0.0.1:0", "--ice-host", "127.0.0.1", "--known-peers", "none")
 #: carol's presence TTL, seconds (short, so that expiry and refresh fit in a test).
