@@ -526,10 +526,10 @@ class Settings:
     )
     """Rooms a peer announces itself in, or whose members ``peers`` lists."""
     presence_ttl: float = field(
-        default=120.0,
+        default=60.0,
         metadata=spec(
             number(lo=0.0, hi=MAX_TTL[RecordType.PRESENCE], lo_open=True),
-            "lifetime of presence records, seconds (refreshed at half)",
+            "lifetime of presence records, seconds (refreshed every third)",
             frozenset({"peer"}),
         ),
     )

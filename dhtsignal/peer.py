@@ -45,7 +45,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
-from dhtsignal.datadir import KNOWN_PEERS_FILE, KnownPeers
+from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
 from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
@@ -67,7 +67,7 @@ from dhtsignal.errors import (
     UsageError,
 )
 from dhtsignal.identity import Identity, self_certifying_id
-from dhtsignal.presence import PeerInfo, Presence, resolve
+from dhtsignal.presence import DEFAULT_TTL, PeerInfo, Presence, claim_holder, resolve
 from dhtsignal.session import DEFAULT_MAX_UNREAD_BYTES, Session
 from dhtsignal.signaling import inbox as inbox_protocol
 from dhtsignal.signaling.envelope import MessageType
@@ -131,6 +131,18 @@ class PeerConfig:
     save it at close, as the peer daemon does. Needs a data directory."""
     sign_off_timeout: float = 1.0
     """Seconds :meth:`Peer.close` spends publishing tombstones at most."""
+    push_ack_timeout: float | None = 1.0
+    """Seconds a dial waits for the callee's own DHT node to acknowledge the offer pushed
+    to it directly (``ds_notify`` answered by the node listening on the callee's inbox).
+    Without an acknowledgement and without an answer by then, the dial fails with
+    :class:`DialFailed` reason ``not-responding`` (a crashed peer whose presence has not
+    expired yet). None: wait for the answer deadline instead (for callees whose DHT node
+    cannot be reached unsolicited, behind a filtering NAT). Only applies when the presence
+    was just read from the DHT, not reused from the resolve cache."""
+    join_retry_interval: float | None = None
+    """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
+    (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
+    daemon does (``--rejoin-interval``)."""
 
     def __post_init__(self) -> None:
         for name in ("max_unread_bytes", "max_pending_incoming", "max_seen"):
@@ -141,6 +153,10 @@ class PeerConfig:
         for name in ("store_delay", "resolve_cache_ttl", "sign_off_timeout"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"peer.{name}", "must not be negative")
+        for name in ("push_ack_timeout", "join_retry_interval"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"peer.{name}", "must be a positive number of seconds or None")
         if not self.inbox_ttl > 0:
             raise ConfigError("peer.inbox_ttl", "must be a positive number of seconds")
 
@@ -296,8 +312,11 @@ class Peer:
     :param bootstrap: ``"HOST:PORT"`` strings or ``(host, port)`` of nodes to join through.
     :param listen: where our DHT node binds.
     :param rooms: rooms to announce ourselves in.
-    :param data_dir: where the identity key and known peers live (None: a fresh key), and
-        the saved DHT state with :attr:`PeerConfig.keep_state`.
+    :param data_dir: where the identity key and known peers live, and the saved DHT state
+        with :attr:`PeerConfig.keep_state`. None: for a peer with a ``node_id``, its own
+        directory in the CLI's data home (``$XDG_DATA_HOME/dhtsignal/peers/NODE_ID``,
+        :func:`default_data_dir`), locked while the peer runs, so that a program run
+        again keeps its key and so its node ID; an anonymous peer gets a fresh key.
     :param ice_servers: STUN/TURN servers (``{"urls": ..., "username": ..., "credential": ...}``
         or URL strings); empty by default: never aiortc's public default.
     :param accept: node IDs allowed to open sessions to us; None accepts anyone.
@@ -325,7 +344,7 @@ class Peer:
         ice_servers: Sequence[dict[str, Any] | str] = (),
         accept: Sequence[str] | None = None,
         timeouts: SessionTimeouts | None = None,
-        presence_ttl: float = 120.0,
+        presence_ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
         node_config: NodeConfig | None = None,
         known_peers: str | Path | None = None,
@@ -341,6 +360,10 @@ class Peer:
         self.bootstrap_addrs = [parse_addr(b) if isinstance(b, str) else b for b in bootstrap]
         self.listen_addr = parse_addr(listen) if isinstance(listen, str) else listen
         self.rooms = list(rooms) if rooms else None
+        self._lock: DataDirLock | None = None
+        if data_dir is None and node_id is not None and identity is None:
+            data_dir = default_data_dir(node_id)
+            self._lock = DataDirLock(data_dir)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if self.config.keep_state and self.data_dir is None:
             raise UsageError("PeerConfig(keep_state=True) needs a data_dir")
@@ -352,7 +375,13 @@ class Peer:
         if identity is not None:
             self.identity = identity
         elif self.data_dir is not None:
-            self.identity = Identity.load_or_create(self.data_dir)
+            if self._lock is not None:
+                self._lock.acquire()  # released by close() (or below if __init__ fails)
+            try:
+                self.identity = Identity.load_or_create(self.data_dir)
+            except BaseException:
+                self._release()
+                raise
         else:
             self.identity = Identity.generate()
         cfg = node_config or NodeConfig()
@@ -362,7 +391,7 @@ class Peer:
         pins = Path(known_peers) if known_peers else None
         if pins is None and self.data_dir is not None:
             pins = self.data_dir / KNOWN_PEERS_FILE
-        self.known = KnownPeers(pins)
+        self.known = KnownPeers(pins, cfg.network)
         self.presence: Presence | None = None
         self.stats: Counter[str] = Counter()
         self.inbox = Inbox(self.identity, ttl=self.config.inbox_ttl, max_seen=self.config.max_seen)
@@ -403,13 +432,7 @@ class Peer:
                 self._load_state()
             await self.node.listen_udp(*self.listen_addr)
             if self.bootstrap_addrs:
-                began = time.monotonic()
-                if await self.node.bootstrap(self.bootstrap_addrs) == 0:
-                    raise DhtTimeout(
-                        "joining the DHT (no bootstrap node answered: "
-                        f"{show_addrs(self.bootstrap_addrs)})",
-                        time.monotonic() - began,
-                    )
+                await self._join()
             await self._listen_inbox()
             if self.node_id is not None:
                 presence = Presence(
@@ -423,14 +446,38 @@ class Peer:
                 try:
                     await presence.start()
                 except NodeIdTaken:
-                    raise NodeIdTaken(
-                        f"node id {self.node_id!r} is taken: another key holds a live claim on it"
-                    ) from None
+                    raise await claim_holder(self.node, self.node_id, self.public_key) from None
                 self.presence = presence
         except BaseException:
             await self.close()
             raise
         self._started = True
+
+    async def _join(self) -> None:
+        """Join through the bootstrap addresses; with
+        :attr:`PeerConfig.join_retry_interval`, keep trying until one answers.
+
+        :raises DhtTimeout: none answered (and no retries are configured).
+        """
+        began = time.monotonic()
+        retry = self.config.join_retry_interval
+        shown = show_addrs(self.bootstrap_addrs)
+        while await self.node.bootstrap(self.bootstrap_addrs) == 0:
+            if retry is None:
+                raise DhtTimeout(
+                    f"joining the DHT (no bootstrap node answered: {shown})",
+                    time.monotonic() - began,
+                )
+            if self.stats["join-retries"] == 0:
+                log.warning("no bootstrap node answered (%s); retrying every %g s", shown, retry)
+            self.stats["join-retries"] += 1
+            await asyncio.sleep(retry)
+        if self.stats["join-retries"]:
+            log.warning("joined the DHT after %.1f s", time.monotonic() - began)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _load_state(self) -> None:
         assert self.data_dir is not None
@@ -466,6 +513,7 @@ class Peer:
             await s.close()
         self.save_state()
         await self.node.close()
+        self._release()
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -524,13 +572,20 @@ class Peer:
         msg_type: MessageType,
         direct: Sequence[Addr],
         settled: asyncio.Future[Any] | None = None,
+        pushes: list[asyncio.Future[Any]] | None = None,
     ) -> asyncio.Task[Any]:
         """Push ``rec`` straight to the recipient's DHT node, and store it under its inbox
         key (whose storing nodes push it too) unless ``settled`` completes within
-        :attr:`PeerConfig.store_delay` (the direct push worked)."""
+        :attr:`PeerConfig.store_delay` (the direct push worked).
+
+        :param pushes: if given, the replies of the direct pushes are appended to it
+            (``True`` from the node that listens on the recipient's inbox).
+        """
         for addr in direct[: self.config.direct_push_addrs]:
             fut = self.node.request(addr, "ds_notify", self.node.ds_args(rec.key, [rec.raw]))
             fut.add_done_callback(ignore_outcome)
+            if pushes is not None:
+                pushes.append(fut)
         self._observe(SignalSent(rec.sub[:-1], msg_type, rec))
         if settled is None or not direct:
             return self.node.spawn(self.node.put([rec]), name="inbox-put")
@@ -727,17 +782,18 @@ class Peer:
 
     # -- dialing ------------------------------------------------------------------------
 
-    async def _resolve(self, node_id: str) -> PeerInfo:
-        """:func:`resolve`, reusing a recent answer (presence changes rarely)."""
+    async def _resolve(self, node_id: str) -> tuple[PeerInfo, bool]:
+        """:func:`resolve` (pinning: a dial is the user's own), reusing a recent answer
+        (presence changes rarely); the flag says whether it was just read from the DHT."""
         now = self.node.wallclock()
         hit = self._resolved.get(node_id)
         if hit is not None and hit[0] > now:
-            return hit[1]
-        info = await resolve(self.node, node_id, self.known)
+            return hit[1], False
+        info = await resolve(self.node, node_id, self.known, pin=True)
         self._resolved[node_id] = (now + min(self.config.resolve_cache_ttl, info.expires_in), info)
         if len(self._resolved) > 1024:
             self._resolved.pop(next(iter(self._resolved)))
-        return info
+        return info, True
 
     async def connect(
         self,
@@ -769,7 +825,7 @@ class Peer:
         t = self.timeouts
         machine = drive.machine
         try:
-            info = await drive.within(self._resolve(node_id))
+            info, fresh = await drive.within(self._resolve(node_id))
         except _StageEnded:
             raise DialFailed(
                 node_id, "resolve-timeout", f"could not resolve within {t.resolve:.1f} s"
@@ -784,6 +840,7 @@ class Peer:
         pc = self._new_connection(self.ice_servers)
         session = self._session(pc, session_id, info.public_key, node_id, options, drive)
         put: asyncio.Task[Any] | None = None
+        watch: asyncio.Task[None] | None = None
         try:
             try:
                 offer = await drive.within(rtc.local_description(pc, offer=True))
@@ -802,8 +859,21 @@ class Peer:
                     channel=options,
                     now=self.node.wallclock(),
                 )
-                put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer)
+                pushes: list[asyncio.Future[Any]] = []
+                put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer, pushes)
                 drive.input(machine.offer_sent)
+                ack_timeout = self.config.push_ack_timeout
+                if pushes and fresh and ack_timeout is not None:
+                    watch = self.node.spawn(
+                        self._expect_ack(
+                            node_id,
+                            pushes,
+                            info.addresses[: len(pushes)],
+                            dial.answer,
+                            ack_timeout,
+                        ),
+                        name="push-ack",
+                    )
                 try:
                     answer = await drive.within(dial.answer)
                 except _Superseded:
@@ -822,10 +892,52 @@ class Peer:
             await pc.close()
             raise
         finally:
+            if watch is not None:
+                watch.cancel()
             self._dials.pop(session_id, None)
             self.inbox.forget(session_id)
         self._sessions.add(session)
         return session
+
+    async def _expect_ack(
+        self,
+        node_id: str,
+        pushes: list[asyncio.Future[Any]],
+        addrs: Sequence[Addr],
+        answer: asyncio.Future[AnswerReceived],
+        timeout: float,
+    ) -> None:
+        """Fail the dial as ``not-responding`` unless one direct push of the offer is
+        acknowledged by the callee's own node (``ds_notify`` answered ``True``: it
+        listens on the callee's inbox) or the answer arrives within ``timeout`` seconds.
+
+        A crashed peer's presence stays in the DHT until it expires; its node no longer
+        answers, which this notices in about a second instead of at the answer deadline.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for fut in asyncio.as_completed(pushes, timeout=timeout):
+            try:
+                if await fut is True:
+                    return
+            except TimeoutError:  # as_completed's own deadline: nothing acknowledged
+                break
+            except DhtSignalError:  # RpcTimeout, too many RPCs in flight
+                continue
+        if not answer.done():  # the pushes ended early unacknowledged: the DHT path may still
+            await asyncio.wait((answer,), timeout=max(0.0, deadline - loop.time()))
+        if answer.done():
+            return
+        self.stats["dial-failed:not-responding"] += 1
+        answer.set_exception(
+            DialFailed(
+                node_id,
+                "not-responding",
+                f"not responding: its DHT node did not acknowledge the offer within "
+                f"{timeout:.1f} s (pushed to {show_addrs(addrs)}; crashed, or not reachable "
+                "from here)",
+            )
+        )
 
     def _answer_timeout(
         self, node_id: str, exc: _StageEnded, put: asyncio.Task[Any] | None, info: PeerInfo
@@ -840,6 +952,20 @@ class Peer:
         return DialFailed(
             node_id, exc.reason, f"{within} (offer {stored}, pushed to {pushed} address(es))"
         )
+
+
+def default_data_dir(node_id: str, environ: Mapping[str, str] | None = None) -> Path:
+    """The data directory a :class:`Peer` with ``node_id`` and no ``data_dir`` uses:
+    ``$XDG_DATA_HOME/dhtsignal/peers/NODE_ID`` (``~/.local/share`` when the variable is
+    unset), beside the CLI's daemons' directories. One per node ID: two labelled peers
+    of one program must not share a key (they would share an inbox).
+
+    :param node_id: the peer's label (already checked: no path separators).
+    :param environ: the environment (default ``os.environ``).
+    """
+    from dhtsignal.config import data_home
+
+    return data_home(os.environ if environ is None else environ) / "peers" / node_id
 
 
 class _Superseded(Exception):
@@ -876,4 +1002,5 @@ __all__ = [
     "Session",
     "SignalReceived",
     "SignalSent",
+    "default_data_dir",
 ]

@@ -20,9 +20,10 @@ separate put, in this order:
 Failures of batches 2 and 3 are only logged by the drivers. Once batch 1 was stored the
 driver calls :meth:`PresenceRecords.published`; the claim is then not due again until
 half its lifetime has passed. Everything is refreshed every
-:attr:`PresenceRecords.refresh_interval` (half the presence lifetime) after the previous
-publication ended. :meth:`PresenceRecords.sign_off` returns one tombstone per presence
-and room record, each put on its own, so the peer is offline for everyone at once.
+:attr:`PresenceRecords.refresh_interval` (a third of the presence lifetime, default
+:data:`DEFAULT_TTL` 60 s) after the previous publication ended.
+:meth:`PresenceRecords.sign_off` returns one tombstone per presence and room record, each
+put on its own, so the peer is offline for everyone at once.
 
 Record payloads (msgpack maps)::
 
@@ -58,6 +59,11 @@ from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
 DEFAULT_ROOM = "lobby"
+#: Default lifetime of presence and room records, seconds. A crashed peer stays listed
+#: at most this long (``lookup`` shows ``refreshed_ago``; a dial reports it as not
+#: responding within a second); it is refreshed every third of it (20 s), a put to 8
+#: storing nodes per record, which also keeps NAT mappings (30 s unreplied) open.
+DEFAULT_TTL = 60.0
 #: Most addresses a presence record carries (and a reader keeps).
 MAX_ADDRESSES = 4
 
@@ -80,6 +86,11 @@ class PeerInfo:
     """Its X25519 public key (for sealing signaling envelopes)."""
     expires_in: float
     """Seconds until its presence record expires unless refreshed."""
+    refreshed_ago: float = 0.0
+    """Seconds since the presence record was signed (its last refresh; the record's
+    sequence number is its signing time in wall-clock milliseconds). A live peer
+    refreshes every third of its TTL; much more than that means it stopped refreshing
+    (crashed) and its record has not expired yet."""
 
     @property
     def public_key(self) -> bytes:
@@ -95,6 +106,7 @@ class PeerInfo:
             "rooms": list(self.rooms),
             "addresses": [[h, p] for h, p in self.addresses],
             "expires_in": round(self.expires_in, 1),
+            "refreshed_ago": round(self.refreshed_ago, 1),
         }
 
 
@@ -151,7 +163,7 @@ class PresenceRecords:
         node_id: str,
         rooms: list[str] | None = None,
         *,
-        ttl: float = 120.0,
+        ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
         claimed_at: float,
     ) -> None:
@@ -169,8 +181,9 @@ class PresenceRecords:
 
     @property
     def refresh_interval(self) -> float:
-        """Seconds from the end of one publication to the next: half the lifetime."""
-        return self.ttl / 2
+        """Seconds from the end of one publication to the next: a third of the lifetime,
+        so that a record outlives one failed refresh with a third of its life to spare."""
+        return self.ttl / 3
 
     def _seq(self, now: float) -> int:
         self._last_seq = max(self._last_seq + 1, int(now * 1000))
@@ -304,6 +317,7 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         addresses=addrs,
         x25519=x if isinstance(x, bytes) and len(x) == 32 else b"",
         expires_in=max(0.0, rec.expires - now),
+        refreshed_ago=max(0.0, now - rec.seq / 1000),
     )
 
 
