@@ -131,14 +131,15 @@ class PeerConfig:
     save it at close, as the peer daemon does. Needs a data directory."""
     sign_off_timeout: float = 1.0
     """Seconds :meth:`Peer.close` spends publishing tombstones at most."""
-    push_ack_timeout: float | None = 1.0
+    push_ack_timeout: float | None = 0.8
     """Seconds a dial waits for the callee's own DHT node to acknowledge the offer pushed
     to it directly (``ds_notify`` answered by the node listening on the callee's inbox).
     Without an acknowledgement and without an answer by then, the dial fails with
     :class:`DialFailed` reason ``not-responding`` (a crashed peer whose presence has not
-    expired yet). None: wait for the answer deadline instead (for callees whose DHT node
-    cannot be reached unsolicited, behind a filtering NAT). Only applies when the presence
-    was just read from the DHT, not reused from the resolve cache."""
+    expired yet). The default, twice the DHT's ``rpc_timeout``, leaves room for the first
+    try and one retry of the push. None: wait for the answer deadline instead (for callees
+    whose DHT node cannot be reached unsolicited, behind a filtering NAT). Only applies
+    when the presence was just read from the DHT, not reused from the resolve cache."""
     join_retry_interval: float | None = None
     """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
     (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
