@@ -67,7 +67,14 @@ from dhtsignal.errors import (
     UsageError,
 )
 from dhtsignal.identity import Identity, self_certifying_id
-from dhtsignal.presence import DEFAULT_TTL, PeerInfo, Presence, claim_holder, resolve
+from dhtsignal.presence import (
+    DEFAULT_TTL,
+    PeerInfo,
+    Presence,
+    claim_holder,
+    label_owner,
+    resolve,
+)
 from dhtsignal.session import DEFAULT_MAX_UNREAD_BYTES, Session
 from dhtsignal.signaling import inbox as inbox_protocol
 from dhtsignal.signaling.envelope import MessageType
@@ -675,14 +682,16 @@ class Peer:
         if self.accept is not None and sid in self.accept:
             return sid
         if label and label != sid and (self.accept is None or label in self.accept):
-            # The label is only the sender's claim: it must resolve to the sender's key.
+            # The label is only the sender's claim: it must be held by the sender's key
+            # (read, never pinned: a stranger's message must not make us pin anything).
             try:
-                info = await asyncio.wait_for(
-                    resolve(self.node, label, self.known), self.timeouts.resolve
+                holder = await asyncio.wait_for(
+                    label_owner(self.node, label, self.known), self.timeouts.resolve
                 )
-            except (TimeoutError, DhtSignalError):
-                info = None
-            if info is not None and info.public_key == sender:
+            except (TimeoutError, DhtSignalError) as exc:
+                log.info("cannot verify the label %r of %s: %r", label, sid, exc)
+                holder = None
+            if holder == sender:
                 return label
         return sid if self.accept is None else None
 

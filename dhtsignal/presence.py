@@ -42,7 +42,7 @@ from dhtsignal.errors import (
     PinnedKeyChanged,
     UsageError,
 )
-from dhtsignal.identity import Identity
+from dhtsignal.identity import Identity, is_self_certifying, self_certifying_id
 from dhtsignal.signaling.presence import (
     DEFAULT_ROOM,
     DEFAULT_TTL,
@@ -50,6 +50,7 @@ from dhtsignal.signaling.presence import (
     PresenceRecords,
     identify,
     node_addresses,
+    owner,
 )
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "PeerInfo",
     "Presence",
     "claim_holder",
+    "label_owner",
     "resolve",
     "room_peers",
 ]
@@ -205,6 +207,29 @@ async def resolve(
     if known is not None and pin:
         known.pin(node_id, info.key)
     return info
+
+
+async def label_owner(node: DhtNode, node_id: str, known: KnownPeers | None = None) -> bytes | None:
+    """The key that holds ``node_id`` (its claim), online or not; None if nobody does.
+
+    What an inbound check needs: whether the sender's claimed label is its own. Unlike
+    :func:`resolve` it does not require a live presence (the sender may have signed off
+    by the time the check completes, as a one-shot ``send`` does), and it never pins.
+
+    :raises PinnedKeyChanged: ``known`` pins another key than the DHT's holder.
+    :raises UsageError: not a valid label.
+    """
+    try:
+        records.check_label(node_id)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    held = await node.get_held(node_key(node_id), include_tombstones=True)
+    recs = held.records
+    if is_self_certifying(node_id):
+        recs = [r for r in recs if self_certifying_id(r.signer) == node_id]
+    if all(r.is_tombstone for r in recs):
+        return None  # no live claim or presence: nobody holds it
+    return owner(node_id, recs, held.support, known)
 
 
 async def claim_holder(node: DhtNode, node_id: str, mine: bytes) -> NodeIdTaken:
