@@ -277,7 +277,7 @@ async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
 
 def _table(peers: Sequence[Any]) -> str:
     """An aligned text table of :class:`~dhtsignal.presence.PeerInfo`."""
-    header = ("NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN")
+    header = ("NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN", "REFRESHED")
     rows = [header] + [
         (
             p.node_id,
@@ -285,6 +285,7 @@ def _table(peers: Sequence[Any]) -> str:
             ",".join(p.rooms),
             " ".join(_addr(a) for a in p.addresses) or "-",
             f"{p.expires_in:.0f}s",
+            f"{p.refreshed_ago:.0f}s ago",
         )
         for p in peers
     ]
