@@ -26,9 +26,9 @@ from test_cli import READY_TIMEOUT, RUN_TIMEOUT, Launcher, Proc, _bootstrap, _on
 
 from dhtsignal.datadir import DEFAULT_NETWORK, KnownPeers
 from dhtsignal.dht.params import DEFAULT_NETWORK as DHT_DEFAULT_NETWORK
-from dhtsignal.errors import DialFailed, PinnedKeyChanged
+from dhtsignal.errors import DialFailed, PinnedKeyChanged, UsageError
 from dhtsignal.identity import Identity
-from dhtsignal.peer import PeerConfig, default_data_dir
+from dhtsignal.peer import Peer, PeerConfig, default_data_dir
 from dhtsignal.presence import resolve, room_peers
 
 if TYPE_CHECKING:
@@ -179,6 +179,25 @@ def test_readme_example_runs_twice_in_a_row(lau: Launcher) -> None:
     key_dir = default_data_dir("alice", env)
     assert key_dir == lau.workdir / "xdg" / "dhtsignal" / "peers" / "alice"
     assert (key_dir / "identity.key").exists()
+
+
+async def test_a_labelled_peer_keeps_its_key_in_its_own_locked_directory() -> None:
+    """Without a data directory, ``Peer("zed")`` keeps its key under ``$XDG_DATA_HOME``
+    (the tests' own, see conftest); a second ``Peer("zed")`` while the first holds it is
+    refused with the directory named; another label has a directory of its own."""
+    first = Peer("zed")
+    key_dir = default_data_dir("zed")
+    assert first.data_dir == key_dir and (key_dir / "identity.key").exists()
+    with pytest.raises(UsageError, match=re.escape(str(key_dir))):
+        Peer("zed")
+    other = Peer("yan")
+    assert other.data_dir == default_data_dir("yan") and other.public_key != first.public_key
+    for p in (first, other):
+        await p.close()  # never started: releases the directory
+    again = Peer("zed")
+    assert again.public_key == first.public_key
+    await again.close()
+    assert Peer(None).data_dir is None  # anonymous: a throwaway key, nothing written
 
 
 def _expiry(stderr: str) -> float:
@@ -347,3 +366,12 @@ def test_peer_started_before_its_bootstrap_node_joins_once_it_runs(lau: Launcher
     assert res.returncode == 0 and json.loads(res.stdout)["key"] == ready["key"], res.stderr
     rc, seconds = bob.signal_and_wait(signal.SIGTERM)
     assert rc == 0 and seconds < 2.0
+
+
+def test_sigterm_ends_a_peer_still_waiting_for_its_bootstrap_node(lau: Launcher) -> None:
+    entry = f"127.0.0.1:{_free_udp_port()}"  # nobody listens there
+    bob = _peer(lau, "bob", entry, "--rejoin-interval", "0.5")
+    _wait_stderr(bob, "retrying every 0.5 s")
+    rc, seconds = bob.signal_and_wait(signal.SIGTERM)
+    assert rc == 0 and seconds < 2.0, (rc, seconds, bob.stderr())
+    assert bob.rest() == []  # never ready
