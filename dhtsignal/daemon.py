@@ -272,10 +272,10 @@ class PeerDaemon(Daemon):
         records; then save periodically, re-join when the table runs empty, and read the
         node ID back.
 
-        :raises ConfigError: the data directory, its state or the listen address is unusable.
         Until a bootstrap node answers, the join is retried every ``rejoin_interval``
         seconds (as a bootstrap node retries its ``--join`` nodes), with one warning.
 
+        :raises ConfigError: the data directory, its state or the listen address is unusable.
         :raises NodeIdTaken: another key holds a live claim on the node ID (saying until
             when).
         """

@@ -339,6 +339,9 @@ class Peer:
         every failed incoming handshake (tracing, metrics, tests); must not raise.
     :param connection_factory: makes each session's connection from the ICE server list
         (default :func:`dhtsignal.aio.rtc.new_connection`).
+    :raises UsageError: the default data directory of ``node_id`` is in use (by another
+        ``Peer`` or process).
+    :raises ConfigError: the data directory is unusable.
     """
 
     def __init__(
@@ -689,8 +692,10 @@ class Peer:
                     label_owner(self.node, label, self.known), self.timeouts.resolve
                 )
             except (TimeoutError, DhtSignalError) as exc:
-                log.info("cannot verify the label %r of %s: %r", label, sid, exc)
+                log.debug("cannot verify the label %r of %s: %r", label, sid, exc)
                 holder = None
+            if holder != sender:
+                self.stats["label-unverified"] += 1
             if holder == sender:
                 return label
         return sid if self.accept is None else None
