@@ -145,8 +145,9 @@ class PeerConfig:
     :class:`DialFailed` reason ``not-responding`` (a crashed peer whose presence has not
     expired yet). The default, twice the DHT's ``rpc_timeout``, leaves room for the first
     try and one retry of the push. None: wait for the answer deadline instead (for callees
-    whose DHT node cannot be reached unsolicited, behind a filtering NAT). Only applies
-    when the presence was just read from the DHT, not reused from the resolve cache."""
+    whose DHT node cannot be reached unsolicited). Applies only when the presence was just
+    read from the DHT (not reused from the resolve cache) and does not say the callee's
+    node runs in client mode (behind a NAT, where unsolicited pushes may be filtered)."""
     join_retry_interval: float | None = None
     """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
     (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
@@ -473,7 +474,7 @@ class Peer:
         began = time.monotonic()
         retry = self.config.join_retry_interval
         shown = show_addrs(self.bootstrap_addrs)
-        while await self.node.bootstrap(self.bootstrap_addrs) == 0:
+        while await self._join_once() == 0:
             if retry is None:
                 raise DhtTimeout(
                     f"joining the DHT (no bootstrap node answered: {shown})",
@@ -485,6 +486,21 @@ class Peer:
             await asyncio.sleep(retry)
         if self.stats["join-retries"]:
             log.warning("joined the DHT after %.1f s", time.monotonic() - began)
+
+    async def _join_once(self) -> int:
+        """One try at joining; returns the routing table's size afterwards.
+
+        An anonymous peer (a throwaway dialer in client mode: nobody routes through it)
+        only pings the bootstrap nodes: its lookups start from them, and it skips the
+        lookup of its own ID, which would only fill a table it never serves from (and
+        costs a soft timeout for every dead contact it meets). A peer with a node ID
+        joins as every node does (:meth:`DhtNode.bootstrap`).
+        """
+        if self.node_id is not None:
+            return await self.node.bootstrap(self.bootstrap_addrs)
+        addrs = await self.node.resolve(self.bootstrap_addrs)
+        await asyncio.gather(*(self.node.ping(a) for a in addrs), return_exceptions=True)
+        return len(self.node.table)
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -878,7 +894,7 @@ class Peer:
                 put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer, pushes)
                 drive.input(machine.offer_sent)
                 ack_timeout = self.config.push_ack_timeout
-                if pushes and fresh and ack_timeout is not None:
+                if pushes and fresh and ack_timeout is not None and not info.client_mode:
                     watch = self.node.spawn(
                         self._expect_ack(
                             node_id,

@@ -94,7 +94,13 @@ class Presence:
     ) -> None:
         self.node = node
         self.records = PresenceRecords(
-            identity, node_id, rooms, ttl=ttl, claim_ttl=claim_ttl, claimed_at=node.wallclock()
+            identity,
+            node_id,
+            rooms,
+            ttl=ttl,
+            claim_ttl=claim_ttl,
+            claimed_at=node.wallclock(),
+            client_mode=node.config.client_mode,
         )
         self._task: asyncio.Task[Any] | None = None
 

@@ -26,10 +26,12 @@ from test_cli import READY_TIMEOUT, RUN_TIMEOUT, Launcher, Proc, _bootstrap, _on
 
 from dhtsignal.datadir import DEFAULT_NETWORK, KnownPeers
 from dhtsignal.dht.params import DEFAULT_NETWORK as DHT_DEFAULT_NETWORK
+from dhtsignal.dht.params import NodeConfig
 from dhtsignal.errors import DialFailed, PinnedKeyChanged, UsageError
 from dhtsignal.identity import Identity
 from dhtsignal.peer import Peer, PeerConfig, default_data_dir
 from dhtsignal.presence import resolve, room_peers
+from dhtsignal.signaling.session import SessionTimeouts
 
 if TYPE_CHECKING:
     from conftest import StartDht, StartPeer
@@ -76,24 +78,17 @@ def _wait_stderr(proc: Proc, text: str, timeout: float = READY_TIMEOUT) -> None:
 # -- crashed peers ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("mode", "budget"),
-    [("--client-mode", 2.0), ("--no-client-mode", 3.0)],
-    ids=["client-mode", "routing-node"],
-)
-def test_killed_peer_is_not_responding_within_2_s(lau: Launcher, mode: str, budget: float) -> None:
+def test_killed_peer_is_not_responding_within_2_s(lau: Launcher) -> None:
     """A peer killed with SIGKILL leaves a live presence behind (``lookup`` still finds
     it, and shows how long ago it was refreshed); ``ping`` fails in under 2 s, interpreter
     start-up included, saying "not responding" (not "offline" or "unknown").
 
-    The 2 s hold for a peer whose DHT node is in no routing table (``--client-mode``).
-    When the dead peer's node is a routing contact of the bootstrap node, the client's
-    join and its resolve each wait out the DHT's 0.3 s soft timeout on it (about 0.6 s
-    on this branch alone): ridding lookups of dead contacts is the DHT half of issue 9,
-    so that case is held to 3 s here.
+    The dead peer's DHT node is still a routing contact of the bootstrap node, so the
+    resolve waits out the DHT's 0.3 s soft timeout on it (ridding lookups of dead contacts
+    is the DHT half of issue 9); measured here about 1.5 s in all.
     """
     entry = _bootstrap(lau, "b0").ready()["addr"]
-    bob = _peer(lau, "bob", entry, mode)
+    bob = _peer(lau, "bob", entry)
     bob.ready()
     found = lau.run("lookup", "bob", "--bootstrap", entry, "--json")
     assert found.returncode == 0, found.stderr
@@ -110,7 +105,7 @@ def test_killed_peer_is_not_responding_within_2_s(lau: Launcher, mode: str, budg
         assert res.returncode == 1, res.stdout
         line = _one_line(res.stderr)
         assert "bob: not responding" in line and "offline" not in line, line
-        assert elapsed < budget, (elapsed, line)
+        assert elapsed < 2.0, (elapsed, line)
 
 
 async def test_crashed_callee_is_reported_as_not_responding(
@@ -139,6 +134,31 @@ async def test_crashed_callee_is_reported_as_not_responding(
     assert 0.55 <= elapsed < 2.0, elapsed
     assert alice.stats["dial-failed:not-responding"] == 1
     assert carol.stats["incoming-failed"] == 0
+
+
+async def test_a_client_mode_callee_is_not_judged_by_its_silence(
+    peers: StartPeer, dht: StartDht
+) -> None:
+    """A callee whose presence says its node is in client mode (behind a NAT, where an
+    unsolicited push may be filtered) is never reported as not responding: its dial ends
+    at the answer deadline as before."""
+    nodes = await dht(3)
+    assert nodes[0].address is not None
+    boot = [f"{nodes[0].address[0]}:{nodes[0].address[1]}"]
+    alice = await peers(
+        "alice",
+        boot,
+        config=PeerConfig(push_ack_timeout=0.3),
+        timeouts=SessionTimeouts(answer=1.5),
+    )
+    dan = await peers("dan", boot, node_config=NodeConfig(client_mode=True))
+    info = await resolve(alice.node, "dan")
+    assert info.client_mode and info.to_json()["client_mode"] is True
+    await dan.node.close()
+    with pytest.raises(DialFailed) as failed:
+        await asyncio.wait_for(alice.connect("dan"), 10.0)
+    assert failed.value.reason == "answer-timeout", failed.value
+    assert alice.stats["dial-failed:not-responding"] == 0
 
 
 # -- names across re-runs ----------------------------------------------------------------------

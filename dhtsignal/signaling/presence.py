@@ -29,7 +29,8 @@ Record payloads (msgpack maps)::
 
     CLAIM     {"id": label, "t": claimed-at}
     PRESENCE  {"id": label or self_id, "sid": self_id, "x": X25519 key,
-               "a": [[host, port], ...], "r": rooms, "t": claimed-at}
+               "a": [[host, port], ...], "r": rooms, "t": claimed-at,
+               "c": 1 when its DHT node is in client mode (absent otherwise)}
     ROOM      the PRESENCE fields with "id": label, plus "room": room
 
 Sequence numbers are wall-clock milliseconds, strictly increasing per peer.
@@ -86,6 +87,9 @@ class PeerInfo:
     """Its X25519 public key (for sealing signaling envelopes)."""
     expires_in: float
     """Seconds until its presence record expires unless refreshed."""
+    client_mode: bool = False
+    """Its DHT node runs in client mode (behind a NAT): an unsolicited push to its
+    addresses may not arrive, so a dial does not read silence as a crash."""
     refreshed_ago: float = 0.0
     """Seconds since the presence record was signed (its last refresh; the record's
     sequence number is its signing time in wall-clock milliseconds). A live peer
@@ -107,6 +111,7 @@ class PeerInfo:
             "addresses": [[h, p] for h, p in self.addresses],
             "expires_in": round(self.expires_in, 1),
             "refreshed_ago": round(self.refreshed_ago, 1),
+            "client_mode": self.client_mode,
         }
 
 
@@ -153,6 +158,9 @@ class PresenceRecords:
         lifetime of presence records).
     :param claim_ttl: lifetime of the node-ID claim, seconds (capped likewise).
     :param claimed_at: wall-clock time of the claim (the ``t`` of every record).
+    :param client_mode: the peer's DHT node runs in client mode (behind a NAT): its
+        presence says so (``"c": 1``), and dialers do not expect it to acknowledge an
+        unsolicited push.
     :raises UsageError: a TTL is not positive.
     :raises ValueError: a label or room is not a valid label.
     """
@@ -166,8 +174,10 @@ class PresenceRecords:
         ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
         claimed_at: float,
+        client_mode: bool = False,
     ) -> None:
         self.identity = identity
+        self.client_mode = client_mode
         self.node_id = records.check_label(node_id)
         self.rooms = [records.check_label(r, "room") for r in (rooms or [DEFAULT_ROOM])]
         if ttl <= 0 or claim_ttl <= 0:
@@ -198,6 +208,8 @@ class PresenceRecords:
             "r": self.rooms,
             "t": self.claimed_at,
         }
+        if self.client_mode:
+            fields["c"] = 1
         fields.update(extra)
         return codec.pack(fields)
 
@@ -318,6 +330,7 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         x25519=x if isinstance(x, bytes) and len(x) == 32 else b"",
         expires_in=max(0.0, rec.expires - now),
         refreshed_ago=max(0.0, now - rec.seq / 1000),
+        client_mode=f.get("c") == 1,
     )
 
 
