@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import stat
 import tempfile
 import urllib.parse
@@ -198,11 +199,13 @@ class KnownPeers:
     def changed(self, node_id: str, pinned: str, seen: str) -> PinnedKeyChanged:
         """The error for ``node_id`` presented with key ``seen`` while ``pinned`` is pinned:
         it names the file, the network and the command that forgets the pin."""
-        remedy = f"dhtsignal pins forget {node_id}"
-        if self.network != DEFAULT_NETWORK:
-            remedy += f" --network {self.network}"
-        if self.path is not None:
-            remedy += f" --known-peers {self.path}"
+        if self.path is None:
+            remedy = f"the pins are kept in memory only: KnownPeers.forget({node_id!r})"
+        else:
+            remedy = f"dhtsignal pins forget {shlex.quote(node_id)}"
+            if self.network != DEFAULT_NETWORK:
+                remedy += f" --network {shlex.quote(self.network)}"
+            remedy += f" --known-peers {shlex.quote(str(self.path))}"
         return PinnedKeyChanged(
             node_id,
             pinned,

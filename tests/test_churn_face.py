@@ -324,7 +324,7 @@ def test_known_peers_file_reads_the_old_format_as_the_default_network(tmp_path: 
         spaced.pin("bob", old)
     message = str(changed.value)
     assert str(pins) in message and "'my lab #2'" in message
-    assert "dhtsignal pins forget bob --network my lab #2" in message
+    assert "dhtsignal pins forget bob --network 'my lab #2' --known-peers " in message
     assert default.forget("bob") == old
     assert pins.read_text().splitlines() == [lines[0], lines[2]]  # comment and other kept
     assert default.forget("bob") is None
