@@ -145,9 +145,10 @@ class PeerConfig:
     :class:`DialFailed` reason ``not-responding`` (a crashed peer whose presence has not
     expired yet). The default, twice the DHT's ``rpc_timeout``, leaves room for the first
     try and one retry of the push. None: wait for the answer deadline instead (for callees
-    whose DHT node cannot be reached unsolicited). Applies only when the presence was just
-    read from the DHT (not reused from the resolve cache) and does not say the callee's
-    node runs in client mode (behind a NAT, where unsolicited pushes may be filtered)."""
+    whose DHT node cannot be reached unsolicited). Not applied when the presence says the
+    callee's node runs in client mode (behind a NAT, where unsolicited pushes may be
+    filtered). A presence reused from the resolve cache is read again before the verdict
+    (the callee may have restarted at another address)."""
     join_retry_interval: float | None = None
     """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
     (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
@@ -608,15 +609,23 @@ class Peer:
         :param pushes: if given, the replies of the direct pushes are appended to it
             (``True`` from the node that listens on the recipient's inbox).
         """
-        for addr in direct[: self.config.direct_push_addrs]:
-            fut = self.node.request(addr, "ds_notify", self.node.ds_args(rec.key, [rec.raw]))
-            fut.add_done_callback(ignore_outcome)
-            if pushes is not None:
-                pushes.append(fut)
+        sent = self._push(rec, direct[: self.config.direct_push_addrs])
+        if pushes is not None:
+            pushes.extend(sent)
         self._observe(SignalSent(rec.sub[:-1], msg_type, rec))
         if settled is None or not direct:
             return self.node.spawn(self.node.put([rec]), name="inbox-put")
         return self.node.spawn(self._store_unless(settled, rec), name="inbox-put")
+
+    def _push(self, rec: Record, addrs: Sequence[Addr]) -> list[asyncio.Future[Any]]:
+        """Push ``rec`` with ``ds_notify`` to each of ``addrs``; returns the replies'
+        futures (their failures need not be retrieved)."""
+        out: list[asyncio.Future[Any]] = []
+        for addr in addrs:
+            fut = self.node.request(addr, "ds_notify", self.node.ds_args(rec.key, [rec.raw]))
+            fut.add_done_callback(ignore_outcome)
+            out.append(fut)
+        return out
 
     async def _store_unless(self, settled: asyncio.Future[Any], rec: Record) -> None:
         try:
@@ -813,12 +822,13 @@ class Peer:
 
     # -- dialing ------------------------------------------------------------------------
 
-    async def _resolve(self, node_id: str) -> tuple[PeerInfo, bool]:
+    async def _resolve(self, node_id: str, *, cached: bool = True) -> tuple[PeerInfo, bool]:
         """:func:`resolve` (pinning: a dial is the user's own), reusing a recent answer
-        (presence changes rarely); the flag says whether it was just read from the DHT."""
+        (presence changes rarely) unless ``cached`` is False; the flag says whether it was
+        just read from the DHT."""
         now = self.node.wallclock()
         hit = self._resolved.get(node_id)
-        if hit is not None and hit[0] > now:
+        if cached and hit is not None and hit[0] > now:
             return hit[1], False
         info = await resolve(self.node, node_id, self.known, pin=True)
         self._resolved[node_id] = (now + min(self.config.resolve_cache_ttl, info.expires_in), info)
@@ -894,14 +904,10 @@ class Peer:
                 put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer, pushes)
                 drive.input(machine.offer_sent)
                 ack_timeout = self.config.push_ack_timeout
-                if pushes and fresh and ack_timeout is not None and not info.client_mode:
+                if pushes and ack_timeout is not None and not info.client_mode:
                     watch = self.node.spawn(
                         self._expect_ack(
-                            node_id,
-                            pushes,
-                            info.addresses[: len(pushes)],
-                            dial.answer,
-                            ack_timeout,
+                            node_id, rec, info, fresh, pushes, dial.answer, ack_timeout
                         ),
                         name="push-ack",
                     )
@@ -933,8 +939,10 @@ class Peer:
     async def _expect_ack(
         self,
         node_id: str,
+        rec: Record,
+        info: PeerInfo,
+        fresh: bool,
         pushes: list[asyncio.Future[Any]],
-        addrs: Sequence[Addr],
         answer: asyncio.Future[AnswerReceived],
         timeout: float,
     ) -> None:
@@ -944,19 +952,30 @@ class Peer:
 
         A crashed peer's presence stays in the DHT until it expires; its node no longer
         answers, which this notices in about a second instead of at the answer deadline.
+        When ``info`` came from the resolve cache (not ``fresh``), the presence is read
+        again first: a callee that restarted elsewhere gets the offer pushed to its new
+        addresses (and another ``timeout``), one that signed off meanwhile fails as
+        offline, one now in client mode is not judged.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for fut in asyncio.as_completed(pushes, timeout=timeout):
+        addrs = info.addresses[: len(pushes)]
+        if await self._acked(pushes, answer, timeout):
+            return
+        if not fresh:
             try:
-                if await fut is True:
+                now_info, _ = await self._resolve(node_id, cached=False)
+            except DhtSignalError as exc:  # offline now, or its pinned key changed
+                if not answer.done():
+                    answer.set_exception(exc)
+                return
+            if now_info.client_mode:
+                return
+            moved = [
+                a for a in now_info.addresses[: self.config.direct_push_addrs] if a not in addrs
+            ]
+            if moved and now_info.public_key == info.public_key:
+                addrs = moved
+                if await self._acked(self._push(rec, moved), answer, timeout):
                     return
-            except TimeoutError:  # as_completed's own deadline: nothing acknowledged
-                break
-            except DhtSignalError:  # RpcTimeout, too many RPCs in flight
-                continue
-        if not answer.done():  # the pushes ended early unacknowledged: the DHT path may still
-            await asyncio.wait((answer,), timeout=max(0.0, deadline - loop.time()))
         if answer.done():
             return
         self.stats["dial-failed:not-responding"] += 1
@@ -969,6 +988,26 @@ class Peer:
                 "from here)",
             )
         )
+
+    @staticmethod
+    async def _acked(
+        pushes: list[asyncio.Future[Any]], answer: asyncio.Future[AnswerReceived], timeout: float
+    ) -> bool:
+        """Whether one of ``pushes`` is answered ``True`` or ``answer`` completes within
+        ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for fut in asyncio.as_completed(pushes, timeout=timeout):
+            try:
+                if await fut is True:
+                    return True
+            except TimeoutError:  # as_completed's own deadline: nothing acknowledged
+                break
+            except DhtSignalError:  # RpcTimeout, too many RPCs in flight
+                continue
+        if not answer.done():  # the pushes ended early unacknowledged: the DHT path may still
+            await asyncio.wait((answer,), timeout=max(0.0, deadline - loop.time()))
+        return answer.done()
 
     def _answer_timeout(
         self, node_id: str, exc: _StageEnded, put: asyncio.Task[Any] | None, info: PeerInfo
