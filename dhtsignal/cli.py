@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--version", action="version", version=version)
         for arg in command.positionals:
-            p.add_argument(arg.dest, metavar=arg.metavar, help=arg.help)
+            extra: dict[str, Any] = {"nargs": "?", "default": None} if arg.optional else {}
+            if arg.choices is not None:
+                extra["choices"] = arg.choices
+            p.add_argument(arg.dest, metavar=arg.metavar, help=arg.help, **extra)
         config.add_arguments(p, command.name)
         p.add_argument(
             "--print-config",
@@ -164,7 +167,7 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     command: str = ns.command
     try:
         settings = config.load(command, vars(ns), env)
-        if hasattr(ns, "target_id"):
+        if getattr(ns, "target_id", None) is not None:
             _check_node_id(ns.target_id)
     except ConfigError as exc:
         _err(f"dhtsignal {command}: {exc}")
@@ -296,7 +299,7 @@ async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import PeerInfo, room_peers
 
-    known = KnownPeers(settings.known_peers)
+    known = KnownPeers(settings.known_peers, settings.network)  # read, never written here
     found: dict[str, PeerInfo] = {}
     async with client_node(settings, settings.bootstrap) as node:
         for room in settings.room:
@@ -314,7 +317,7 @@ async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
 
 def _table(peers: Sequence[Any]) -> str:
     """An aligned text table of :class:`~dhtsignal.presence.PeerInfo`."""
-    header = ("NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN")
+    header = ("NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN", "REFRESHED")
     rows = [header] + [
         (
             p.node_id,
@@ -322,6 +325,7 @@ def _table(peers: Sequence[Any]) -> str:
             ",".join(p.rooms),
             " ".join(_addr(a) for a in p.addresses) or "-",
             f"{p.expires_in:.0f}s",
+            f"{p.refreshed_ago:.0f}s ago",
         )
         for p in peers
     ]
@@ -343,9 +347,9 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import resolve
 
-    known = KnownPeers(settings.known_peers)
+    known = KnownPeers(settings.known_peers, settings.network)
     async with client_node(settings, settings.bootstrap) as node:
-        info = await resolve(node, ns.target_id, known)
+        info = await resolve(node, ns.target_id, known, pin=True)  # the user's own lookup
     if settings.json:
         _out(json.dumps(info.to_json()))
         return 0
@@ -356,8 +360,52 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
         ("rooms", ", ".join(info.rooms) or "-"),
         ("addresses", " ".join(_addr(a) for a in info.addresses) or "-"),
         ("expires_in", f"{info.expires_in:.1f} s"),
+        ("refreshed", f"{info.refreshed_ago:.1f} s ago"),
     ]
     _out("\n".join(f"{k:<11} {v}" for k, v in fields))
+    return 0
+
+
+@_runs("pins")
+async def _pins(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.datadir import KnownPeers
+
+    if settings.known_peers is None:
+        raise ConfigError("known_peers", "'none' keeps no pins to list or forget")
+    known = KnownPeers(settings.known_peers, settings.network)
+    if ns.action == "list":
+        if ns.pin_id is not None:
+            raise ConfigError("NODE_ID", "'pins list' takes no node ID")
+        pins = known.entries()
+        if settings.json:
+            _out(
+                json.dumps(
+                    [{"network": p.network, "node_id": p.node_id, "key": p.key} for p in pins]
+                )
+            )
+        elif not pins:
+            _err(f"no pins in {settings.known_peers}")
+        else:
+            rows = [("NETWORK", "NODE_ID", "KEY")] + [(p.network, p.node_id, p.key) for p in pins]
+            widths = [max(len(r[i]) for r in rows) for i in range(2)]
+            _out("\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows))
+        return 0
+    if ns.pin_id is None:
+        raise ConfigError("NODE_ID", "'pins forget' needs the node ID whose pin to forget")
+    old = known.forget(ns.pin_id)
+    if old is None:
+        elsewhere = sorted({p.network for p in known.entries() if p.node_id == ns.pin_id})
+        hint = (
+            f" (pinned in network {', '.join(map(repr, elsewhere))}: add --network)"
+            if elsewhere
+            else ""
+        )
+        _err(
+            f"dhtsignal pins: no pin for {ns.pin_id!r} in network {settings.network!r} "
+            f"in {settings.known_peers}{hint}"
+        )
+        return EXIT_FAILED
+    _out(f"forgot {ns.pin_id} (network {settings.network}, key {old}) in {settings.known_peers}")
     return 0
 
 

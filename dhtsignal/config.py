@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dhtsignal.commands import ALL, CLIENTS, DAEMONS, DIALERS, NODES, QUERIES, SESSIONS
+from dhtsignal.commands import ALL, CLIENTS, DAEMONS, DIALERS, NODES, PINNING, SESSIONS
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import MAX_TTL, RecordType, check_label
 from dhtsignal.dht.storage import StorageLimits
@@ -446,9 +446,14 @@ class Settings:
     """Threshold of the log messages written to stderr."""
     network: str = field(
         default=_NODE.network,
-        metadata=spec(text(_network, "NAME"), "network id (nodes must agree)", NODES),
+        metadata=spec(
+            text(_network, "NAME"),
+            "network id (nodes must agree; pins are per network)",
+            NODES | {"pins"},
+        ),
     )
-    """Network id carried by every RPC; nodes of other networks are ignored."""
+    """Network id carried by every RPC; nodes of other networks are ignored. Pinned keys
+    are kept per network id."""
     listen: Addr = field(
         default=("0.0.0.0", 0),
         metadata=spec(
@@ -527,10 +532,10 @@ class Settings:
     )
     """Rooms a peer announces itself in, or whose members ``peers`` lists."""
     presence_ttl: float = field(
-        default=120.0,
+        default=60.0,
         metadata=spec(
             number(lo=0.0, hi=MAX_TTL[RecordType.PRESENCE], lo_open=True),
-            "lifetime of presence records, seconds (refreshed at half)",
+            "lifetime of presence records, seconds (refreshed every third)",
             frozenset({"peer"}),
         ),
     )
@@ -555,19 +560,19 @@ class Settings:
         default=None,
         metadata=spec(
             path(optional=True),
-            "pinned node-ID keys (like known_hosts); 'none' keeps pins in memory",
-            QUERIES | DIALERS,
+            "pinned node-ID keys, per network (like known_hosts); 'none' keeps pins in memory",
+            PINNING,
             per_command=_default_known_peers,
             default_help="$XDG_DATA_HOME/dhtsignal/known_peers",
         ),
     )
-    """File of pinned keys, one ``NODE_ID KEYHEX`` per line; None: in memory only."""
+    """File of pinned keys, one ``NODE_ID KEYHEX [NETWORK]`` per line; None: in memory only."""
     json: bool = field(
         default=False,
         metadata=spec(
             boolean(),
             "print JSON instead of text",
-            frozenset({"peers", "lookup", "status", "ping", "recv"}),
+            frozenset({"peers", "lookup", "status", "ping", "recv", "pins"}),
         ),
     )
     """Machine-readable output."""

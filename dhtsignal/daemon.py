@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dhtsignal.aio.node import DhtNode, routing_id
 from dhtsignal.config import Settings
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock
-from dhtsignal.errors import ConfigError, DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
+from dhtsignal.errors import ConfigError, DhtTimeout, PeerNotFound, UsageError
 from dhtsignal.identity import Identity
-from dhtsignal.presence import resolve
+from dhtsignal.presence import claim_holder, resolve
 from dhtsignal.wire.addr import Addr, listen_for, show_addr, show_addrs
 
 if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
@@ -380,9 +380,12 @@ class PeerDaemon(Daemon):
         records; then save periodically, re-join when the table runs empty, and read the
         node ID back.
 
+        Until a bootstrap node answers, the join is retried every ``rejoin_interval``
+        seconds (as a bootstrap node retries its ``--join`` nodes), with one warning.
+
         :raises ConfigError: the data directory, its state or the listen address is unusable.
-        :raises DhtTimeout: no bootstrap node answered.
-        :raises NodeIdTaken: another key holds a live claim on the node ID.
+        :raises NodeIdTaken: another key holds a live claim on the node ID (saying until
+            when).
         """
         from dhtsignal.aio import rtc
         from dhtsignal.peer import Peer, PeerConfig
@@ -405,7 +408,11 @@ class PeerDaemon(Daemon):
             claim_ttl=s.claim_ttl,
             node_config=s.node_config(),
             known_peers=self.data_dir / KNOWN_PEERS_FILE,
-            config=PeerConfig(keep_state=True, sign_off_timeout=SIGNOFF_BUDGET),
+            config=PeerConfig(
+                keep_state=True,
+                sign_off_timeout=SIGNOFF_BUDGET,
+                join_retry_interval=s.rejoin_interval,
+            ),
         )
         self.node = node = peer.node
         await peer.start()
@@ -413,9 +420,7 @@ class PeerDaemon(Daemon):
         node.spawn(self._save_periodically(), name="save-state")
         self.keep_joined(s.bootstrap)
         if not await self._owns_node_id():
-            raise NodeIdTaken(
-                f"node id {self.node_id!r} is taken: another key holds a live claim on it"
-            )
+            raise await claim_holder(node, self.node_id, identity.public_key)
         log.info("published %s in rooms %s", self.node_id, ", ".join(s.room))
 
     async def _owns_node_id(self) -> bool:

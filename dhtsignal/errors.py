@@ -58,20 +58,56 @@ class RecordRejected(DhtSignalError):
 
 
 class PinnedKeyChanged(RemoteError):
-    """A node ID we pinned is now presented with another key."""
+    """A node ID we pinned is now presented with another key.
 
-    def __init__(self, node_id: str, pinned: str, seen: str) -> None:
+    ``path`` is the pin file (None: pins kept in memory), ``network`` the network id the
+    pin belongs to; the message names both and the way out (``dhtsignal pins forget``).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        pinned: str,
+        seen: str,
+        *,
+        path: str | None = None,
+        network: str | None = None,
+        remedy: str | None = None,
+    ) -> None:
+        where = f" in {path}" if path else ""
+        scope = f" (network {network!r})" if network else ""
+        way_out = remedy or f"dhtsignal pins forget {node_id}"
         super().__init__(
-            f"node id {node_id!r} is pinned to key {pinned[:16]}… but the DHT presents key "
-            f"{seen[:16]}…; refusing (remove the entry from known_peers to accept it)"
+            f"node id {node_id!r}{scope} is pinned to key {pinned[:16]}…{where} but the DHT "
+            f"presents key {seen[:16]}…; refusing. If its owner changed keys on purpose, "
+            f"forget the pin: {way_out}"
         )
         self.node_id = node_id
         self.pinned = pinned
         self.seen = seen
+        self.path = path
+        self.network = network
 
 
 class NodeIdTaken(RemoteError):
-    """Another key holds a live claim on the node ID."""
+    """Another key holds a live claim on the node ID.
+
+    ``node_id``, the ``holder``'s key (hex) and ``until`` (wall-clock UNIX time the
+    holder's claim expires unless refreshed) are set when they are known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node_id: str | None = None,
+        holder: str | None = None,
+        until: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.holder = holder
+        self.until = until
 
 
 class DaemonError(RemoteError):

@@ -45,7 +45,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
-from dhtsignal.datadir import KNOWN_PEERS_FILE, KnownPeers
+from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
 from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
@@ -67,7 +67,14 @@ from dhtsignal.errors import (
     UsageError,
 )
 from dhtsignal.identity import Identity, self_certifying_id
-from dhtsignal.presence import PeerInfo, Presence, resolve
+from dhtsignal.presence import (
+    DEFAULT_TTL,
+    PeerInfo,
+    Presence,
+    claim_holder,
+    label_owner,
+    resolve,
+)
 from dhtsignal.rooms import RoomEvent
 from dhtsignal.session import DEFAULT_MAX_UNREAD_BYTES, Session
 from dhtsignal.signaling import inbox as inbox_protocol
@@ -132,6 +139,21 @@ class PeerConfig:
     save it at close, as the peer daemon does. Needs a data directory."""
     sign_off_timeout: float = 1.0
     """Seconds :meth:`Peer.close` spends publishing tombstones at most."""
+    push_ack_timeout: float | None = 0.8
+    """Seconds a dial waits for the callee's own DHT node to acknowledge the offer pushed
+    to it directly (``ds_notify`` answered by the node listening on the callee's inbox).
+    Without an acknowledgement and without an answer by then, the dial fails with
+    :class:`DialFailed` reason ``not-responding`` (a crashed peer whose presence has not
+    expired yet). The default, twice the DHT's ``rpc_timeout``, leaves room for the first
+    try and one retry of the push. None: wait for the answer deadline instead (for callees
+    whose DHT node cannot be reached unsolicited). Not applied when the presence says the
+    callee's node runs in client mode (behind a NAT, where unsolicited pushes may be
+    filtered). A presence reused from the resolve cache is read again before the verdict
+    (the callee may have restarted at another address)."""
+    join_retry_interval: float | None = None
+    """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
+    (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
+    daemon does (``--rejoin-interval``)."""
 
     def __post_init__(self) -> None:
         for name in ("max_unread_bytes", "max_pending_incoming", "max_seen"):
@@ -142,6 +164,10 @@ class PeerConfig:
         for name in ("store_delay", "resolve_cache_ttl", "sign_off_timeout"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"peer.{name}", "must not be negative")
+        for name in ("push_ack_timeout", "join_retry_interval"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"peer.{name}", "must be a positive number of seconds or None")
         if not self.inbox_ttl > 0:
             raise ConfigError("peer.inbox_ttl", "must be a positive number of seconds")
 
@@ -297,8 +323,11 @@ class Peer:
     :param bootstrap: ``"HOST:PORT"`` strings or ``(host, port)`` of nodes to join through.
     :param listen: where our DHT node binds.
     :param rooms: rooms to announce ourselves in.
-    :param data_dir: where the identity key and known peers live (None: a fresh key), and
-        the saved DHT state with :attr:`PeerConfig.keep_state`.
+    :param data_dir: where the identity key and known peers live, and the saved DHT state
+        with :attr:`PeerConfig.keep_state`. None: for a peer with a ``node_id``, its own
+        directory in the CLI's data home (``$XDG_DATA_HOME/dhtsignal/peers/NODE_ID``,
+        :func:`default_data_dir`), locked while the peer runs, so that a program run
+        again keeps its key and so its node ID; an anonymous peer gets a fresh key.
     :param ice_servers: STUN/TURN servers (``{"urls": ..., "username": ..., "credential": ...}``
         or URL strings); empty by default: never aiortc's public default.
     :param accept: node IDs allowed to open sessions to us; None accepts anyone.
@@ -313,6 +342,9 @@ class Peer:
         every failed incoming handshake (tracing, metrics, tests); must not raise.
     :param connection_factory: makes each session's connection from the ICE server list
         (default :func:`dhtsignal.aio.rtc.new_connection`).
+    :raises UsageError: the default data directory of ``node_id`` is in use (by another
+        ``Peer`` or process).
+    :raises ConfigError: the data directory is unusable.
     """
 
     def __init__(
@@ -326,7 +358,7 @@ class Peer:
         ice_servers: Sequence[dict[str, Any] | str] = (),
         accept: Sequence[str] | None = None,
         timeouts: SessionTimeouts | None = None,
-        presence_ttl: float = 120.0,
+        presence_ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
         node_config: NodeConfig | None = None,
         known_peers: str | Path | None = None,
@@ -342,6 +374,10 @@ class Peer:
         self.bootstrap_addrs = [parse_addr(b) if isinstance(b, str) else b for b in bootstrap]
         self.listen_addr = parse_addr(listen) if isinstance(listen, str) else listen
         self.rooms = list(rooms) if rooms else None
+        self._lock: DataDirLock | None = None
+        if data_dir is None and node_id is not None and identity is None:
+            data_dir = default_data_dir(node_id)
+            self._lock = DataDirLock(data_dir)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if self.config.keep_state and self.data_dir is None:
             raise UsageError("PeerConfig(keep_state=True) needs a data_dir")
@@ -353,7 +389,13 @@ class Peer:
         if identity is not None:
             self.identity = identity
         elif self.data_dir is not None:
-            self.identity = Identity.load_or_create(self.data_dir)
+            if self._lock is not None:
+                self._lock.acquire()  # released by close() (or below if __init__ fails)
+            try:
+                self.identity = Identity.load_or_create(self.data_dir)
+            except BaseException:
+                self._release()
+                raise
         else:
             self.identity = Identity.generate()
         cfg = node_config or NodeConfig()
@@ -363,7 +405,7 @@ class Peer:
         pins = Path(known_peers) if known_peers else None
         if pins is None and self.data_dir is not None:
             pins = self.data_dir / KNOWN_PEERS_FILE
-        self.known = KnownPeers(pins)
+        self.known = KnownPeers(pins, cfg.network)
         self.presence: Presence | None = None
         self.stats: Counter[str] = Counter()
         self.inbox = Inbox(self.identity, ttl=self.config.inbox_ttl, max_seen=self.config.max_seen)
@@ -414,13 +456,7 @@ class Peer:
                 self._load_state()
             await self.node.listen_udp(*self.listen_addr)
             if self.bootstrap_addrs:
-                began = time.monotonic()
-                if await self.node.bootstrap(self.bootstrap_addrs) == 0:
-                    raise DhtTimeout(
-                        "joining the DHT (no bootstrap node answered: "
-                        f"{show_addrs(self.bootstrap_addrs)})",
-                        time.monotonic() - began,
-                    )
+                await self._join()
             await self._listen_inbox()
             if self.node_id is not None:
                 presence = Presence(
@@ -434,14 +470,53 @@ class Peer:
                 try:
                     await presence.start()
                 except NodeIdTaken:
-                    raise NodeIdTaken(
-                        f"node id {self.node_id!r} is taken: another key holds a live claim on it"
-                    ) from None
+                    raise await claim_holder(self.node, self.node_id, self.public_key) from None
                 self.presence = presence
         except BaseException:
             await self.close()
             raise
         self._started = True
+
+    async def _join(self) -> None:
+        """Join through the bootstrap addresses; with
+        :attr:`PeerConfig.join_retry_interval`, keep trying until one answers.
+
+        :raises DhtTimeout: none answered (and no retries are configured).
+        """
+        began = time.monotonic()
+        retry = self.config.join_retry_interval
+        shown = show_addrs(self.bootstrap_addrs)
+        while await self._join_once() == 0:
+            if retry is None:
+                raise DhtTimeout(
+                    f"joining the DHT (no bootstrap node answered: {shown})",
+                    time.monotonic() - began,
+                )
+            if self.stats["join-retries"] == 0:
+                log.warning("no bootstrap node answered (%s); retrying every %g s", shown, retry)
+            self.stats["join-retries"] += 1
+            await asyncio.sleep(retry)
+        if self.stats["join-retries"]:
+            log.warning("joined the DHT after %.1f s", time.monotonic() - began)
+
+    async def _join_once(self) -> int:
+        """One try at joining; returns the routing table's size afterwards.
+
+        An anonymous peer (a throwaway dialer in client mode: nobody routes through it)
+        only pings the bootstrap nodes: its lookups start from them, and it skips the
+        lookup of its own ID, which would only fill a table it never serves from (and
+        costs a soft timeout for every dead contact it meets). A peer with a node ID
+        joins as every node does (:meth:`DhtNode.bootstrap`).
+        """
+        if self.node_id is not None:
+            return await self.node.bootstrap(self.bootstrap_addrs)
+        addrs = await self.node.resolve(self.bootstrap_addrs)
+        await asyncio.gather(*(self.node.ping(a) for a in addrs), return_exceptions=True)
+        return len(self.node.table)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _load_state(self) -> None:
         assert self.data_dir is not None
@@ -477,6 +552,7 @@ class Peer:
             await s.close()
         self.save_state()
         await self.node.close()
+        self._release()
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -550,17 +626,32 @@ class Peer:
         msg_type: MessageType,
         direct: Sequence[Addr],
         settled: asyncio.Future[Any] | None = None,
+        pushes: list[asyncio.Future[Any]] | None = None,
     ) -> asyncio.Task[Any]:
         """Push ``rec`` straight to the recipient's DHT node, and store it under its inbox
         key (whose storing nodes push it too) unless ``settled`` completes within
-        :attr:`PeerConfig.store_delay` (the direct push worked)."""
-        for addr in direct[: self.config.direct_push_addrs]:
-            fut = self.node.request(addr, "ds_notify", self.node.ds_args(rec.key, [rec.raw]))
-            fut.add_done_callback(ignore_outcome)
+        :attr:`PeerConfig.store_delay` (the direct push worked).
+
+        :param pushes: if given, the replies of the direct pushes are appended to it
+            (``True`` from the node that listens on the recipient's inbox).
+        """
+        sent = self._push(rec, direct[: self.config.direct_push_addrs])
+        if pushes is not None:
+            pushes.extend(sent)
         self._observe(SignalSent(rec.sub[:-1], msg_type, rec))
         if settled is None or not direct:
             return self.node.spawn(self.node.put([rec]), name="inbox-put")
         return self.node.spawn(self._store_unless(settled, rec), name="inbox-put")
+
+    def _push(self, rec: Record, addrs: Sequence[Addr]) -> list[asyncio.Future[Any]]:
+        """Push ``rec`` with ``ds_notify`` to each of ``addrs``; returns the replies'
+        futures (their failures need not be retrieved)."""
+        out: list[asyncio.Future[Any]] = []
+        for addr in addrs:
+            fut = self.node.request(addr, "ds_notify", self.node.ds_args(rec.key, [rec.raw]))
+            fut.add_done_callback(ignore_outcome)
+            out.append(fut)
+        return out
 
     async def _store_unless(self, settled: asyncio.Future[Any], rec: Record) -> None:
         try:
@@ -651,14 +742,18 @@ class Peer:
         if self.accept is not None and sid in self.accept:
             return sid
         if label and label != sid and (self.accept is None or label in self.accept):
-            # The label is only the sender's claim: it must resolve to the sender's key.
+            # The label is only the sender's claim: it must be held by the sender's key
+            # (read, never pinned: a stranger's message must not make us pin anything).
             try:
-                info = await asyncio.wait_for(
-                    resolve(self.node, label, self.known), self.timeouts.resolve
+                holder = await asyncio.wait_for(
+                    label_owner(self.node, label, self.known), self.timeouts.resolve
                 )
-            except (TimeoutError, DhtSignalError):
-                info = None
-            if info is not None and info.public_key == sender:
+            except (TimeoutError, DhtSignalError) as exc:
+                log.debug("cannot verify the label %r of %s: %r", label, sid, exc)
+                holder = None
+            if holder != sender:
+                self.stats["label-unverified"] += 1
+            if holder == sender:
                 return label
         return sid if self.accept is None else None
 
@@ -765,17 +860,19 @@ class Peer:
 
     # -- dialing ------------------------------------------------------------------------
 
-    async def _resolve(self, node_id: str) -> PeerInfo:
-        """:func:`resolve`, reusing a recent answer (presence changes rarely)."""
+    async def _resolve(self, node_id: str, *, cached: bool = True) -> tuple[PeerInfo, bool]:
+        """:func:`resolve` (pinning: a dial is the user's own), reusing a recent answer
+        (presence changes rarely) unless ``cached`` is False; the flag says whether it was
+        just read from the DHT."""
         now = self.node.wallclock()
         hit = self._resolved.get(node_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        info = await resolve(self.node, node_id, self.known)
+        if cached and hit is not None and hit[0] > now:
+            return hit[1], False
+        info = await resolve(self.node, node_id, self.known, pin=True)
         self._resolved[node_id] = (now + min(self.config.resolve_cache_ttl, info.expires_in), info)
         if len(self._resolved) > 1024:
             self._resolved.pop(next(iter(self._resolved)))
-        return info
+        return info, True
 
     async def connect(
         self,
@@ -807,7 +904,7 @@ class Peer:
         t = self.timeouts
         machine = drive.machine
         try:
-            info = await drive.within(self._resolve(node_id))
+            info, fresh = await drive.within(self._resolve(node_id))
         except _StageEnded:
             raise DialFailed(
                 node_id, "resolve-timeout", f"could not resolve within {t.resolve:.1f} s"
@@ -822,6 +919,7 @@ class Peer:
         pc = self._new_connection(self.ice_servers)
         session = self._session(pc, session_id, info.public_key, node_id, options, drive)
         put: asyncio.Task[Any] | None = None
+        watch: asyncio.Task[None] | None = None
         try:
             try:
                 offer = await drive.within(rtc.local_description(pc, offer=True))
@@ -840,8 +938,17 @@ class Peer:
                     channel=options,
                     now=self.node.wallclock(),
                 )
-                put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer)
+                pushes: list[asyncio.Future[Any]] = []
+                put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer, pushes)
                 drive.input(machine.offer_sent)
+                ack_timeout = self.config.push_ack_timeout
+                if pushes and ack_timeout is not None and not info.client_mode:
+                    watch = self.node.spawn(
+                        self._expect_ack(
+                            node_id, rec, info, fresh, pushes, dial.answer, ack_timeout
+                        ),
+                        name="push-ack",
+                    )
                 try:
                     answer = await drive.within(dial.answer)
                 except _Superseded:
@@ -860,10 +967,85 @@ class Peer:
             await pc.close()
             raise
         finally:
+            if watch is not None:
+                watch.cancel()
             self._dials.pop(session_id, None)
             self.inbox.forget(session_id)
         self._sessions.add(session)
         return session
+
+    async def _expect_ack(
+        self,
+        node_id: str,
+        rec: Record,
+        info: PeerInfo,
+        fresh: bool,
+        pushes: list[asyncio.Future[Any]],
+        answer: asyncio.Future[AnswerReceived],
+        timeout: float,
+    ) -> None:
+        """Fail the dial as ``not-responding`` unless one direct push of the offer is
+        acknowledged by the callee's own node (``ds_notify`` answered ``True``: it
+        listens on the callee's inbox) or the answer arrives within ``timeout`` seconds.
+
+        A crashed peer's presence stays in the DHT until it expires; its node no longer
+        answers, which this notices in about a second instead of at the answer deadline.
+        When ``info`` came from the resolve cache (not ``fresh``), the presence is read
+        again first: a callee that restarted elsewhere gets the offer pushed to its new
+        addresses (and another ``timeout``), one that signed off meanwhile fails as
+        offline, one now in client mode is not judged.
+        """
+        addrs = info.addresses[: len(pushes)]
+        if await self._acked(pushes, answer, timeout):
+            return
+        if not fresh:
+            try:
+                now_info, _ = await self._resolve(node_id, cached=False)
+            except DhtSignalError as exc:  # offline now, or its pinned key changed
+                if not answer.done():
+                    answer.set_exception(exc)
+                return
+            if now_info.client_mode:
+                return
+            moved = [
+                a for a in now_info.addresses[: self.config.direct_push_addrs] if a not in addrs
+            ]
+            if moved and now_info.public_key == info.public_key:
+                addrs = moved
+                if await self._acked(self._push(rec, moved), answer, timeout):
+                    return
+        if answer.done():
+            return
+        self.stats["dial-failed:not-responding"] += 1
+        answer.set_exception(
+            DialFailed(
+                node_id,
+                "not-responding",
+                f"not responding: its DHT node did not acknowledge the offer within "
+                f"{timeout:.1f} s (pushed to {show_addrs(addrs)}; crashed, or not reachable "
+                "from here)",
+            )
+        )
+
+    @staticmethod
+    async def _acked(
+        pushes: list[asyncio.Future[Any]], answer: asyncio.Future[AnswerReceived], timeout: float
+    ) -> bool:
+        """Whether one of ``pushes`` is answered ``True`` or ``answer`` completes within
+        ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for fut in asyncio.as_completed(pushes, timeout=timeout):
+            try:
+                if await fut is True:
+                    return True
+            except TimeoutError:  # as_completed's own deadline: nothing acknowledged
+                break
+            except DhtSignalError:  # RpcTimeout, too many RPCs in flight
+                continue
+        if not answer.done():  # the pushes ended early unacknowledged: the DHT path may still
+            await asyncio.wait((answer,), timeout=max(0.0, deadline - loop.time()))
+        return answer.done()
 
     def _answer_timeout(
         self, node_id: str, exc: _StageEnded, put: asyncio.Task[Any] | None, info: PeerInfo
@@ -878,6 +1060,20 @@ class Peer:
         return DialFailed(
             node_id, exc.reason, f"{within} (offer {stored}, pushed to {pushed} address(es))"
         )
+
+
+def default_data_dir(node_id: str, environ: Mapping[str, str] | None = None) -> Path:
+    """The data directory a :class:`Peer` with ``node_id`` and no ``data_dir`` uses:
+    ``$XDG_DATA_HOME/dhtsignal/peers/NODE_ID`` (``~/.local/share`` when the variable is
+    unset), beside the CLI's daemons' directories. One per node ID: two labelled peers
+    of one program must not share a key (they would share an inbox).
+
+    :param node_id: the peer's label (already checked: no path separators).
+    :param environ: the environment (default ``os.environ``).
+    """
+    from dhtsignal.config import data_home
+
+    return data_home(os.environ if environ is None else environ) / "peers" / node_id
 
 
 class _Superseded(Exception):
@@ -914,4 +1110,5 @@ __all__ = [
     "Session",
     "SignalReceived",
     "SignalSent",
+    "default_data_dir",
 ]

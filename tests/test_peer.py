@@ -621,4 +621,4 @@ async def test_kept_state_is_loaded_at_start_and_saved_at_close(
         await peers("bob", boot, data_dir=tmp_path, config=keep)
     assert state.read_bytes() == b"\xc1 not msgpack"
     with pytest.raises(UsageError, match="data_dir"):
-        Peer("bob", boot, config=keep)
+        Peer(None, boot, config=keep)  # anonymous: no data directory (a label has a default)

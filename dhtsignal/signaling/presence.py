@@ -20,15 +20,17 @@ separate put, in this order:
 Failures of batches 2 and 3 are only logged by the drivers. Once batch 1 was stored the
 driver calls :meth:`PresenceRecords.published`; the claim is then not due again until
 half its lifetime has passed. Everything is refreshed every
-:attr:`PresenceRecords.refresh_interval` (half the presence lifetime) after the previous
-publication ended. :meth:`PresenceRecords.sign_off` returns one tombstone per presence
-and room record, each put on its own, so the peer is offline for everyone at once.
+:attr:`PresenceRecords.refresh_interval` (a third of the presence lifetime, default
+:data:`DEFAULT_TTL` 60 s) after the previous publication ended.
+:meth:`PresenceRecords.sign_off` returns one tombstone per presence and room record, each
+put on its own, so the peer is offline for everyone at once.
 
 Record payloads (msgpack maps)::
 
     CLAIM     {"id": label, "t": claimed-at}
     PRESENCE  {"id": label or self_id, "sid": self_id, "x": X25519 key,
-               "a": [[host, port], ...], "r": rooms, "t": claimed-at}
+               "a": [[host, port], ...], "r": rooms, "t": claimed-at,
+               "c": 1 when its DHT node is in client mode (absent otherwise)}
     ROOM      the PRESENCE fields with "id": label, plus "room": room
 
 Sequence numbers are wall-clock milliseconds, strictly increasing per peer.
@@ -58,6 +60,11 @@ from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
 DEFAULT_ROOM = "lobby"
+#: Default lifetime of presence and room records, seconds. A crashed peer stays listed
+#: at most this long (``lookup`` shows ``refreshed_ago``; a dial reports it as not
+#: responding within a second); it is refreshed every third of it (20 s), a put to 8
+#: storing nodes per record, which also keeps NAT mappings (30 s unreplied) open.
+DEFAULT_TTL = 60.0
 #: Most addresses a presence record carries (and a reader keeps).
 MAX_ADDRESSES = 4
 
@@ -80,6 +87,14 @@ class PeerInfo:
     """Its X25519 public key (for sealing signaling envelopes)."""
     expires_in: float
     """Seconds until its presence record expires unless refreshed."""
+    client_mode: bool = False
+    """Its DHT node runs in client mode (behind a NAT): an unsolicited push to its
+    addresses may not arrive, so a dial does not read silence as a crash."""
+    refreshed_ago: float = 0.0
+    """Seconds since the presence record was signed (its last refresh; the record's
+    sequence number is its signing time in wall-clock milliseconds). A live peer
+    refreshes every third of its TTL; much more than that means it stopped refreshing
+    (crashed) and its record has not expired yet."""
 
     @property
     def public_key(self) -> bytes:
@@ -95,6 +110,8 @@ class PeerInfo:
             "rooms": list(self.rooms),
             "addresses": [[h, p] for h, p in self.addresses],
             "expires_in": round(self.expires_in, 1),
+            "refreshed_ago": round(self.refreshed_ago, 1),
+            "client_mode": self.client_mode,
         }
 
 
@@ -141,6 +158,9 @@ class PresenceRecords:
         lifetime of presence records).
     :param claim_ttl: lifetime of the node-ID claim, seconds (capped likewise).
     :param claimed_at: wall-clock time of the claim (the ``t`` of every record).
+    :param client_mode: the peer's DHT node runs in client mode (behind a NAT): its
+        presence says so (``"c": 1``), and dialers do not expect it to acknowledge an
+        unsolicited push.
     :raises UsageError: a TTL is not positive.
     :raises ValueError: a label or room is not a valid label.
     """
@@ -151,11 +171,13 @@ class PresenceRecords:
         node_id: str,
         rooms: list[str] | None = None,
         *,
-        ttl: float = 120.0,
+        ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
         claimed_at: float,
+        client_mode: bool = False,
     ) -> None:
         self.identity = identity
+        self.client_mode = client_mode
         self.node_id = records.check_label(node_id)
         self.rooms = [records.check_label(r, "room") for r in (rooms or [DEFAULT_ROOM])]
         if ttl <= 0 or claim_ttl <= 0:
@@ -169,8 +191,9 @@ class PresenceRecords:
 
     @property
     def refresh_interval(self) -> float:
-        """Seconds from the end of one publication to the next: half the lifetime."""
-        return self.ttl / 2
+        """Seconds from the end of one publication to the next: a third of the lifetime,
+        so that a record outlives one failed refresh with a third of its life to spare."""
+        return self.ttl / 3
 
     def _seq(self, now: float) -> int:
         self._last_seq = max(self._last_seq + 1, int(now * 1000))
@@ -185,6 +208,8 @@ class PresenceRecords:
             "r": self.rooms,
             "t": self.claimed_at,
         }
+        if self.client_mode:
+            fields["c"] = 1
         fields.update(extra)
         return codec.pack(fields)
 
@@ -304,6 +329,8 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         addresses=addrs,
         x25519=x if isinstance(x, bytes) and len(x) == 32 else b"",
         expires_in=max(0.0, rec.expires - now),
+        refreshed_ago=max(0.0, now - rec.seq / 1000),
+        client_mode=f.get("c") == 1,
     )
 
 
