@@ -53,8 +53,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioice.stun
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
@@ -63,6 +61,7 @@ from aiortc import (
     RTCSctpTransport,
     RTCSessionDescription,
 )
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from dhtsignal.errors import ConfigError, ConnectFailed, DependencyChanged, UsageError
 

@@ -68,9 +68,7 @@ def sign(
     :param local_fp: our certificate's fingerprint as used in the handshake.
     :param remote_fp: the fingerprint of the certificate the remote presented.
     """
-    return identity.sign(
-        transcript(session_id, identity.public_key, peer_key, local_fp, remote_fp)
-    )
+    return identity.sign(transcript(session_id, identity.public_key, peer_key, local_fp, remote_fp))
 
 
 def check(
