@@ -196,7 +196,8 @@ async def room_peers(node: DhtNode, room: str, known: KnownPeers | None = None) 
     members: dict[str, bytes] = {}
     for r in recs:
         label = r.fields().get("id")
-        if isinstance(label, str) and r.type == RecordType.ROOM:
+        if records.is_label(label) and r.type == RecordType.ROOM:
+            assert isinstance(label, str)
             members.setdefault(label, r.signer)
     sem = asyncio.Semaphore(ROOM_RESOLVE_CONCURRENCY)
 

@@ -337,8 +337,60 @@ def test_self_certifying_label_must_match_its_signer() -> None:
     with pytest.raises(RecordRejected) as info:
         records.validate(_claim(MALLORY, mine), NOW)  # Mallory claims Alice's key hash
     assert info.value.reason == "wrong-key"
-    # Upper-case hex is not the self-certifying form: it is an ordinary first-come label.
-    records.validate(_claim(MALLORY, mine.upper()), NOW)
+    # Upper-case hex is not the self-certifying form, and not a label either: refused.
+    with pytest.raises(RecordRejected) as info:
+        records.validate(_claim(MALLORY, mine.upper()), NOW)
+    assert info.value.reason == "bad-label"
+
+
+@pytest.mark.parametrize(
+    ("label", "why"),
+    [
+        ("alice\n", "control character"),
+        ("Alice", "lower case only"),
+        ("ALICE", "lower case only"),
+        ("AbCdEf0123456789abcdef0123456789abcdef01", "self-certifying ID"),
+        ("", "1-64 characters"),
+        ("a" * 65, "1-64 characters"),
+        ("-alice", "1-64 characters"),
+        ("ali ce", "1-64 characters"),
+    ],
+)
+def test_labels_are_refused_saying_why(label: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        records.check_label(label)
+    assert not records.is_label(label)
+
+
+def test_lowercase_labels_and_self_certifying_ids_pass() -> None:
+    for label in ("alice", "a", "bob@example.org", "x_y-z.1", ALICE.self_id, "a" * 64):
+        assert records.check_label(label) == label
+
+
+def test_records_with_a_label_refused_by_check_label_are_refused() -> None:
+    for label in ("alice\n", "Alice", ALICE.self_id.upper()):
+        rec = records.sign(
+            ALICE,
+            RecordType.PRESENCE,
+            node_key(label),
+            codec.pack({"id": label}),
+            seq=1,
+            expires=NOW + 60,
+        )
+        with pytest.raises(RecordRejected) as info:
+            records.validate(records.decode(rec.raw), NOW)
+        assert info.value.reason == "bad-label"
+    room = records.sign(
+        ALICE,
+        RecordType.ROOM,
+        records.room_key("Lobby"),
+        codec.pack({"room": "Lobby", "id": "alice"}),
+        seq=1,
+        expires=NOW + 60,
+    )
+    with pytest.raises(RecordRejected) as info:
+        records.validate(records.decode(room.raw), NOW)
+    assert info.value.reason == "bad-label"
 
 
 def test_newest_keeps_the_highest_seq_per_slot() -> None:

@@ -45,8 +45,11 @@ MAX_SUB = 16
 MAX_SEQ = 2**63 - 1
 TOMBSTONE = 0x80
 _SIG_DOMAIN = b"dhtsignal/record/v1\x00"
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_ROOM_RE = _LABEL_RE
+_LABEL_RE = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}")
+"""A label, matched whole (:meth:`re.Pattern.fullmatch`: ``$`` would also match before a
+final newline)."""
+_ANY_CASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_HEX40_RE = re.compile(r"[0-9A-Fa-f]{40}")
 
 
 class RecordType(enum.IntEnum):
@@ -95,14 +98,44 @@ def data_key(name: str) -> bytes:
     return _typed_key(b"dhtsignal/data/", name)
 
 
-def check_label(label: str, what: str = "node id") -> str:
-    """Return ``label`` if it is a valid node ID or room name, else raise ValueError."""
-    if not isinstance(label, str) or not _LABEL_RE.match(label):
+def check_label(label: object, what: str = "node id") -> str:
+    """Return ``label`` if it is a valid node ID or room name, else raise ValueError
+    saying why.
+
+    A label is 1-64 characters of lower-case letters, digits, ``.``, ``_``, ``-`` and
+    ``@``, starting with a letter or digit, matched whole (no trailing newline). Upper
+    case is refused rather than folded: labels are compared byte for byte, so ``Alice``
+    and ``alice`` would be two names a reader takes for one. 40 hex digits are a
+    self-certifying ID (see :func:`~dhtsignal.identity.is_self_certifying`) and must be
+    written in lower case: in upper case they would be a plain label anyone can claim.
+    """
+    if isinstance(label, str) and _LABEL_RE.fullmatch(label):
+        return label
+    shown = repr(label)
+    if isinstance(label, str) and _ANY_CASE_RE.fullmatch(label):
+        if _HEX40_RE.fullmatch(label):
+            raise ValueError(
+                f"{what} {shown} is invalid: 40 hex digits are a self-certifying ID and must "
+                f"be lower case ({label.lower()!r}); in upper case they would be a plain "
+                "label anyone could claim"
+            )
         raise ValueError(
-            f"{what} {label!r} is invalid: 1-64 characters of letters, digits, '.', '_', '-', '@',"
-            " starting with a letter or digit"
+            f"{what} {shown} is invalid: labels are lower case only (they are compared byte "
+            f"for byte, so a mixed-case name would be another name); use {label.lower()!r}"
         )
-    return label
+    if isinstance(label, str) and any(not c.isprintable() for c in label):
+        raise ValueError(
+            f"{what} {shown} is invalid: it contains a control character such as a newline"
+        )
+    raise ValueError(
+        f"{what} {shown} is invalid: 1-64 characters of lower-case letters, digits, '.', '_',"
+        " '-', '@', starting with a letter or digit"
+    )
+
+
+def is_label(label: object) -> bool:
+    """Whether :func:`check_label` accepts ``label`` (for data from the network)."""
+    return isinstance(label, str) and _LABEL_RE.fullmatch(label) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +276,9 @@ def validate(record: Record, now: float) -> None:
     """Check freshness, TTL bound and key binding of a verified record.
 
     :param now: wall-clock UNIX time.
-    :raises RecordRejected: ``expired``, ``ttl-too-long`` or ``wrong-key``.
+    :raises RecordRejected: ``expired``, ``ttl-too-long``, ``wrong-key`` or ``bad-label``
+        (a node ID or room name that :func:`check_label` refuses: labels are checked
+        again after every unpack).
     """
     if not record.expires > now:  # also refuses a NaN expiry
         raise RecordRejected("expired")
@@ -251,12 +286,16 @@ def validate(record: Record, now: float) -> None:
         raise RecordRejected("ttl-too-long")
     if record.type in (RecordType.CLAIM, RecordType.PRESENCE) and not record.is_tombstone:
         label = record.fields().get("id")
+        if isinstance(label, str) and not is_label(label):
+            raise RecordRejected("bad-label", f"node id {label[:80]!r} is not a valid label")
         if not isinstance(label, str) or node_key(label) != record.key:
             raise RecordRejected("wrong-key", "node-id record not under node_key(id)")
         if is_self_certifying(label) and self_certifying_id(record.signer) != label:
             raise RecordRejected("wrong-key", "self-certifying id does not match signer")
     elif record.type == RecordType.ROOM and not record.is_tombstone:
         room = record.fields().get("room")
+        if isinstance(room, str) and not is_label(room):
+            raise RecordRejected("bad-label", f"room {room[:80]!r} is not a valid label")
         if not isinstance(room, str) or room_key(room) != record.key:
             raise RecordRejected("wrong-key", "room record not under room_key(room)")
 

@@ -387,7 +387,7 @@ def _offer(sender: bytes, session_id: bytes, body: dict[Any, Any]) -> OfferRecei
         session_id,
         text,
         x,
-        label if isinstance(label, str) else "",
+        label if records.is_label(label) else "",
         tuple(_addrs(body.get("dht"))),
         ChannelOptions.from_wire(body.get("ch")),
     )
