@@ -103,7 +103,8 @@ class StoreLimitExceeded(PutFailed):
     """No storing node accepted a record because a storage limit is used up.
 
     ``limit`` is the storing nodes' refusal reason: ``quota`` (records or bytes per
-    source address), ``key-full`` (values per key) or ``store-full`` (a node's total).
+    source address), ``key-full`` (values per key), ``signer-full`` (slots of one signer
+    under one key) or ``store-full`` (a node's total).
     """
 
     def __init__(self, limit: str, message: str) -> None:
