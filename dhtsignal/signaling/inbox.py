@@ -44,7 +44,8 @@ Receiving checks, in order, each failure a :class:`Refused`:
    genuine record refused as a replay;
 3. the envelope itself (``refused:<reason>`` of
    :class:`~dhtsignal.errors.EnvelopeRejected`: ``malformed``, ``wrong-recipient``,
-   ``bad-signature``, ``stale``, ``replay``, ``decrypt-failed``);
+   ``bad-signature``, ``stale``, ``replay``, ``replay-full``, ``replay-quota``,
+   ``decrypt-failed``);
 4. the body schema (``refused:malformed-body``), validated here only;
 5. an answer must be for a dial we make to that sender (:meth:`Inbox.expect`), else
    ``refused:unexpected-answer``. A malformed answer *to such a dial* is not refused
