@@ -374,7 +374,12 @@ class Peer:
         self.known = KnownPeers(pins)
         self.presence: Presence | None = None
         self.stats: Counter[str] = Counter()
-        self.inbox = Inbox(self.identity, ttl=self.config.inbox_ttl, max_seen=self.config.max_seen)
+        self.inbox = Inbox(
+            self.identity,
+            ttl=self.config.inbox_ttl,
+            max_seen=self.config.max_seen,
+            network=cfg.network,
+        )
         self._observer = observer
         self._new_connection = connection_factory
         self._dials: dict[bytes, _Dial] = {}

@@ -82,7 +82,13 @@ class Presence:
     ) -> None:
         self.node = node
         self.records = PresenceRecords(
-            identity, node_id, rooms, ttl=ttl, claim_ttl=claim_ttl, claimed_at=node.wallclock()
+            identity,
+            node_id,
+            rooms,
+            ttl=ttl,
+            claim_ttl=claim_ttl,
+            claimed_at=node.wallclock(),
+            network=node.config.network,
         )
         self._task: asyncio.Task[Any] | None = None
 

@@ -4,6 +4,7 @@ clock: what is published when, the tombstones, and what a get's records identify
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ ALICE = Identity(bytes(range(32)))
 MALLORY = Identity(bytes(range(1, 33)))
 
 
-def _alice(**kw: float) -> PresenceRecords:
+def _alice(**kw: Any) -> PresenceRecords:
     return PresenceRecords(ALICE, "alice", ["lab", "ops"], claimed_at=NOW, **kw)
 
 

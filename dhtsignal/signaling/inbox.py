@@ -179,6 +179,7 @@ class Inbox:
     :param ttl: lifetime of the records sealed, seconds.
     :param max_seen: records remembered to drop the second copy.
     :param replay: the envelope replay cache (a new one by default).
+    :param network: the network id our records are signed for (the DHT's).
     """
 
     def __init__(
@@ -188,8 +189,11 @@ class Inbox:
         ttl: float = DEFAULT_TTL,
         max_seen: int = DEFAULT_MAX_SEEN,
         replay: ReplayCache | None = None,
+        network: str = records.DEFAULT_NETWORK,
     ) -> None:
         self.identity = identity
+        self.network = network
+        """The network id our INBOX records are signed for."""
         self.ttl = ttl
         self.max_seen = max_seen
         self.key = inbox_key(identity.public_key)
@@ -313,6 +317,7 @@ class Inbox:
             seq=int(now * 1000),
             expires=now + self.ttl,
             sub=session_id + bytes([int(msg_type)]),
+            network=self.network,
         )
 
     # -- receiving ----------------------------------------------------------------------

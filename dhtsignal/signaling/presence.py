@@ -141,6 +141,7 @@ class PresenceRecords:
         lifetime of presence records).
     :param claim_ttl: lifetime of the node-ID claim, seconds (capped likewise).
     :param claimed_at: wall-clock time of the claim (the ``t`` of every record).
+    :param network: the network id the records are signed for (the DHT's).
     :raises UsageError: a TTL is not positive.
     :raises ValueError: a label or room is not a valid label.
     """
@@ -154,8 +155,11 @@ class PresenceRecords:
         ttl: float = 120.0,
         claim_ttl: float = 3600.0,
         claimed_at: float,
+        network: str = records.DEFAULT_NETWORK,
     ) -> None:
         self.identity = identity
+        self.network = network
+        """The network id the records are signed for."""
         self.node_id = records.check_label(node_id)
         self.rooms = [records.check_label(r, "room") for r in (rooms or [DEFAULT_ROOM])]
         if ttl <= 0 or claim_ttl <= 0:
@@ -192,7 +196,13 @@ class PresenceRecords:
         self, rtype: RecordType, key: bytes, payload: bytes, ttl: float, now: float
     ) -> Record:
         return records.sign(
-            self.identity, rtype, key, payload, seq=self._seq(now), expires=now + ttl
+            self.identity,
+            rtype,
+            key,
+            payload,
+            seq=self._seq(now),
+            expires=now + ttl,
+            network=self.network,
         )
 
     def publication(self, now: float, addresses: list[tuple[str, int]]) -> Publication:
@@ -238,7 +248,14 @@ class PresenceRecords:
         keys += [(RecordType.ROOM, room_key(room)) for room in self.rooms]
         return [
             records.sign(
-                self.identity, t, k, b"", seq=self._seq(now), expires=now + self.ttl, tombstone=True
+                self.identity,
+                t,
+                k,
+                b"",
+                seq=self._seq(now),
+                expires=now + self.ttl,
+                tombstone=True,
+                network=self.network,
             )
             for t, k in keys
         ]
