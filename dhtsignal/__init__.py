@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dhtsignal.errors import (
+    BindingFailed,
     ConfigError,
     ConnectFailed,
     DependencyChanged,
@@ -47,6 +48,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "BindingFailed",
     "ChannelOptions",
     "ConfigError",
     "ConnectFailed",

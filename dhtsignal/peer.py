@@ -494,7 +494,7 @@ class Peer:
         await self.close()
 
     async def incoming(self) -> AsyncIterator[Session]:
-        """Sessions other peers opened to us (open and ready)."""
+        """Sessions other peers opened to us (open, and their channel binding checked)."""
         while True:
             yield await self._incoming.get()
 
@@ -791,6 +791,8 @@ class Peer:
         :raises DialFailed: no answer (``answer-timeout``), a refusal (``rejected``), or the
             presence not found in time (``resolve-timeout``).
         :raises ConnectFailed: ICE/DTLS could not complete, with the reason.
+        :raises BindingFailed: the connection opened, but the other end is not the key
+            ``node_id`` resolved to (see :mod:`dhtsignal.signaling.binding`).
         """
         if not self._started:
             raise UsageError("start the peer first (async with Peer(...) as peer)")
