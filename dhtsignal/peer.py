@@ -528,6 +528,7 @@ class Peer:
             count=self._count,
             spawn=lambda coro: self.node.spawn(coro, name="session-close"),
             max_unread_bytes=self.config.max_unread_bytes,
+            identity=self.identity,
         )
 
     # -- envelopes ----------------------------------------------------------------------
@@ -749,7 +750,8 @@ class Peer:
             ``closed:binding-failed``).
         :raises ConnectFailed: the session closed before the remote's signature came.
         """
-        session.send_binding(self.identity)
+        if not session.binding_sent:  # normally sent as soon as ``ctl`` opened
+            session.send_binding(self.identity)
         try:
             signature = await drive.within(session.remote_binding)
         except SessionClosed:

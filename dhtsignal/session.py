@@ -37,7 +37,7 @@ from typing import Any
 
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import ignore_outcome
-from dhtsignal.errors import SessionClosed
+from dhtsignal.errors import DhtSignalError, SessionClosed
 from dhtsignal.identity import Identity
 from dhtsignal.signaling import binding
 from dhtsignal.signaling.inbox import ChannelOptions
@@ -66,6 +66,8 @@ class Session:
     :param count: called with a counter name for each event worth counting.
     :param spawn: runs a coroutine as an owned background task.
     :param max_unread_bytes: the bound on received and unread message bytes.
+    :param identity: ours; if given, :meth:`send_binding` runs as soon as ``ctl`` opens
+        (in aiortc's callback, a few loop turns before the peer's own code would run).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class Session:
         count: Callable[[str], None],
         spawn: Callable[[Coroutine[Any, Any, Any]], object],
         max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES,
+        identity: Identity | None = None,
     ) -> None:
         self.session_id = session_id
         self.remote_key = remote_key
@@ -111,6 +114,8 @@ class Session:
         :class:`~dhtsignal.errors.SessionClosed` if the session closes first)."""
         self.remote_binding.add_done_callback(ignore_outcome)
         self._fingerprints: tuple[bytes, bytes] | None = None
+        if identity is not None:
+            self.ctl.on("open", lambda: self._bind_early(identity))
         self.data.on("message", self._on_data)
         self.ctl.on("message", self._on_ctl)
         self.data.on("close", self._on_close)
@@ -211,9 +216,22 @@ class Session:
                 if not synced.done():
                     synced.set_result(None)
 
+    @property
+    def binding_sent(self) -> bool:
+        """Whether our channel-binding signature was sent."""
+        return self._fingerprints is not None
+
+    def _bind_early(self, identity: Identity) -> None:
+        if self.binding_sent:
+            return
+        try:
+            self.send_binding(identity)
+        except DhtSignalError as exc:  # the peer's own call reports it
+            log.debug("session %s: binding not sent on open: %s", self.session_id.hex(), exc)
+
     def send_binding(self, identity: Identity) -> None:
         """Send our channel-binding signature over the fingerprints of this very DTLS
-        connection (call once, when the channels are open).
+        connection (once, when the channels are open).
 
         :param identity: our identity.
         :raises ConnectFailed: the DTLS handshake has not completed.
