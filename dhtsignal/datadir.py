@@ -19,7 +19,8 @@ beside it.
 Who may use it: :func:`check_private` refuses a directory that group or others may write
 (anyone who can write there can replace the key file), and a directory or key file owned
 by another user, naming the path and the fix; read or search bits for group or others on
-the directory, and any group or others bits on the key file, are fixed with a warning.
+the directory, and any group or others bits on the key file, are fixed with a warning
+(:func:`tighten_modes`).
 
 Problems with the directory itself are :class:`~dhtsignal.errors.ConfigError` naming the
 ``data_dir`` setting (or ``known_peers`` for the pin file), never a traceback.
@@ -104,7 +105,8 @@ def fsync_dir(directory: Path) -> None:
 
 
 def check_private(data_dir: Path, key_file: Path, setting: str = "data_dir") -> None:
-    """Refuse a data directory others could tamper with; tighten loose modes, saying so.
+    """Refuse a data directory others could tamper with (changes nothing; see
+    :func:`tighten_modes` for the modes that are only loose).
 
     :param data_dir: the directory (it exists).
     :param key_file: the identity key file in it (it may not exist yet).
@@ -127,9 +129,6 @@ def check_private(data_dir: Path, key_file: Path, setting: str = "data_dir") -> 
             f"{data_dir} is writable by group or others (mode {mode:04o}), so they could "
             f"replace the identity key: 'chmod 700 {data_dir}' and check its files",
         )
-    if mode & 0o077:
-        log.warning("%s had mode %04o; set to 0700 (it holds the identity key)", data_dir, mode)
-        os.chmod(data_dir, 0o700)
     try:
         kst = key_file.lstat()
     except FileNotFoundError:
@@ -144,10 +143,26 @@ def check_private(data_dir: Path, key_file: Path, setting: str = "data_dir") -> 
             f"{key_file} is owned by uid {kst.st_uid}, not by this user (uid {me}): someone "
             f"else's key is not yours to use; 'chown {me} {key_file}' if it is yours",
         )
-    kmode = stat.S_IMODE(kst.st_mode)
-    if kmode & 0o077:
-        log.warning("%s had mode %04o; set to 0600 (a private key)", key_file, kmode)
-        os.chmod(key_file, 0o600)
+
+
+def tighten_modes(data_dir: Path, key_file: Path) -> None:
+    """Take group and others' bits off the data directory (0700) and the key file (0600),
+    with a warning naming each path changed.
+
+    :param data_dir: the directory, checked by :func:`check_private`.
+    :param key_file: the identity key file (it may not exist yet).
+    :raises OSError: a mode cannot be changed.
+    """
+    for path, private in ((data_dir, 0o700), (key_file, 0o600)):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            log.warning(
+                "%s had mode %04o; set to %04o (it holds the identity key)", path, mode, private
+            )
+            os.chmod(path, private)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.bindings import crypto_sign_open
 from nacl.exceptions import CryptoError
 
-from dhtsignal.datadir import KEY_FILE, atomic_write, check_private, ensure_dir
+from dhtsignal.datadir import KEY_FILE, atomic_write, check_private, ensure_dir, tighten_modes
 from dhtsignal.errors import ConfigError, UsageError
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ class Identity:
             if path.exists():
                 blob = path.read_bytes()
                 if len(blob) == 32:  # the raw seed of old versions: migrate it
+                    tighten_modes(data_dir, path)
                     atomic_write(path, key_file_bytes(blob), mode=0o600)
                     log.warning(
                         "%s was a raw 32-byte key (the old format); rewrote it in the "
@@ -170,7 +171,10 @@ class Identity:
                         path,
                     )
                     return cls(blob)
-                return cls(parse_key_file(blob, path))
+                seed = parse_key_file(blob, path)  # refused before any mode is changed
+                tighten_modes(data_dir, path)
+                return cls(seed)
+            tighten_modes(data_dir, path)
             seed = os.urandom(32)
             atomic_write(path, key_file_bytes(seed), mode=0o600)
         except OSError as exc:
