@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dhtsignal.errors import (
+    BindingFailed,
     ConfigError,
     ConnectFailed,
     DaemonError,
@@ -57,6 +58,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "BindingFailed",
     "ChannelOptions",
     "ConfigError",
     "ConnectFailed",

@@ -691,6 +691,10 @@ class Settings:
     """Distinct keys held for others."""
     storage_max_values_per_key: int = _limit("max_values_per_key", "storage: records per key")
     """Records (one per signer slot) per key."""
+    storage_max_slots_per_signer: int = _limit(
+        "max_slots_per_signer", "storage: records of one signer per key"
+    )
+    """Records (slots) one signer holds under one key; its next one is refused."""
     storage_max_bytes: int = _limit("max_bytes", "storage: total record bytes held")
     """Total encoded record bytes held."""
     storage_max_bytes_per_source: int = _limit(

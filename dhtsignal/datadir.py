@@ -9,10 +9,18 @@ plain values), the pins of node IDs it has seen, per network id (:data:`KNOWN_PE
 :class:`DataDirLock`).
 
 Every file is written with :func:`atomic_write`: a temporary file of its own in the same
-directory (``mkstemp``), fsynced, then ``os.replace``: a reader never sees half a file and
-a crash leaves the old one. Processes that read, change and write one file (two lookups
-pinning into one known-peers file) serialise through :func:`locked`, an exclusive
-:func:`fcntl.flock` on a ``.lock`` file beside it.
+directory (``mkstemp``, a unique name, so two processes never share one), fsynced, then
+``os.replace``, then the directory fsynced so that the rename itself survives a crash: a
+reader never sees half a file and a crash leaves the old one or the new one. Processes
+that read, change and write one file (two lookups pinning into one known-peers file)
+serialise through :func:`locked`, an exclusive :func:`fcntl.flock` on a ``.lock`` file
+beside it.
+
+Who may use it: :func:`check_private` refuses a directory that group or others may write
+(anyone who can write there can replace the key file), and a directory or key file owned
+by another user, naming the path and the fix; read or search bits for group or others on
+the directory, and any group or others bits on the key file, are fixed with a warning
+(:func:`tighten_modes`).
 
 Problems with the directory itself are :class:`~dhtsignal.errors.ConfigError` naming the
 ``data_dir`` setting (or ``known_peers`` for the pin file), never a traceback.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shlex
 import stat
@@ -32,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dhtsignal.errors import ConfigError, PinnedKeyChanged, UsageError
+
+log = logging.getLogger(__name__)
 
 KEY_FILE = "identity.key"
 STATE_FILE = "state.msgpack"
@@ -80,6 +91,81 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush ``directory``'s entries (a rename in it) to disk.
+
+    :param directory: the directory.
+    :raises OSError: it cannot be opened.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_private(data_dir: Path, key_file: Path, setting: str = "data_dir") -> None:
+    """Refuse a data directory others could tamper with (changes nothing; see
+    :func:`tighten_modes` for the modes that are only loose).
+
+    :param data_dir: the directory (it exists).
+    :param key_file: the identity key file in it (it may not exist yet).
+    :param setting: the setting named by the error.
+    :raises ConfigError: the directory is writable by group or others, or it or the key
+        file is owned by another user; the message names the path and the fix.
+    """
+    me = os.geteuid()
+    st = data_dir.stat()
+    if st.st_uid != me:
+        raise ConfigError(
+            setting,
+            f"{data_dir} is owned by uid {st.st_uid}, not by this user (uid {me}): use a data "
+            f"directory of your own, or 'chown {me} {data_dir}'",
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise ConfigError(
+            setting,
+            f"{data_dir} is writable by group or others (mode {mode:04o}), so they could "
+            f"replace the identity key: 'chmod 700 {data_dir}' and check its files",
+        )
+    try:
+        kst = key_file.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(kst.st_mode):
+        raise ConfigError(
+            setting, f"{key_file} is not a regular file: move it away and start again"
+        )
+    if kst.st_uid != me:
+        raise ConfigError(
+            setting,
+            f"{key_file} is owned by uid {kst.st_uid}, not by this user (uid {me}): someone "
+            f"else's key is not yours to use; 'chown {me} {key_file}' if it is yours",
+        )
+
+
+def tighten_modes(data_dir: Path, key_file: Path) -> None:
+    """Take group and others' bits off the data directory (0700) and the key file (0600),
+    with a warning naming each path changed.
+
+    :param data_dir: the directory, checked by :func:`check_private`.
+    :param key_file: the identity key file (it may not exist yet).
+    :raises OSError: a mode cannot be changed.
+    """
+    for path, private in ((data_dir, 0o700), (key_file, 0o600)):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            log.warning(
+                "%s had mode %04o; set to %04o (it holds the identity key)", path, mode, private
+            )
+            os.chmod(path, private)
 
 
 @contextlib.contextmanager

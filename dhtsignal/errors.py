@@ -152,7 +152,8 @@ class StoreLimitExceeded(PutFailed):
     """No storing node accepted a record because a storage limit is used up.
 
     ``limit`` is the storing nodes' refusal reason: ``quota`` (records or bytes per
-    source address), ``key-full`` (values per key) or ``store-full`` (a node's total).
+    source address), ``key-full`` (values per key), ``signer-full`` (slots of one signer
+    under one key) or ``store-full`` (a node's total).
     """
 
     def __init__(self, limit: str, message: str) -> None:
@@ -222,6 +223,27 @@ class ConnectFailed(RemoteError):
             f"local candidates: {', '.join(local_types) or 'none'}; remote candidates: "
             f"{', '.join(remote_types) or 'none'}; pairs tried: {', '.join(tried) or 'none'}"
         )
+
+
+class BindingFailed(ConnectFailed):
+    """The connection opened, but the peer at the other end of it is not the key we dialed
+    or accepted: its channel-binding signature over the DTLS certificate fingerprints does
+    not verify under that key (``reason`` ``binding-failed``; see
+    :mod:`dhtsignal.signaling.binding`). A relay that spliced two sessions causes this."""
+
+    def __init__(self, remote_id: str, remote_key: bytes, seconds: float) -> None:
+        RemoteError.__init__(
+            self,
+            f"channel binding failed with {remote_id}: the other end of the DTLS connection "
+            f"did not prove it holds key {remote_key.hex()[:16]}... (its signature over the "
+            "DTLS fingerprints, session id and both keys does not verify); a relay may have "
+            "spliced two sessions (unknown key-share), so the session was closed",
+        )
+        self.reason = "binding-failed"
+        self.seconds = seconds
+        self.local_types = self.remote_types = self.tried = ()
+        self.remote_id = remote_id
+        self.remote_key = remote_key
 
 
 class DependencyChanged(DhtSignalError):

@@ -35,6 +35,13 @@ and the loser's ``connect()`` returns the session it answered.
 
 Each session (:class:`~dhtsignal.session.Session`) has two pre-negotiated data channels:
 ``data`` for the user's messages and ``ctl`` for ping/pong and sync/synced.
+
+4. *binding*: once the channels are open, each side sends on ``ctl`` its signature over
+   both DTLS certificate fingerprints, the session id and both keys
+   (:mod:`dhtsignal.signaling.binding`) and checks the remote's under the key it dialed or
+   accepted; ``connect()`` and ``incoming()`` hand out a session only after that check,
+   and a mismatch closes it with :class:`~dhtsignal.errors.BindingFailed`. The check runs
+   inside the connect deadline, and the ``dtls_sctp`` phase includes it.
 """
 
 from __future__ import annotations
@@ -58,12 +65,14 @@ from dhtsignal.dht import records
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
 from dhtsignal.errors import (
+    BindingFailed,
     ConfigError,
     ConnectFailed,
     DhtSignalError,
     DhtTimeout,
     DialFailed,
     NodeIdTaken,
+    SessionClosed,
     UsageError,
 )
 from dhtsignal.identity import Identity, self_certifying_id
@@ -408,7 +417,12 @@ class Peer:
         self.known = KnownPeers(pins, cfg.network)
         self.presence: Presence | None = None
         self.stats: Counter[str] = Counter()
-        self.inbox = Inbox(self.identity, ttl=self.config.inbox_ttl, max_seen=self.config.max_seen)
+        self.inbox = Inbox(
+            self.identity,
+            ttl=self.config.inbox_ttl,
+            max_seen=self.config.max_seen,
+            network=cfg.network,
+        )
         self._observer = observer
         self._new_connection = connection_factory
         self._dials: dict[bytes, _Dial] = {}
@@ -567,7 +581,7 @@ class Peer:
         await self.close()
 
     async def incoming(self) -> AsyncIterator[Session]:
-        """Sessions other peers opened to us (open and ready)."""
+        """Sessions other peers opened to us (open, and their channel binding checked)."""
         while True:
             yield await self._incoming.get()
 
@@ -616,6 +630,7 @@ class Peer:
             count=self._count,
             spawn=lambda coro: self.node.spawn(coro, name="session-close"),
             max_unread_bytes=self.config.max_unread_bytes,
+            identity=self.identity,
         )
 
     # -- envelopes ----------------------------------------------------------------------
@@ -839,6 +854,7 @@ class Peer:
         started = time.monotonic()
         try:
             ice_at = await drive.within(rtc.wait_open(session.pc, [session.data, session.ctl]))
+            await self._bind(session, drive, started)
         except ConnectFailed as exc:
             drive.fail(exc.reason)
             raise
@@ -857,6 +873,29 @@ class Peer:
             # session still opened, and what it received is still delivered.
             session.phases = machine.phases
         session.path = rtc.selected_pair(session.pc)
+
+    async def _bind(self, session: Session, drive: _Drive, started: float) -> None:
+        """The channel binding (:mod:`dhtsignal.signaling.binding`): send our signature,
+        wait for the remote's (within the connect deadline) and check it under the key we
+        dialed or accepted.
+
+        :raises BindingFailed: the remote's signature does not verify (counted as
+            ``closed:binding-failed``).
+        :raises ConnectFailed: the session closed before the remote's signature came.
+        """
+        if not session.binding_sent:  # normally sent as soon as ``ctl`` opened
+            session.send_binding(self.identity)
+        try:
+            signature = await drive.within(session.remote_binding)
+        except SessionClosed:
+            raise ConnectFailed(
+                "closed", time.monotonic() - started, *rtc.candidate_types(session.pc)
+            ) from None
+        if not session.binding_holds(self.public_key, signature):
+            self.stats["closed:binding-failed"] += 1
+            error = BindingFailed(session.remote_id, session.remote_key, time.monotonic() - started)
+            log.warning("session %s: %s", session.session_id.hex(), error)
+            raise error
 
     # -- dialing ------------------------------------------------------------------------
 
@@ -889,6 +928,8 @@ class Peer:
         :raises DialFailed: no answer (``answer-timeout``), a refusal (``rejected``), or the
             presence not found in time (``resolve-timeout``).
         :raises ConnectFailed: ICE/DTLS could not complete, with the reason.
+        :raises BindingFailed: the connection opened, but the other end is not the key
+            ``node_id`` resolved to (see :mod:`dhtsignal.signaling.binding`).
         """
         if not self._started:
             raise UsageError("start the peer first (async with Peer(...) as peer)")

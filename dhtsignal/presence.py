@@ -101,6 +101,7 @@ class Presence:
             claim_ttl=claim_ttl,
             claimed_at=node.wallclock(),
             client_mode=node.config.client_mode,
+            network=node.config.network,
         )
         self._task: asyncio.Task[Any] | None = None
 
@@ -293,7 +294,8 @@ async def room_peers(node: DhtNode, room: str, known: KnownPeers | None = None) 
     members: dict[str, bytes] = {}
     for r in recs:
         label = r.fields().get("id")
-        if isinstance(label, str) and r.type == RecordType.ROOM:
+        if records.is_label(label) and r.type == RecordType.ROOM:
+            assert isinstance(label, str)
             members.setdefault(label, r.signer)
     sem = asyncio.Semaphore(ROOM_RESOLVE_CONCURRENCY)
 

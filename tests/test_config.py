@@ -322,7 +322,7 @@ BAD_CASES = [
         ["bootstrap", "--listen", "127.0.0.1:0", "--data-dir", "{tmp}/bad_identity"],
         {},
         None,
-        "'data_dir': {tmp}/bad_identity/identity.key is not a 32-byte identity key",
+        "'data_dir': {tmp}/bad_identity/identity.key is not a dhtsignal identity key or is damaged",
     ),
 ]
 

@@ -17,7 +17,9 @@ trip. The steps, each a function of the connection:
 - :func:`wait_open` waits for the channels within a deadline and raises
   :class:`~dhtsignal.errors.ConnectFailed` naming the stage that failed and the
   candidate types gathered, received and tried (:func:`candidate_types`);
-- :func:`selected_pair` reports the nominated pair's candidate types.
+- :func:`selected_pair` reports the nominated pair's candidate types;
+- :func:`dtls_fingerprints` the SHA-256 fingerprints of both certificates as used in
+  the DTLS handshake, for the channel binding (:mod:`dhtsignal.signaling.binding`).
 
 aiortc uses only the first STUN and the first TURN URL, so a second one is a
 configuration error rather than silently ignored.
@@ -42,6 +44,7 @@ aiortc and aioice; :func:`_ice_pairs` is the one place that reads them and raise
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -58,6 +61,7 @@ from aiortc import (
     RTCSctpTransport,
     RTCSessionDescription,
 )
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from dhtsignal.errors import ConfigError, ConnectFailed, DependencyChanged, UsageError
 
@@ -325,6 +329,34 @@ def selected_pair(pc: RTCPeerConnection) -> tuple[str, str] | None:
     :raises DependencyChanged: if aiortc or aioice no longer keep it where we read it.
     """
     return _ice_pairs(pc)[0]
+
+
+def dtls_fingerprints(pc: RTCPeerConnection) -> tuple[bytes, bytes]:
+    """SHA-256 of our DTLS certificate and of the one the remote presented, both as the
+    handshake used them (DER), once the connection is up.
+
+    aiortc keeps the OpenSSL connection private (``RTCDtlsTransport._ssl``); this is the one
+    place that reads it.
+
+    :param pc: a connection whose DTLS handshake completed.
+    :raises ConnectFailed: no handshake has completed (``dtls-failed``).
+    :raises DependencyChanged: aiortc no longer keeps the connection where we read it.
+    """
+    try:
+        ssl = _sctp(pc).transport._ssl
+        local = None if ssl is None else ssl.get_certificate(as_cryptography=True)
+        remote = None if ssl is None else ssl.get_peer_certificate(as_cryptography=True)
+    except (AttributeError, TypeError) as exc:
+        raise DependencyChanged(
+            "aiortc internals changed: cannot read the DTLS certificates at "
+            f"pc.sctp.transport._ssl ({exc})"
+        ) from exc
+    if local is None or remote is None:
+        raise ConnectFailed("dtls-failed", 0.0, *candidate_types(pc))
+    return (
+        hashlib.sha256(local.public_bytes(Encoding.DER)).digest(),
+        hashlib.sha256(remote.public_bytes(Encoding.DER)).digest(),
+    )
 
 
 def _sctp(pc: RTCPeerConnection) -> RTCSctpTransport:

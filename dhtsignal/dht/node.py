@@ -916,7 +916,9 @@ class Node:
         self._done(op.op_id, op.then, LookupFinished, res, None, now)
 
     def _verify(self, raws: list[bytes]) -> list[Record]:
-        return records.checked(raws, self.wallclock(), self._stats, "refused-read:")
+        return records.checked(
+            raws, self.wallclock(), self._stats, "refused-read:", network=self.config.network
+        )
 
     # -- put / get ----------------------------------------------------------------------
 
@@ -1136,7 +1138,9 @@ class Node:
             good.append(item)
         restored = 0
         for rec, (_, (host, port)) in zip(
-            records.check_all([item[0] for item in good], wall), good, strict=True
+            records.check_all([item[0] for item in good], wall, network=self.config.network),
+            good,
+            strict=True,
         ):
             if type(rec) is not Record:
                 continue

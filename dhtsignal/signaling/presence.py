@@ -161,6 +161,7 @@ class PresenceRecords:
     :param client_mode: the peer's DHT node runs in client mode (behind a NAT): its
         presence says so (``"c": 1``), and dialers do not expect it to acknowledge an
         unsolicited push.
+    :param network: the network id the records are signed for (the DHT's).
     :raises UsageError: a TTL is not positive.
     :raises ValueError: a label or room is not a valid label.
     """
@@ -175,9 +176,12 @@ class PresenceRecords:
         claim_ttl: float = 3600.0,
         claimed_at: float,
         client_mode: bool = False,
+        network: str = records.DEFAULT_NETWORK,
     ) -> None:
         self.identity = identity
         self.client_mode = client_mode
+        self.network = network
+        """The network id the records are signed for."""
         self.node_id = records.check_label(node_id)
         self.rooms = [records.check_label(r, "room") for r in (rooms or [DEFAULT_ROOM])]
         if ttl <= 0 or claim_ttl <= 0:
@@ -217,7 +221,13 @@ class PresenceRecords:
         self, rtype: RecordType, key: bytes, payload: bytes, ttl: float, now: float
     ) -> Record:
         return records.sign(
-            self.identity, rtype, key, payload, seq=self._seq(now), expires=now + ttl
+            self.identity,
+            rtype,
+            key,
+            payload,
+            seq=self._seq(now),
+            expires=now + ttl,
+            network=self.network,
         )
 
     def publication(self, now: float, addresses: list[tuple[str, int]]) -> Publication:
@@ -263,7 +273,14 @@ class PresenceRecords:
         keys += [(RecordType.ROOM, room_key(room)) for room in self.rooms]
         return [
             records.sign(
-                self.identity, t, k, b"", seq=self._seq(now), expires=now + self.ttl, tombstone=True
+                self.identity,
+                t,
+                k,
+                b"",
+                seq=self._seq(now),
+                expires=now + self.ttl,
+                tombstone=True,
+                network=self.network,
             )
             for t, k in keys
         ]
