@@ -622,6 +622,18 @@ class Settings:
         metadata=spec(text(), "password for the TURN servers", SESSIONS, default_help="none"),
     )
     """Password for every ``turn:``/``turns:`` server."""
+    ice_secret: str | None = field(
+        default=None,
+        metadata=spec(
+            text(),
+            "shared secret of the TURN servers (coturn use-auth-secret): mint credentials",
+            SESSIONS,
+            default_help="none",
+        ),
+    )
+    """coturn's ``static-auth-secret``: each session mints ephemeral TURN credentials
+    (username ``EXPIRY:NODE_ID``, password base64 HMAC-SHA1; :mod:`dhtsignal.ice`),
+    instead of ``ice_username``/``ice_credential``."""
     ice_host: tuple[str, ...] = field(
         default=(),
         metadata=spec(
@@ -742,7 +754,9 @@ class Settings:
         out: list[dict[str, Any]] = []
         for url in self.ice_server:
             entry: dict[str, Any] = {"urls": url}
-            if not url.startswith("stun:"):
+            if not url.startswith("stun:") and self.ice_secret is not None:
+                entry["secret"] = self.ice_secret
+            elif not url.startswith("stun:"):
                 entry["username"] = self.ice_username
                 entry["credential"] = self.ice_credential
             out.append(entry)

@@ -58,6 +58,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from dhtsignal import ice, nat
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
@@ -159,6 +160,10 @@ class PeerConfig:
     callee's node runs in client mode (behind a NAT, where unsolicited pushes may be
     filtered). A presence reused from the resolve cache is read again before the verdict
     (the callee may have restarted at another address)."""
+    dht_stun: bool = True
+    """Use a DHT node that answered recently as the sessions' STUN server when none is
+    configured (:mod:`dhtsignal.ice`): server-reflexive candidates without any
+    third-party server. False: host candidates only, unless a STUN server is configured."""
     join_retry_interval: float | None = None
     """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
     (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
@@ -423,6 +428,8 @@ class Peer:
             max_seen=self.config.max_seen,
             network=cfg.network,
         )
+        self.nat = nat.UNKNOWN
+        """Our NAT type (:mod:`dhtsignal.nat`), classified when the peer starts."""
         self._observer = observer
         self._new_connection = connection_factory
         self._dials: dict[bytes, _Dial] = {}
@@ -471,6 +478,7 @@ class Peer:
             await self.node.listen_udp(*self.listen_addr)
             if self.bootstrap_addrs:
                 await self._join()
+                await self.detect_nat()
             await self._listen_inbox()
             if self.node_id is not None:
                 presence = Presence(
@@ -480,6 +488,7 @@ class Peer:
                     self.rooms,
                     ttl=self.presence_ttl,
                     claim_ttl=self.claim_ttl,
+                    nat=self.nat,
                 )
                 try:
                     await presence.start()
@@ -490,6 +499,63 @@ class Peer:
             await self.close()
             raise
         self._started = True
+
+    async def detect_nat(self) -> str:
+        """Classify our NAT from what the bootstrap nodes and recent contacts saw
+        (:func:`dhtsignal.nat.detect`); the next presence refresh announces it.
+
+        :returns: ``open``, ``cone``, ``symmetric`` or ``unknown``.
+        """
+        targets = nat.public_nodes(self.node, self.bootstrap_addrs, self.node.loop.time())
+        self.nat = await nat.detect(self.node, targets)
+        if self.presence is not None:
+            self.presence.records.nat = self.nat
+        log.info("NAT type: %s (asked %s)", self.nat, show_addrs(targets))
+        return self.nat
+
+    def ice_servers_now(self) -> list[rtc.IceServer]:
+        """The STUN/TURN servers the next session uses (:func:`dhtsignal.ice.choose`):
+        the configured ones, and a DHT node that answered recently as the STUN server
+        unless one is configured or :attr:`PeerConfig.dht_stun` is off.
+
+        :raises ConfigError: a configured server is malformed.
+        """
+        return ice.choose(
+            self.ice_servers,
+            self.node,
+            self.bootstrap_addrs,
+            name=self.node_id or self.self_id,
+            now=self.node.loop.time(),
+            wallclock=self.node.wallclock(),
+            dht_stun=self.config.dht_stun,
+        )
+
+    async def _explain(
+        self,
+        pc: rtc.PeerConnection,
+        servers: Sequence[rtc.IceServer],
+        remote_nat: str,
+        remote: str,
+    ) -> str:
+        """What a failed connection lacked: both NAT types, the servers that gave no
+        candidate, and whether only TURN can help."""
+        local, remote_types, _ = rtc.candidate_types(pc)
+        parts = [f"NAT here: {self.nat}, at {remote}: {remote_nat}"]
+        parts += await ice.gathering_problems(pc, servers)
+        relayed = "relay" in local or "relay" in remote_types
+        nats = {self.nat, remote_nat}
+        if not relayed and nat.SYMMETRIC in nats and nat.OPEN not in nats:
+            both = self.nat == remote_nat == nat.SYMMETRIC
+            parts.append(
+                ("both sides are behind symmetric NATs" if both else "a symmetric NAT")
+                + ": a TURN server is needed (--ice-server turn:HOST:PORT with "
+                "--ice-username/--ice-credential, or --ice-secret)"
+                if not any(s.is_turn for s in servers)
+                else "a working TURN server is needed"
+            )
+        elif "srflx" not in local and not relayed and not any(not s.is_turn for s in servers):
+            parts.append("no STUN server was used: only host candidates were offered")
+        return "; ".join(parts)
 
     async def _join(self) -> None:
         """Join through the bootstrap addresses; with
@@ -800,7 +866,8 @@ class Peer:
                 self._reject(offer, "not accepted")
                 drive.fail("refused")
                 return
-            pc = self._new_connection(self.ice_servers)
+            servers = self.ice_servers_now()
+            pc = self._new_connection(servers)
             session = self._session(pc, session_id, sender, remote_id, offer.channel, drive)
             await drive.within(rtc.apply_remote(pc, offer.sdp, "offer"))
             answer = await drive.within(rtc.local_description(pc, offer=False))
@@ -818,7 +885,7 @@ class Peer:
             self._deliver(rec, MessageType.ANSWER, offer.dht, opened)
             drive.input(machine.answer_sent)
             try:
-                await self._open(session, drive)
+                await self._open(session, drive, servers, nat.UNKNOWN)
             finally:
                 if not opened.done():
                     opened.set_result(None)
@@ -844,7 +911,13 @@ class Peer:
             if pc is not None:
                 await pc.close()
 
-    async def _open(self, session: Session, drive: _Drive) -> None:
+    async def _open(
+        self,
+        session: Session,
+        drive: _Drive,
+        servers: Sequence[rtc.IceServer] = (),
+        remote_nat: str = nat.UNKNOWN,
+    ) -> None:
         """Wait for ICE and both data channels, within the machine's connect deadline.
 
         :raises ConnectFailed: ICE or DTLS failed, the connection closed or the deadline
@@ -857,11 +930,24 @@ class Peer:
             await self._bind(session, drive, started)
         except ConnectFailed as exc:
             drive.fail(exc.reason)
-            raise
+            if type(exc) is not ConnectFailed:
+                raise
+            hint = await self._explain(session.pc, servers, remote_nat, session.remote_id)
+            raise ConnectFailed(
+                exc.reason,
+                exc.seconds,
+                exc.local_types,
+                exc.remote_types,
+                exc.tried,
+                hint=hint,
+            ) from None
         except _StageEnded as exc:
             reason = "timeout" if exc.reason == "connect-timeout" else exc.reason
             raise ConnectFailed(
-                reason, time.monotonic() - started, *rtc.candidate_types(session.pc)
+                reason,
+                time.monotonic() - started,
+                *rtc.candidate_types(session.pc),
+                hint=await self._explain(session.pc, servers, remote_nat, session.remote_id),
             ) from None
         if drive.live:
             drive.input(machine.ice_connected, ice_at)
@@ -957,7 +1043,8 @@ class Peer:
         dial = _Dial(info.public_key, session_id, answered)
         self._dials[session_id] = dial
         self.inbox.expect(session_id, info.public_key)
-        pc = self._new_connection(self.ice_servers)
+        servers = self.ice_servers_now()
+        pc = self._new_connection(servers)
         session = self._session(pc, session_id, info.public_key, node_id, options, drive)
         put: asyncio.Task[Any] | None = None
         watch: asyncio.Task[None] | None = None
@@ -968,7 +1055,10 @@ class Peer:
                     await pc.close()
                     return await dial.superseded
                 if _CANDIDATE_LINE.search(offer) is None:
-                    raise DialFailed(node_id, "no-candidates", NO_CANDIDATES)
+                    problems = await ice.gathering_problems(pc, servers)
+                    raise DialFailed(
+                        node_id, "no-candidates", "; ".join([NO_CANDIDATES, *problems])
+                    )
                 rec = self.inbox.seal_offer(
                     info.public_key,
                     info.x25519,
@@ -1002,7 +1092,7 @@ class Peer:
             except _StageEnded as exc:
                 raise self._answer_timeout(node_id, exc, put, info) from None
             drive.input(machine.answer_received)
-            await self._open(session, drive)
+            await self._open(session, drive, servers, info.nat)
         except BaseException:
             self._resolved.pop(node_id, None)
             await pc.close()

@@ -80,6 +80,7 @@ class Presence:
     :param rooms: rooms to announce itself in (default ``lobby``).
     :param ttl: lifetime of presence and room records, seconds.
     :param claim_ttl: lifetime of the node-ID claim, seconds.
+    :param nat: the peer's NAT type (:mod:`dhtsignal.nat`).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class Presence:
         *,
         ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
+        nat: str = "unknown",
     ) -> None:
         self.node = node
         self.records = PresenceRecords(
@@ -102,6 +104,7 @@ class Presence:
             claimed_at=node.wallclock(),
             client_mode=node.config.client_mode,
             network=node.config.network,
+            nat=nat,
         )
         self._task: asyncio.Task[Any] | None = None
 

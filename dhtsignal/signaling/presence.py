@@ -30,7 +30,8 @@ Record payloads (msgpack maps)::
     CLAIM     {"id": label, "t": claimed-at}
     PRESENCE  {"id": label or self_id, "sid": self_id, "x": X25519 key,
                "a": [[host, port], ...], "r": rooms, "t": claimed-at,
-               "c": 1 when its DHT node is in client mode (absent otherwise)}
+               "c": 1 when its DHT node is in client mode (absent otherwise),
+               "n": its NAT type, "open", "cone" or "symmetric" (absent: unknown)}
     ROOM      the PRESENCE fields with "id": label, plus "room": room
 
 Sequence numbers are wall-clock milliseconds, strictly increasing per peer.
@@ -67,6 +68,8 @@ DEFAULT_ROOM = "lobby"
 DEFAULT_TTL = 60.0
 #: Most addresses a presence record carries (and a reader keeps).
 MAX_ADDRESSES = 4
+#: NAT types a presence record may announce (``"n"``, see :mod:`dhtsignal.nat`).
+NAT_TYPES = ("open", "cone", "symmetric")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class PeerInfo:
     client_mode: bool = False
     """Its DHT node runs in client mode (behind a NAT): an unsolicited push to its
     addresses may not arrive, so a dial does not read silence as a crash."""
+    nat: str = "unknown"
+    """Its NAT type as it classified itself (:mod:`dhtsignal.nat`): ``open``, ``cone``,
+    ``symmetric`` or ``unknown``."""
     refreshed_ago: float = 0.0
     """Seconds since the presence record was signed (its last refresh; the record's
     sequence number is its signing time in wall-clock milliseconds). A live peer
@@ -112,6 +118,7 @@ class PeerInfo:
             "expires_in": round(self.expires_in, 1),
             "refreshed_ago": round(self.refreshed_ago, 1),
             "client_mode": self.client_mode,
+            "nat": self.nat,
         }
 
 
@@ -162,6 +169,8 @@ class PresenceRecords:
         presence says so (``"c": 1``), and dialers do not expect it to acknowledge an
         unsolicited push.
     :param network: the network id the records are signed for (the DHT's).
+    :param nat: the peer's NAT type (``"n"``; ``unknown`` is left out); may be changed
+        between publications (:attr:`nat`).
     :raises UsageError: a TTL is not positive.
     :raises ValueError: a label or room is not a valid label.
     """
@@ -177,9 +186,12 @@ class PresenceRecords:
         claimed_at: float,
         client_mode: bool = False,
         network: str = records.DEFAULT_NETWORK,
+        nat: str = "unknown",
     ) -> None:
         self.identity = identity
         self.client_mode = client_mode
+        self.nat = nat
+        """The NAT type the next publication announces."""
         self.network = network
         """The network id the records are signed for."""
         self.node_id = records.check_label(node_id)
@@ -214,6 +226,8 @@ class PresenceRecords:
         }
         if self.client_mode:
             fields["c"] = 1
+        if self.nat in NAT_TYPES:
+            fields["n"] = self.nat
         fields.update(extra)
         return codec.pack(fields)
 
@@ -348,6 +362,7 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         expires_in=max(0.0, rec.expires - now),
         refreshed_ago=max(0.0, now - rec.seq / 1000),
         client_mode=f.get("c") == 1,
+        nat=f["n"] if f.get("n") in NAT_TYPES else "unknown",
     )
 
 
