@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import socket
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from aiortc.rtcicetransport import RTCIceGatherer
@@ -19,8 +20,10 @@ from aiortc.rtcicetransport import RTCIceGatherer
 from dhtsignal import ice, nat
 from dhtsignal.aio import rtc
 from dhtsignal.errors import ConfigError
-from dhtsignal.peer import Peer, PeerConfig
-from tests.conftest import StartDht, StartPeer
+from dhtsignal.peer import PeerConfig
+
+if TYPE_CHECKING:
+    from conftest import StartDht, StartPeer
 
 
 @pytest.fixture
