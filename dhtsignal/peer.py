@@ -63,6 +63,7 @@ from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
 from dhtsignal.dht import records
+from dhtsignal.dht.events import SubscriptionRenewed
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
 from dhtsignal.errors import (
@@ -160,6 +161,13 @@ class PeerConfig:
     callee's node runs in client mode (behind a NAT, where unsolicited pushes may be
     filtered). A presence reused from the resolve cache is read again before the verdict
     (the callee may have restarted at another address)."""
+    keepalive_interval: float | None = 15.0
+    """Client mode (behind a NAT): seconds between keepalive pings to the DHT nodes
+    that hold our inbox subscription, so that the NAT mappings they push offers through
+    stay open (home routers drop idle UDP mappings after 20-30 s). None: none."""
+    subscribe_wait: float = 2.0
+    """Client mode: seconds :meth:`Peer.start` waits for the inbox subscription to be
+    accepted, so that the first presence names the nodes holding it."""
     dht_stun: bool = True
     """Use a DHT node that answered recently as the sessions' STUN server when none is
     configured (:mod:`dhtsignal.ice`): server-reflexive candidates without any
@@ -480,6 +488,13 @@ class Peer:
                 await self._join()
                 await self.detect_nat()
             await self._listen_inbox()
+            if self.node.config.client_mode and self.bootstrap_addrs:
+                if self.node_id is not None:  # the presence names the holders
+                    await self._subscribed(self.config.subscribe_wait)
+                if self.config.keepalive_interval is not None:
+                    self.node.spawn(
+                        self._keepalive(self.config.keepalive_interval), name="keepalive"
+                    )
             if self.node_id is not None:
                 presence = Presence(
                     self.node,
@@ -489,6 +504,7 @@ class Peer:
                     ttl=self.presence_ttl,
                     claim_ttl=self.claim_ttl,
                     nat=self.nat,
+                    holders=self.inbox_holders if self.node.config.client_mode else None,
                 )
                 try:
                     await presence.start()
@@ -499,6 +515,43 @@ class Peer:
             await self.close()
             raise
         self._started = True
+
+    def inbox_holders(self) -> list[Addr]:
+        """The DHT nodes that accepted our inbox subscription (they push to us)."""
+        return self.node.subscription_holders(self.inbox.key)
+
+    async def _subscribed(self, timeout: float) -> bool:
+        """Wait until some node accepted our inbox subscription (at most ``timeout``)."""
+        if self.inbox_holders():
+            return True
+        renewed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def seen(event: Any) -> None:
+            mine = isinstance(event, SubscriptionRenewed) and event.key == self.inbox.key
+            if mine and event.accepted and not renewed.done():
+                renewed.set_result(None)
+
+        remove = self.node.observe(seen)
+        try:
+            await asyncio.wait_for(renewed, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            remove()
+
+    async def _keepalive(self, interval: float) -> None:
+        """Ping the nodes holding our inbox subscription every ``interval`` seconds, so
+        that our NAT keeps the mappings they push through (counted ``keepalive``)."""
+        while True:
+            await asyncio.sleep(interval)
+            for addr in self.inbox_holders():
+                try:
+                    fut = self.node.request(addr, "ds_ping", self.node.ds_args())
+                except DhtSignalError:
+                    break
+                fut.add_done_callback(ignore_outcome)
+                self.stats["keepalive"] += 1
 
     async def detect_nat(self) -> str:
         """Classify our NAT from what the bootstrap nodes and recent contacts saw
@@ -708,6 +761,7 @@ class Peer:
         direct: Sequence[Addr],
         settled: asyncio.Future[Any] | None = None,
         pushes: list[asyncio.Future[Any]] | None = None,
+        holders: Sequence[Addr] = (),
     ) -> asyncio.Task[Any]:
         """Push ``rec`` straight to the recipient's DHT node, and store it under its inbox
         key (whose storing nodes push it too) unless ``settled`` completes within
@@ -717,6 +771,10 @@ class Peer:
             (``True`` from the node that listens on the recipient's inbox).
         """
         sent = self._push(rec, direct[: self.config.direct_push_addrs])
+        for addr in holders:
+            # The recipient is behind a NAT: store at the nodes that push to it now.
+            stored = self.node.request(addr, "ds_store", self.node.ds_args([rec.raw]))
+            stored.add_done_callback(ignore_outcome)
         if pushes is not None:
             pushes.extend(sent)
         self._observe(SignalSent(rec.sub[:-1], msg_type, rec))
@@ -1070,7 +1128,9 @@ class Peer:
                     now=self.node.wallclock(),
                 )
                 pushes: list[asyncio.Future[Any]] = []
-                put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer, pushes)
+                put = self._deliver(
+                    rec, MessageType.OFFER, info.addresses, dial.answer, pushes, info.holders
+                )
                 drive.input(machine.offer_sent)
                 ack_timeout = self.config.push_ack_timeout
                 if pushes and ack_timeout is not None and not info.client_mode:

@@ -625,6 +625,10 @@ class DhtNode(asyncio.DatagramProtocol):
 
     # -- persistence --------------------------------------------------------------------
 
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key``."""
+        return self.core.subscription_holders(key)
+
     def save_state(self, data_dir: Path) -> None:
         """Write contacts, stored records and plain values to ``data_dir`` atomically."""
         ensure_dir(data_dir)

@@ -473,6 +473,11 @@ class Node:
             log.debug("%s: internal error on datagram from %s: %r", self, addr, exc)
             return None
 
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key`` (a NATed
+        node keeps its mappings toward them open: they push to it)."""
+        return self._listens.holders(key)
+
     def _stun(self, data: bytes, addr: Addr, now: float) -> bytes | None:
         """Answer a STUN datagram with :attr:`stun_responder` (rate-limited per source as
         requests are; counted ``stun:answered`` or ``drop:stun``)."""

@@ -31,7 +31,9 @@ Record payloads (msgpack maps)::
     PRESENCE  {"id": label or self_id, "sid": self_id, "x": X25519 key,
                "a": [[host, port], ...], "r": rooms, "t": claimed-at,
                "c": 1 when its DHT node is in client mode (absent otherwise),
-               "n": its NAT type, "open", "cone" or "symmetric" (absent: unknown)}
+               "n": its NAT type, "open", "cone" or "symmetric" (absent: unknown),
+               "h": [[host, port], ...] the DHT nodes holding its inbox subscription
+                    (client mode: a caller stores an offer there at once)}
     ROOM      the PRESENCE fields with "id": label, plus "room": room
 
 Sequence numbers are wall-clock milliseconds, strictly increasing per peer.
@@ -48,7 +50,7 @@ on first sight is the caller's (it writes a file).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dhtsignal.datadir import KnownPeers
@@ -93,6 +95,9 @@ class PeerInfo:
     client_mode: bool = False
     """Its DHT node runs in client mode (behind a NAT): an unsolicited push to its
     addresses may not arrive, so a dial does not read silence as a crash."""
+    holders: list[tuple[str, int]] = field(default_factory=list)
+    """The DHT nodes that hold its inbox subscription (client mode): storing an offer
+    there reaches it at once through the mappings its keepalives hold open."""
     nat: str = "unknown"
     """Its NAT type as it classified itself (:mod:`dhtsignal.nat`): ``open``, ``cone``,
     ``symmetric`` or ``unknown``."""
@@ -119,6 +124,7 @@ class PeerInfo:
             "refreshed_ago": round(self.refreshed_ago, 1),
             "client_mode": self.client_mode,
             "nat": self.nat,
+            "holders": [[h, p] for h, p in self.holders],
         }
 
 
@@ -204,6 +210,7 @@ class PresenceRecords:
         self.claim_due = 0.0
         """Wall-clock time from which a publication carries the claim again."""
         self._last_seq = 0
+        self._holders: list[list[Any]] = []
 
     @property
     def refresh_interval(self) -> float:
@@ -228,6 +235,8 @@ class PresenceRecords:
             fields["c"] = 1
         if self.nat in NAT_TYPES:
             fields["n"] = self.nat
+        if self._holders:
+            fields["h"] = self._holders
         fields.update(extra)
         return codec.pack(fields)
 
@@ -244,12 +253,19 @@ class PresenceRecords:
             network=self.network,
         )
 
-    def publication(self, now: float, addresses: list[tuple[str, int]]) -> Publication:
+    def publication(
+        self,
+        now: float,
+        addresses: list[tuple[str, int]],
+        holders: list[tuple[str, int]] | None = None,
+    ) -> Publication:
         """The batches to put now (see the module docstring for their order).
 
         :param now: wall-clock time.
         :param addresses: the node's addresses (:func:`node_addresses`).
+        :param holders: the nodes holding its inbox subscription (``"h"``, client mode).
         """
+        self._holders = [[h, p] for h, p in (holders or [])[:MAX_ADDRESSES]]
         label_key = node_key(self.node_id)
         first = [
             self._sign(RecordType.PRESENCE, label_key, self._payload(addresses), self.ttl, now)
@@ -352,6 +368,10 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         [r for r in f.get("r", []) if isinstance(r, str)] if isinstance(f.get("r"), list) else []
     )
     x = f.get("x")
+    holders: list[tuple[str, int]] = []
+    for a in f.get("h", [])[:MAX_ADDRESSES] if isinstance(f.get("h"), list) else []:
+        if isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
+            holders.append((a[0], a[1]))
     return PeerInfo(
         node_id=node_id,
         key=rec.signer.hex(),
@@ -363,6 +383,7 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         refreshed_ago=max(0.0, now - rec.seq / 1000),
         client_mode=f.get("c") == 1,
         nat=f["n"] if f.get("n") in NAT_TYPES else "unknown",
+        holders=holders,
     )
 
 
