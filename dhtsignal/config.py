@@ -556,6 +556,17 @@ class Settings:
         ),
     )
     """Client-mode node (query commands always run one)."""
+    keepalive_interval: float = field(
+        default=15.0,
+        metadata=spec(
+            number(lo=0.0, hi=3600.0, lo_open=True),
+            "client mode: seconds between keepalives to the nodes pushing to us (beat the "
+            "NAT's UDP mapping timeout)",
+            frozenset({"peer"}),
+        ),
+    )
+    """Client mode: seconds between keepalive pings to the DHT nodes holding the inbox
+    subscription, shorter than the NAT's UDP mapping timeout (often 20-30 s)."""
     known_peers: Path | None = field(
         default=None,
         metadata=spec(
