@@ -116,6 +116,7 @@ T = TypeVar("T")
 
 #: An SDP with at least one candidate line.
 _CANDIDATE_LINE = re.compile(r"^a=candidate:", re.M)
+_RELAY_LINE = re.compile(r"^a=candidate:[^\r\n]* typ relay[^\r\n]*\r?\n", re.M)
 NO_CANDIDATES = (
     "gathered no ICE candidates: no usable local address and no STUN/TURN server answered "
     "(check the ICE host addresses and the TURN credentials)"
@@ -168,6 +169,11 @@ class PeerConfig:
     subscribe_wait: float = 2.0
     """Client mode: seconds :meth:`Peer.start` waits for the inbox subscription to be
     accepted, so that the first presence names the nodes holding it."""
+    prefer_direct: bool = True
+    """When both sides know their NAT allows a direct path (open or cone, not
+    symmetric), a dial leaves TURN out (no relay candidates on either side), so ICE cannot
+    settle on a relay while the direct pair is being punched. False: always offer relay
+    candidates when TURN is configured."""
     dht_stun: bool = True
     """Use a DHT node that answered recently as the sessions' STUN server when none is
     configured (:mod:`dhtsignal.ice`): server-reflexive candidates without any
@@ -1102,6 +1108,10 @@ class Peer:
         self._dials[session_id] = dial
         self.inbox.expect(session_id, info.public_key)
         servers = self.ice_servers_now()
+        direct = self._direct_works(info.nat) and any(s.is_turn for s in servers)
+        if direct:  # prefer the direct pair: no relay candidate on either side
+            servers = [s for s in servers if not s.is_turn]
+            self.stats["relay-skipped"] += 1
         pc = self._new_connection(servers)
         session = self._session(pc, session_id, info.public_key, node_id, options, drive)
         put: asyncio.Task[Any] | None = None
@@ -1148,7 +1158,8 @@ class Peer:
                     return await dial.superseded
                 except DialFailed as exc:  # a REJECT or a bad answer: name the peer we dialed
                     raise DialFailed(node_id, exc.reason, exc.detail) from None
-                await drive.within(rtc.apply_remote(pc, answer.sdp, "answer"))
+                sdp = _RELAY_LINE.sub("", answer.sdp) if direct else answer.sdp
+                await drive.within(rtc.apply_remote(pc, sdp, "answer"))
             except _StageEnded as exc:
                 raise self._answer_timeout(node_id, exc, put, info) from None
             drive.input(machine.answer_received)
@@ -1164,6 +1175,20 @@ class Peer:
             self.inbox.forget(session_id)
         self._sessions.add(session)
         return session
+
+    def _direct_works(self, remote_nat: str) -> bool:
+        """Whether a direct pair works for sure with a callee behind ``remote_nat``: no
+        side is behind a symmetric NAT and both know their type (RFC 4787
+        endpoint-independent mapping on both sides, so hole punching succeeds). Then a
+        dial uses no TURN: aioice nominates the first pair whose check succeeds, which
+        can be a relay pair while the direct one is still being punched."""
+        good = (nat.OPEN, nat.CONE)
+        return (
+            self.config.prefer_direct
+            and self.nat in good
+            and remote_nat in good
+            and bool(rtc.host_addresses())
+        )
 
     async def _expect_ack(
         self,

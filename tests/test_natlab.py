@@ -111,6 +111,19 @@ def test_cone_to_cone_opens_a_direct_path_with_dht_nodes_as_stun(make_lab: MakeL
 
 
 @pytest.mark.timeout(120)
+def test_cone_to_cone_with_turn_configured_still_goes_direct(make_lab: MakeLab) -> None:
+    """Both NATs are cone: the dial leaves TURN out, so ICE cannot settle on a relay
+    pair while the direct one is being punched."""
+    lab = make_lab("cone", "cone", turn_secret=SECRET)
+    _bob(lab, *_turn(lab))
+    for _ in range(TRIALS):
+        rc, out, err, _ = _ping(lab, *_turn(lab))
+        assert rc == 0, err
+        path = out["path"]
+        assert isinstance(path, dict) and "relay" not in (path["local"], path["remote"]), out
+
+
+@pytest.mark.timeout(120)
 def test_symmetric_without_turn_fails_in_10_s_saying_turn_is_needed(make_lab: MakeLab) -> None:
     lab = make_lab("symmetric", "symmetric")
     assert _bob(lab)["nat"] == "symmetric"

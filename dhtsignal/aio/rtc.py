@@ -186,6 +186,11 @@ def use_host_addresses(addresses: Sequence[str] | None) -> None:
     aioice.ice.get_host_addresses = gather
 
 
+def host_addresses() -> list[str]:
+    """The addresses host candidates are gathered on now (see :func:`use_host_addresses`)."""
+    return list(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True))
+
+
 def limit_ice_retransmissions() -> None:
     """Lower aioice's process-wide STUN retransmission count to
     :data:`ICE_CHECK_RETRANSMISSIONS` (a lower value set by the application stays)."""
