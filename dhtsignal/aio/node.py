@@ -209,7 +209,7 @@ class DhtNode(asyncio.DatagramProtocol):
     ) -> None:
         self.core = core = Node(node_id, config, wallclock=wallclock)
         core.batch_lookups = True
-        core.stun_responder = stun.binding_response
+        core.stun_responder = stun.binding_response if stun.AVAILABLE else None
         self.config = core.config
         self.id = node_id
         self.wallclock = wallclock

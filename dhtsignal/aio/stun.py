@@ -25,9 +25,19 @@ for probing a server.
 
 from __future__ import annotations
 
-import aioice.stun
+from typing import Any
 
 from dhtsignal.wire.addr import Addr
+
+aioice: Any
+try:
+    import aioice.stun
+except ImportError:  # the WebRTC extra is not installed: a bootstrap node drops STUN
+    aioice = None
+
+AVAILABLE = aioice is not None
+"""Whether aioice is installed (``pip install dhtsignal[webrtc]``); without it a DHT node
+drops STUN (counted ``drop:stun``) and runs otherwise unchanged."""
 
 AMPLIFICATION = 3
 """A STUN answer is at most this many times the size of the request (a bound on
@@ -44,6 +54,8 @@ def binding_response(data: bytes, source: Addr) -> bytes | None:
     :returns: the response, at most :data:`AMPLIFICATION` times ``len(data)``; None for
         anything but a well-formed credential-free Binding request.
     """
+    if aioice is None:
+        return None
     try:
         request = aioice.stun.parse_message(data)
     except Exception:  # remote garbage: aioice raises ValueError, struct.error, ...
