@@ -775,18 +775,26 @@ class Peer:
 
         :param pushes: if given, the replies of the direct pushes are appended to it
             (``True`` from the node that listens on the recipient's inbox).
+        :param holders: the nodes holding the recipient's inbox subscription (its
+            presence names them when it is behind a NAT): ``rec`` is stored there at once,
+            and they push it to the recipient; if one of them stored it, the delayed store
+            in the DHT is skipped (it would reach the same nodes).
         """
         sent = self._push(rec, direct[: self.config.direct_push_addrs])
+        held: list[asyncio.Future[Any]] = []
         for addr in holders:
-            # The recipient is behind a NAT: store at the nodes that push to it now.
-            stored = self.node.request(addr, "ds_store", self.node.ds_args([rec.raw]))
+            try:
+                stored = self.node.request(addr, "ds_store", self.node.ds_args([rec.raw]))
+            except DhtSignalError:  # too many RPCs in flight: the DHT store remains
+                break
             stored.add_done_callback(ignore_outcome)
+            held.append(stored)
         if pushes is not None:
             pushes.extend(sent)
         self._observe(SignalSent(rec.sub[:-1], msg_type, rec))
         if settled is None or not direct:
             return self.node.spawn(self.node.put([rec]), name="inbox-put")
-        return self.node.spawn(self._store_unless(settled, rec), name="inbox-put")
+        return self.node.spawn(self._store_unless(settled, rec, held), name="inbox-put")
 
     def _push(self, rec: Record, addrs: Sequence[Addr]) -> list[asyncio.Future[Any]]:
         """Push ``rec`` with ``ds_notify`` to each of ``addrs``; returns the replies'
@@ -798,10 +806,15 @@ class Peer:
             out.append(fut)
         return out
 
-    async def _store_unless(self, settled: asyncio.Future[Any], rec: Record) -> None:
+    async def _store_unless(
+        self, settled: asyncio.Future[Any], rec: Record, held: Sequence[asyncio.Future[Any]] = ()
+    ) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(settled), self.config.store_delay)
         except TimeoutError:
+            if any(_stored_ok(f) for f in held):
+                self.stats["inbox-stored-at-holders"] += 1
+                return
             await self.node.put([rec])
             return
         except BaseException:  # settled otherwise (failed, superseded): no store needed
@@ -1294,6 +1307,14 @@ def default_data_dir(node_id: str, environ: Mapping[str, str] | None = None) -> 
 
 class _Superseded(Exception):
     """Glare: our offer gave way to the remote's; the answered session replaces it."""
+
+
+def _stored_ok(fut: asyncio.Future[Any]) -> bool:
+    """Whether a ``ds_store`` of one record was answered as stored."""
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
+        return False
+    result = fut.result()
+    return isinstance(result, list) and result == ["ok"]
 
 
 def _put_ok(task: asyncio.Task[Any]) -> bool:
