@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Dial-to-open across NATs in the namespace lab (root only), against plain aiortc.
 
-For each NAT pair (``cone/cone`` with no configured server; ``symmetric/symmetric`` and
+For each NAT pair (``cone/cone`` with no configured server and again with TURN
+configured, where the path must stay direct; ``symmetric/symmetric`` and
 ``cone/symmetric`` with coturn TURN through a shared secret) one lab is built
 (:mod:`dhtsignal.testing.natlab`): four DHT bootstrap nodes and coturn on the public
 network, alice and bob behind their NAT routers. Then, interleaved trial by trial:
@@ -179,6 +180,7 @@ def main() -> None:
     rows = []
     for nat_a, nat_b, turn in (
         ("cone", "cone", False),
+        ("cone", "cone", True),
         ("symmetric", "symmetric", True),
         ("cone", "symmetric", True),
     ):
