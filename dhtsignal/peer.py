@@ -159,16 +159,17 @@ class PeerConfig:
     expired yet). The default, twice the DHT's ``rpc_timeout``, leaves room for the first
     try and one retry of the push. None: wait for the answer deadline instead (for callees
     whose DHT node cannot be reached unsolicited). Not applied when the presence says the
-    callee's node runs in client mode (behind a NAT, where unsolicited pushes may be
-    filtered). A presence reused from the resolve cache is read again before the verdict
-    (the callee may have restarted at another address)."""
+    callee's node runs in client mode or is behind a cone or symmetric NAT (where
+    unsolicited pushes may be filtered). A presence reused from the resolve cache is read
+    again before the verdict (the callee may have restarted at another address)."""
     keepalive_interval: float | None = 15.0
-    """Client mode (behind a NAT): seconds between keepalive pings to the DHT nodes
-    that hold our inbox subscription, so that the NAT mappings they push offers through
-    stay open (home routers drop idle UDP mappings after 20-30 s). None: none."""
+    """Client mode or behind a NAT (:attr:`Peer.behind_nat`): seconds between keepalive
+    pings to the DHT nodes that hold our inbox subscription, so that the NAT mappings they
+    push offers through stay open (home routers drop idle UDP mappings after 20-30 s).
+    None: none."""
     subscribe_wait: float = 2.0
-    """Client mode: seconds :meth:`Peer.start` waits for the inbox subscription to be
-    accepted, so that the first presence names the nodes holding it."""
+    """Client mode or behind a NAT: seconds :meth:`Peer.start` waits for the inbox
+    subscription to be accepted, so that the first presence names the nodes holding it."""
     prefer_direct: bool = True
     """When both sides know their NAT allows a direct path (open or cone, not
     symmetric), a dial leaves TURN out (no relay candidates on either side), so ICE cannot
@@ -494,7 +495,7 @@ class Peer:
                 await self._join()
                 await self.detect_nat()
             await self._listen_inbox()
-            if self.node.config.client_mode and self.bootstrap_addrs:
+            if self.behind_nat and self.bootstrap_addrs:
                 if self.node_id is not None:  # the presence names the holders
                     await self._subscribed(self.config.subscribe_wait)
                 if self.config.keepalive_interval is not None:
@@ -510,7 +511,7 @@ class Peer:
                     ttl=self.presence_ttl,
                     claim_ttl=self.claim_ttl,
                     nat=self.nat,
-                    holders=self.inbox_holders if self.node.config.client_mode else None,
+                    holders=self.inbox_holders if self.behind_nat else None,
                 )
                 try:
                     await presence.start()
@@ -521,6 +522,13 @@ class Peer:
             await self.close()
             raise
         self._started = True
+
+    @property
+    def behind_nat(self) -> bool:
+        """Whether our DHT node runs in client mode or found itself behind a NAT (cone or
+        symmetric): then keepalives hold our mappings toward the nodes that push to us,
+        and our presence names them."""
+        return self.node.config.client_mode or self.nat in (nat.CONE, nat.SYMMETRIC)
 
     def inbox_holders(self) -> list[Addr]:
         """The DHT nodes that accepted our inbox subscription (they push to us)."""
@@ -1156,7 +1164,8 @@ class Peer:
                 )
                 drive.input(machine.offer_sent)
                 ack_timeout = self.config.push_ack_timeout
-                if pushes and ack_timeout is not None and not info.client_mode:
+                natted = info.client_mode or info.nat in (nat.CONE, nat.SYMMETRIC)
+                if pushes and ack_timeout is not None and not natted:
                     watch = self.node.spawn(
                         self._expect_ack(
                             node_id, rec, info, fresh, pushes, dial.answer, ack_timeout
@@ -1234,7 +1243,7 @@ class Peer:
                 if not answer.done():
                     answer.set_exception(exc)
                 return
-            if now_info.client_mode:
+            if now_info.client_mode or now_info.nat in (nat.CONE, nat.SYMMETRIC):
                 return
             moved = [
                 a for a in now_info.addresses[: self.config.direct_push_addrs] if a not in addrs

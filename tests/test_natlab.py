@@ -111,6 +111,24 @@ def test_cone_to_cone_opens_a_direct_path_with_dht_nodes_as_stun(make_lab: MakeL
 
 
 @pytest.mark.timeout(120)
+def test_a_peer_not_in_client_mode_behind_a_nat_is_still_reachable(make_lab: MakeLab) -> None:
+    """bob forgot --client-mode: he finds his NAT himself, keeps his mappings open and
+    names the nodes that push to him, and alice's dial does not read silence as a crash."""
+    lab = make_lab("cone", "cone")
+    bob = lab.start(
+        "b", "bob", "peer", "--node-id", "bob", "--data-dir", str(lab.workdir / "bob"), *_boot(lab)
+    )
+    assert bob.ready()["nat"] == "cone"
+    done = lab.run("a", "lookup", "bob", "--json", "--known-peers", "none", *_boot(lab))
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["nat"] == "cone" and not info["client_mode"] and info["holders"], info
+    rc, out, err, _ = _ping(lab)
+    assert rc == 0, err
+    assert out["nat"] == "cone"
+
+
+@pytest.mark.timeout(120)
 def test_cone_to_cone_with_turn_configured_still_goes_direct(make_lab: MakeLab) -> None:
     """Both NATs are cone: the dial leaves TURN out, so ICE cannot settle on a relay
     pair while the direct one is being punched."""
