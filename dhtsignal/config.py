@@ -556,6 +556,17 @@ class Settings:
         ),
     )
     """Client-mode node (query commands always run one)."""
+    keepalive_interval: float = field(
+        default=15.0,
+        metadata=spec(
+            number(lo=0.0, hi=3600.0, lo_open=True),
+            "client mode: seconds between keepalives to the nodes pushing to us (beat the "
+            "NAT's UDP mapping timeout)",
+            frozenset({"peer"}),
+        ),
+    )
+    """Client mode: seconds between keepalive pings to the DHT nodes holding the inbox
+    subscription, shorter than the NAT's UDP mapping timeout (often 20-30 s)."""
     known_peers: Path | None = field(
         default=None,
         metadata=spec(
@@ -622,6 +633,18 @@ class Settings:
         metadata=spec(text(), "password for the TURN servers", SESSIONS, default_help="none"),
     )
     """Password for every ``turn:``/``turns:`` server."""
+    ice_secret: str | None = field(
+        default=None,
+        metadata=spec(
+            text(),
+            "shared secret of the TURN servers (coturn use-auth-secret): mint credentials",
+            SESSIONS,
+            default_help="none",
+        ),
+    )
+    """coturn's ``static-auth-secret``: each session mints ephemeral TURN credentials
+    (username ``EXPIRY:NODE_ID``, password base64 HMAC-SHA1; :mod:`dhtsignal.ice`),
+    instead of ``ice_username``/``ice_credential``."""
     ice_host: tuple[str, ...] = field(
         default=(),
         metadata=spec(
@@ -742,7 +765,9 @@ class Settings:
         out: list[dict[str, Any]] = []
         for url in self.ice_server:
             entry: dict[str, Any] = {"urls": url}
-            if not url.startswith("stun:"):
+            if not url.startswith("stun:") and self.ice_secret is not None:
+                entry["secret"] = self.ice_secret
+            elif not url.startswith("stun:"):
                 entry["username"] = self.ice_username
                 entry["credential"] = self.ice_credential
             out.append(entry)

@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from dhtsignal.aio import stun
 from dhtsignal.datadir import STATE_FILE, atomic_write, ensure_dir
 from dhtsignal.dht.node import (
     STORE_LIMITS,
@@ -208,6 +209,7 @@ class DhtNode(asyncio.DatagramProtocol):
     ) -> None:
         self.core = core = Node(node_id, config, wallclock=wallclock)
         core.batch_lookups = True
+        core.stun_responder = stun.binding_response if stun.AVAILABLE else None
         self.config = core.config
         self.id = node_id
         self.wallclock = wallclock
@@ -622,6 +624,10 @@ class DhtNode(asyncio.DatagramProtocol):
         return self.core.listening(key)
 
     # -- persistence --------------------------------------------------------------------
+
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key``."""
+        return self.core.subscription_holders(key)
 
     def save_state(self, data_dir: Path) -> None:
         """Write contacts, stored records and plain values to ``data_dir`` atomically."""

@@ -266,6 +266,7 @@ class Node:
         "outgoing",
         "rate",
         "store",
+        "stun_responder",
         "subs",
         "table",
         "timer_changed",
@@ -298,6 +299,9 @@ class Node:
         self.address: Addr | None = None
         #: our address as others saw it (``ds_ping`` answers), counted
         self.observed: Counter[Addr] = Counter()
+        #: answers a STUN datagram (the driver sets it: :mod:`dhtsignal.aio.stun`); None
+        #: drops STUN
+        self.stun_responder: Callable[[bytes, Addr], bytes | None] | None = None
         #: datagrams to send: (data, address)
         self.outgoing: list[tuple[bytes, Addr]] = []
         #: events not yet taken
@@ -441,8 +445,7 @@ class Node:
         """
         try:
             if codec.is_stun(data):
-                self._stats["drop:stun"] += 1
-                return None
+                return self._stun(data, addr, now)
             try:
                 msg = codec.decode(data)
             except codec.MalformedDatagram as exc:
@@ -469,6 +472,22 @@ class Node:
             self._stats["drop:internal"] += 1
             log.debug("%s: internal error on datagram from %s: %r", self, addr, exc)
             return None
+
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key`` (a NATed
+        node keeps its mappings toward them open: they push to it)."""
+        return self._listens.holders(key)
+
+    def _stun(self, data: bytes, addr: Addr, now: float) -> bytes | None:
+        """Answer a STUN datagram with :attr:`stun_responder` (rate-limited per source as
+        requests are; counted ``stun:answered`` or ``drop:stun``)."""
+        responder = self.stun_responder
+        if responder is None or not self.rate.admit(addr, now):
+            self._stats["drop:stun"] += 1
+            return None
+        reply = responder(data, addr)
+        self._stats["stun:answered" if reply is not None else "drop:stun"] += 1
+        return reply
 
     def __repr__(self) -> str:
         return f"<Node {self.id.hex()[:8]}>"
