@@ -667,6 +667,18 @@ class Settings:
         metadata=spec(integer(lo=0, hi=10), "tries of an RPC after the first", NODES),
     )
     """Tries of an RPC after the first before it fails."""
+    refresh_interval: float = field(
+        default=_NODE.refresh_interval,
+        metadata=spec(
+            number(lo=0.0, hi=86400.0, lo_open=True),
+            "seconds after which a silent contact is pinged before it is handed out "
+            "and a silent bucket is refreshed",
+            NODES,
+        ),
+    )
+    """BEP 5's 15 minutes: how long a contact stays good without being heard from (then it
+    is pinged before find replies name it again), and when a silent bucket is refreshed.
+    Maintenance runs at least four times per interval."""
     rate_per_source: float = field(
         default=_NODE.rate_per_source,
         metadata=spec(
@@ -784,6 +796,9 @@ class Settings:
             rpc_timeout=self.rpc_timeout,
             rpc_retries=self.rpc_retries,
             rate_per_source=self.rate_per_source,
+            refresh_interval=self.refresh_interval,
+            good_for=self.refresh_interval,
+            maintenance_interval=min(_NODE.maintenance_interval, self.refresh_interval / 4),
             client_mode=self.client_mode if client_mode is None else client_mode,
             limits=self.storage_limits(),
         )

@@ -356,11 +356,23 @@ class DhtNode(asyncio.DatagramProtocol):
             self.core._stats["task-error"] += 1
             self.log.debug("task %s failed: %r", task.get_name(), task.exception())
 
-    async def close(self) -> None:
-        """Cancel every task and timer, fail outstanding RPCs, close the socket."""
+    async def close(self, *, leave: bool = True) -> None:
+        """Cancel every task and timer, fail outstanding RPCs, close the socket.
+
+        :param leave: first tell the routing contacts that this node leaves (one
+            ``ds_leave`` datagram each, bounded by ``leave_notices``), so they stop
+            handing it out at once instead of after ``good_for``.
+        """
         if self._closed:
             return
         self._closed = True
+        notices: list[tuple[bytes, Addr]] = []
+        if leave and self.transport is not None:
+            core = self.core
+            core.datagrams_to_send(self._time())  # what was queued is not sent any more
+            if core.leave(self._time()):
+                notices = core.datagrams_to_send(self._time())
+        # From here on the core answers nothing (a ping confirming our leave must fail).
         self.core.close()
         if self._timer is not None:
             self._timer.cancel()
@@ -376,6 +388,11 @@ class DhtNode(asyncio.DatagramProtocol):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.transport is not None:
+            for data, addr in notices:  # last: nothing of ours follows them
+                try:
+                    self.transport.sendto(data, addr)
+                except OSError as exc:  # best effort: the node is going anyway
+                    self.log.debug("leave notice to %s not sent: %r", addr, exc)
             self.transport.close()
 
     # -- the core's I/O -----------------------------------------------------------------
