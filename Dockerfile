@@ -6,7 +6,8 @@
 # Arguments after the image name go to `dhtsignal bootstrap`; settings can also come from
 # DHTSIGNAL_* environment variables (see configs/bootstrap.toml). See bootstrap/README.md.
 
-# ---- builder: our wheel and the wheels of every dependency --------------------------------------
+# ---- builder: our wheel and the wheels of its dependencies ---------------------------------------
+# Without the "webrtc" extra: a bootstrap node never loads aiortc or PyAV (about 100 MB).
 FROM python:3.11-slim AS builder
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -28,9 +29,10 @@ WORKDIR /data
 VOLUME /data
 EXPOSE 4000/udp
 STOPSIGNAL SIGTERM
-# Asks the node itself: a ds_ping to its port; exit 0 with its routing ID and RTT, 1 if silent.
-# --listen is explicit so that a DHTSIGNAL_LISTEN given to the node does not apply to the probe.
+# Asks the node itself through its local API (the socket /data/api.sock, whatever port it was
+# configured on): exit 0 with its routing table, records and counters, 1 if the daemon does
+# not answer, 2 if it is not serving at all.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["dhtsignal", "status", "--target", "127.0.0.1:4000", "--listen", "127.0.0.1:0"]
+    CMD ["dhtsignal", "status", "--daemon", "/data"]
 # The node listens on 0.0.0.0:4000 (the default of `bootstrap`; DHTSIGNAL_LISTEN changes it).
 ENTRYPOINT ["dhtsignal", "bootstrap"]

@@ -16,7 +16,9 @@ The benchmarks and the figures read from their ``--json`` output:
   and uvloop;
 * ``putget``: ``bench/putget.py`` put and get p50 at 100 nodes, both loops;
 * ``sim``: ``bench/sim_scale.py`` memory per idle node (10,000 nodes by default);
-* ``rendezvous``: ``bench/rendezvous.py`` connect() to both channels open, p50;
+* ``rendezvous``: ``bench/rendezvous.py`` connect() to both channels open, p50; each
+  side's ``dtls_sctp`` phase p50 (which includes the channel-binding check since it was
+  added) and, in trees that measure it, one control-channel round trip p50.
 * ``simchurn``: ``bench/sim_churn.py`` (this tree's script on both sides) lookup success,
   p50/p99 virtual lookup time and hops under churn, ``--sim-nodes`` nodes.
 """
@@ -92,6 +94,12 @@ def _simchurn(doc: dict[str, Any]) -> dict[str, float]:
 def _rendezvous(doc: dict[str, Any]) -> dict[str, float]:
     ways = doc["ways"]
     out = {"rendezvous p50 ms": ways["dhtsignal"]["total_ms"]["p50"]}
+    phases = ways["dhtsignal"].get("phases_ms", {})
+    for side in ("caller", "callee"):
+        if "dtls_sctp" in phases.get(side, {}):
+            out[f"dtls_sctp(+bind) p50 ms {side}"] = phases[side]["dtls_sctp"]["p50"]
+    if "ctl_rtt_ms" in ways["dhtsignal"]:  # a tree that measures it (not before the binding)
+        out["ctl round trip p50 ms"] = ways["dhtsignal"]["ctl_rtt_ms"]["p50"]
     if "relay" in ways:
         out["rendezvous p50 / relay p50"] = (
             out["rendezvous p50 ms"] / ways["relay"]["total_ms"]["p50"]
@@ -207,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'figure':<32} {'base':>10} {'this':>10}  ratio")
     table: dict[str, dict[str, float]] = {}
     for k in samples["this"]:
+        if k not in samples["base"]:  # measured by this tree only
+            t = statistics.median(samples["this"][k])
+            print(f"  {k:<32} {'-':>10} {t:>10.4g}  (this tree only)")
+            continue
         b, t = statistics.median(samples["base"][k]), statistics.median(samples["this"][k])
         ratio = t / b
         better = ratio >= 1 if any(h in k for h in _HIGHER_IS_BETTER) else ratio <= 1

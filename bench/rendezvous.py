@@ -713,6 +713,9 @@ class DhtsignalWay(Way):
                 t_byte = t_byte or t_open
             t_end = max(t_open, t_byte)
             caller = _phases_ms(session.phases)
+            # Outside the window: one control-channel round trip, the unit in which the
+            # channel-binding check's cost is stated.
+            caller["ctl_rtt"] = await session.ping(5.0) * 1000
             sample = Sample(
                 total_ms=(t_end - t0) * 1000,
                 caller_open_ms=(t_open - t0) * 1000,
@@ -1296,6 +1299,14 @@ def report(args: argparse.Namespace, run: dict[str, Any], memory: list[dict[str,
         }
         if any(s.phases for s in res.samples):
             table[name]["phases_ms"] = phase_stats(res.samples)
+            rtts = [
+                s.phases["caller"]["ctl_rtt"]
+                for s in res.samples
+                if s.phases and isinstance(s.phases.get("caller"), dict)
+                if isinstance(s.phases["caller"].get("ctl_rtt"), float)
+            ]
+            if rtts:
+                table[name]["ctl_rtt_ms"] = stats(rtts)
         pacing = "20" if res.pacing_ms is None else f"{res.pacing_ms:g}"
         if st:
             lines.append(

@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from dhtsignal.errors import (
+    BindingFailed,
     ConfigError,
     ConnectFailed,
+    DaemonError,
     DependencyChanged,
     DhtSignalError,
     DhtTimeout,
@@ -38,18 +40,29 @@ __version__ = "0.1.0"
 _LAZY = {"ChannelOptions", "Peer", "PeerConfig", "Session"}
 
 
+#: What to install for the WebRTC half (``Peer``, ``Session`` and the session commands).
+WEBRTC_EXTRA = "dhtsignal[webrtc]"
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from dhtsignal import peer
-
+        try:
+            from dhtsignal import peer
+        except ImportError as exc:
+            raise ImportError(
+                f"dhtsignal.{name} needs WebRTC support (aiortc): pip install '{WEBRTC_EXTRA}'"
+                f" ({exc})"
+            ) from exc
         return getattr(peer, name)
     raise AttributeError(f"module 'dhtsignal' has no attribute {name!r}")
 
 
 __all__ = [
+    "BindingFailed",
     "ChannelOptions",
     "ConfigError",
     "ConnectFailed",
+    "DaemonError",
     "DependencyChanged",
     "DhtSignalError",
     "DhtTimeout",

@@ -35,8 +35,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dhtsignal import __version__
-from dhtsignal.commands import BY_NAME, COMMANDS, DAEMONS
-from dhtsignal.errors import ConfigError, DhtSignalError
+from dhtsignal.commands import BY_NAME, COMMANDS, DAEMONS, SESSIONS
+from dhtsignal.errors import ConfigError, DhtSignalError, UsageError
 
 if TYPE_CHECKING:  # config imports the DHT node: loaded after the signal handlers
     from dhtsignal.config import Settings
@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--version", action="version", version=version)
         for arg in command.positionals:
-            p.add_argument(arg.dest, metavar=arg.metavar, help=arg.help)
+            extra: dict[str, Any] = {"nargs": "?", "default": None} if arg.optional else {}
+            if arg.choices is not None:
+                extra["choices"] = arg.choices
+            p.add_argument(arg.dest, metavar=arg.metavar, help=arg.help, **extra)
         config.add_arguments(p, command.name)
         p.add_argument(
             "--print-config",
@@ -164,7 +167,7 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     command: str = ns.command
     try:
         settings = config.load(command, vars(ns), env)
-        if hasattr(ns, "target_id"):
+        if getattr(ns, "target_id", None) is not None:
             _check_node_id(ns.target_id)
     except ConfigError as exc:
         _err(f"dhtsignal {command}: {exc}")
@@ -172,10 +175,12 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     if ns.print_config:
         _out(config.dump(settings, command).rstrip("\n"))
         return 0
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         if argv is None and command not in DAEMONS:
             _default_signal_handlers()  # a daemon keeps them until it installs its own
+        if command in SESSIONS and getattr(settings, "daemon", None) is None:
+            _require_webrtc(command)
         from dhtsignal import daemon
 
         return daemon.run(_HANDLERS[command](settings, ns))
@@ -197,12 +202,27 @@ def _out(line: str) -> None:
     print(line, flush=True)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from dhtsignal import logs
+
+    logs.setup(level, fmt, sys.stderr)
+
+
+def _require_webrtc(command: str) -> None:
+    """Refuse a command that runs WebRTC sessions when aiortc is not installed.
+
+    :raises UsageError: naming the extra to install.
+    """
+    from dhtsignal import WEBRTC_EXTRA
+
+    try:
+        import aiortc  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"'{command}' needs WebRTC support, which is not installed: "
+            f"pip install '{WEBRTC_EXTRA}' (a bootstrap node, peers, lookup and status "
+            "work without it)"
+        ) from None
 
 
 def _check_node_id(node_id: str) -> None:
@@ -234,11 +254,22 @@ def _runs(name: str) -> Callable[[_Handler], _Handler]:
     return attach
 
 
+def _reloader(command: str, ns: argparse.Namespace) -> Callable[[], Settings]:
+    """Reads a daemon's settings again (SIGHUP): the same flags, the environment as it
+    was at start, the config file as it is now."""
+    from dhtsignal import config
+
+    flags, env = vars(ns), dict(os.environ)
+    return lambda: config.load(command, flags, env)
+
+
 @_runs("bootstrap")
 async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import BootstrapDaemon
 
-    await BootstrapDaemon(settings, _out).run()
+    daemon = BootstrapDaemon(settings, _out)
+    daemon.reload_settings = _reloader("bootstrap", ns)
+    await daemon.run()
     return 0
 
 
@@ -246,17 +277,29 @@ async def _bootstrap(settings: Settings, ns: argparse.Namespace) -> int:
 async def _peer(settings: Settings, ns: argparse.Namespace) -> int:
     from dhtsignal.daemon import PeerDaemon
 
-    await PeerDaemon(settings, _out).run()
+    daemon = PeerDaemon(settings, _out)
+    daemon.reload_settings = _reloader("peer", ns)
+    await daemon.run()
     return 0
 
 
 @_runs("peers")
 async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.watch:
+        from dhtsignal import viadaemon
+        from dhtsignal.datadir import KnownPeers
+
+        known = None if settings.daemon else KnownPeers(settings.known_peers)
+        return await viadaemon.watch_peers(
+            settings.daemon, settings.room, settings.json, _out, settings=settings, known=known
+        )
+    if settings.daemon is not None:
+        return await _through_daemon("peers", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import PeerInfo, room_peers
 
-    known = KnownPeers(settings.known_peers)
+    known = KnownPeers(settings.known_peers, settings.network)  # read, never written here
     found: dict[str, PeerInfo] = {}
     async with client_node(settings, settings.bootstrap) as node:
         for room in settings.room:
@@ -274,7 +317,7 @@ async def _peers(settings: Settings, ns: argparse.Namespace) -> int:
 
 def _table(peers: Sequence[Any]) -> str:
     """An aligned text table of :class:`~dhtsignal.presence.PeerInfo`."""
-    header = ("NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN")
+    header = ("NODE_ID", "KEY", "ROOMS", "ADDRESSES", "EXPIRES_IN", "REFRESHED")
     rows = [header] + [
         (
             p.node_id,
@@ -282,6 +325,7 @@ def _table(peers: Sequence[Any]) -> str:
             ",".join(p.rooms),
             " ".join(_addr(a) for a in p.addresses) or "-",
             f"{p.expires_in:.0f}s",
+            f"{p.refreshed_ago:.0f}s ago",
         )
         for p in peers
     ]
@@ -297,13 +341,15 @@ def _addr(a: tuple[str, int]) -> str:
 
 @_runs("lookup")
 async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("lookup", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.datadir import KnownPeers
     from dhtsignal.presence import resolve
 
-    known = KnownPeers(settings.known_peers)
+    known = KnownPeers(settings.known_peers, settings.network)
     async with client_node(settings, settings.bootstrap) as node:
-        info = await resolve(node, ns.target_id, known)
+        info = await resolve(node, ns.target_id, known, pin=True)  # the user's own lookup
     if settings.json:
         _out(json.dumps(info.to_json()))
         return 0
@@ -313,21 +359,68 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
         ("self_id", info.self_id),
         ("rooms", ", ".join(info.rooms) or "-"),
         ("addresses", " ".join(_addr(a) for a in info.addresses) or "-"),
+        ("nat", info.nat),
         ("expires_in", f"{info.expires_in:.1f} s"),
+        ("refreshed", f"{info.refreshed_ago:.1f} s ago"),
     ]
     _out("\n".join(f"{k:<11} {v}" for k, v in fields))
     return 0
 
 
+@_runs("pins")
+async def _pins(settings: Settings, ns: argparse.Namespace) -> int:
+    from dhtsignal.datadir import KnownPeers
+
+    if settings.known_peers is None:
+        raise ConfigError("known_peers", "'none' keeps no pins to list or forget")
+    known = KnownPeers(settings.known_peers, settings.network)
+    if ns.action == "list":
+        if ns.pin_id is not None:
+            raise ConfigError("NODE_ID", "'pins list' takes no node ID")
+        pins = known.entries()
+        if settings.json:
+            _out(
+                json.dumps(
+                    [{"network": p.network, "node_id": p.node_id, "key": p.key} for p in pins]
+                )
+            )
+        elif not pins:
+            _err(f"no pins in {settings.known_peers}")
+        else:
+            rows = [("NETWORK", "NODE_ID", "KEY")] + [(p.network, p.node_id, p.key) for p in pins]
+            widths = [max(len(r[i]) for r in rows) for i in range(2)]
+            _out("\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows))
+        return 0
+    if ns.pin_id is None:
+        raise ConfigError("NODE_ID", "'pins forget' needs the node ID whose pin to forget")
+    old = known.forget(ns.pin_id)
+    if old is None:
+        elsewhere = sorted({p.network for p in known.entries() if p.node_id == ns.pin_id})
+        hint = (
+            f" (pinned in network {', '.join(map(repr, elsewhere))}: add --network)"
+            if elsewhere
+            else ""
+        )
+        _err(
+            f"dhtsignal pins: no pin for {ns.pin_id!r} in network {settings.network!r} "
+            f"in {settings.known_peers}{hint}"
+        )
+        return EXIT_FAILED
+    _out(f"forgot {ns.pin_id} (network {settings.network}, key {old}) in {settings.known_peers}")
+    return 0
+
+
 @_runs("status")
 async def _status(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("status", settings, ns)
     from dhtsignal.daemon import client_node
     from dhtsignal.errors import DhtTimeout, RpcTimeout
     from dhtsignal.wire.addr import show_addr
 
     assert settings.target is not None
     shown = show_addr(settings.target)
-    async with client_node(settings) as node:
+    async with client_node(settings, reach=[settings.target]) as node:
         assert node.address is not None
         targets = await node.resolve([settings.target])
         if not targets:
@@ -348,10 +441,11 @@ async def _status(settings: Settings, ns: argparse.Namespace) -> int:
 def _dialer_options(settings: Settings) -> dict[str, Any]:
     """The :class:`~dhtsignal.peer.Peer` options of ``ping``, ``send`` and ``chat``."""
     from dhtsignal.aio import rtc
+    from dhtsignal.daemon import bind_for
 
     rtc.use_host_addresses(list(settings.ice_host) or None)
     return {
-        "listen": settings.listen,
+        "listen": bind_for(settings.listen, settings.bootstrap),
         "ice_servers": settings.ice_servers(),
         "node_config": settings.node_config(client_mode=True),
         "known_peers": settings.known_peers,
@@ -360,6 +454,8 @@ def _dialer_options(settings: Settings) -> dict[str, Any]:
 
 @_runs("ping")
 async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("ping", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.ping(
@@ -374,6 +470,8 @@ async def _ping(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("send")
 async def _send(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("send", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.send(
@@ -388,11 +486,43 @@ async def _send(settings: Settings, ns: argparse.Namespace) -> int:
 
 @_runs("chat")
 async def _chat(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is not None:
+        return await _through_daemon("chat", settings, ns)
     from dhtsignal import dialing
 
     return await dialing.chat(
         ns.target_id, settings.bootstrap, emit=_out, **_dialer_options(settings)
     )
+
+
+async def _through_daemon(command: str, settings: Settings, ns: argparse.Namespace) -> int:
+    """Run a client command through the daemon of ``--daemon`` (:mod:`dhtsignal.viadaemon`)."""
+    from dhtsignal import viadaemon
+
+    d = settings.daemon
+    assert d is not None
+    if command == "peers":
+        return await viadaemon.peers(d, settings.room, settings.json, _out, _err)
+    if command == "lookup":
+        return await viadaemon.lookup(d, ns.target_id, settings.json, _out)
+    if command == "status":
+        return await viadaemon.status(d, settings.json, _out)
+    if command == "send":
+        return await viadaemon.send(d, ns.target_id, ns.text, settings.ack_timeout, _out)
+    if command == "ping":
+        return await viadaemon.ping(d, ns.target_id, settings.count, settings.json, _out)
+    if command == "chat":
+        return await viadaemon.chat(d, ns.target_id, _out)
+    if command == "recv":
+        return await viadaemon.recv(d, settings.json, _out)
+    raise ValueError(command)
+
+
+@_runs("recv")
+async def _recv(settings: Settings, ns: argparse.Namespace) -> int:
+    if settings.daemon is None:
+        raise ConfigError("daemon", "required by 'recv' (--daemon DATA_DIR or DHTSIGNAL_DAEMON)")
+    return await _through_daemon("recv", settings, ns)
 
 
 @_runs("demo")

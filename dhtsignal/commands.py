@@ -24,6 +24,10 @@ class Positional:
     """Its name in ``--help``."""
     help: str
     """Its line in ``--help``."""
+    choices: tuple[str, ...] | None = None
+    """The words it may be (None: any)."""
+    optional: bool = False
+    """It may be left out (then None)."""
 
 
 class Role(enum.Enum):
@@ -39,6 +43,10 @@ class Role(enum.Enum):
     """A short-lived anonymous peer that opens one WebRTC session."""
     DEMO = "demo"
     """Runs a whole network inside one process."""
+    CLIENT = "client"
+    """Talks to a running daemon through its local API (:mod:`dhtsignal.api`); no node."""
+    LOCAL = "local"
+    """Reads or changes local files only; runs no node."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,29 @@ COMMANDS: tuple[Command, ...] = (
         (_DIAL_TARGET,),
     ),
     Command(
+        "recv",
+        Role.CLIENT,
+        "stream the messages a running daemon receives (--daemon DATA_DIR)",
+        "Connect to the peer daemon of --daemon DATA_DIR and print every message it "
+        "receives, as 'message from NODE_ID: TEXT' or, with --json, one JSON event per line, "
+        "until interrupted or the daemon stops. Answer with 'send NODE_ID TEXT --daemon "
+        "DATA_DIR'.",
+    ),
+    Command(
+        "pins",
+        Role.LOCAL,
+        "list or forget pinned node-ID keys (the known-peers file)",
+        "'pins list' shows every pin of the known-peers file: network id, node ID and "
+        "key (--json: a list of objects). 'pins forget NODE_ID' removes the pin of NODE_ID "
+        "in the network given by --network (default: the default network), so that the "
+        "next lookup or dial pins the key the DHT presents then. Pins are written only by "
+        "your own lookups and dials, one set per network id.",
+        (
+            Positional("action", "ACTION", "list or forget", choices=("list", "forget")),
+            Positional("pin_id", "NODE_ID", "the node ID whose pin to forget", optional=True),
+        ),
+    ),
+    Command(
         "demo",
         Role.DEMO,
         "the embedded demo: a whole network on loopback, one dial, a timeline",
@@ -154,5 +185,10 @@ DIALERS = _with(Role.DIALER)
 """Short-lived peers that open one session."""
 SESSIONS = DIALERS | {"peer"}
 """The commands that run WebRTC sessions."""
-NODES = ALL - _with(Role.DEMO)
-"""The commands that run a DHT node of their own (``demo`` runs a whole network inside)."""
+NODES = ALL - _with(Role.DEMO) - _with(Role.CLIENT) - _with(Role.LOCAL)
+"""The commands that run a DHT node of their own (``demo`` runs a whole network inside,
+``pins`` and ``recv`` none)."""
+CLIENTS = frozenset({"send", "ping", "chat", "peers", "lookup", "status"}) | _with(Role.CLIENT)
+"""The commands that can use a running daemon's local API (``--daemon DATA_DIR``)."""
+PINNING = QUERIES | DIALERS | {"pins"}
+"""The commands that read the known-peers file."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dhtsignal.commands import ALL, DAEMONS, DIALERS, NODES, QUERIES, SESSIONS
+from dhtsignal.commands import ALL, CLIENTS, DAEMONS, DIALERS, NODES, PINNING, SESSIONS
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import MAX_TTL, RecordType, check_label
 from dhtsignal.dht.storage import StorageLimits
@@ -49,6 +49,7 @@ ENV_PREFIX = "DHTSIGNAL_"
 #: The word that turns an optional file setting off (``--known-peers none``).
 NONE_WORD = "none"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 DEFAULT_ROOM = "lobby"
 BOOTSTRAP_PORT = 4000
 
@@ -445,9 +446,14 @@ class Settings:
     """Threshold of the log messages written to stderr."""
     network: str = field(
         default=_NODE.network,
-        metadata=spec(text(_network, "NAME"), "network id (nodes must agree)", NODES),
+        metadata=spec(
+            text(_network, "NAME"),
+            "network id (nodes must agree; pins are per network)",
+            NODES | {"pins"},
+        ),
     )
-    """Network id carried by every RPC; nodes of other networks are ignored."""
+    """Network id carried by every RPC; nodes of other networks are ignored. Pinned keys
+    are kept per network id."""
     listen: Addr = field(
         default=("0.0.0.0", 0),
         metadata=spec(
@@ -526,10 +532,10 @@ class Settings:
     )
     """Rooms a peer announces itself in, or whose members ``peers`` lists."""
     presence_ttl: float = field(
-        default=120.0,
+        default=60.0,
         metadata=spec(
             number(lo=0.0, hi=MAX_TTL[RecordType.PRESENCE], lo_open=True),
-            "lifetime of presence records, seconds (refreshed at half)",
+            "lifetime of presence records, seconds (refreshed every third)",
             frozenset({"peer"}),
         ),
     )
@@ -550,23 +556,34 @@ class Settings:
         ),
     )
     """Client-mode node (query commands always run one)."""
+    keepalive_interval: float = field(
+        default=15.0,
+        metadata=spec(
+            number(lo=0.0, hi=3600.0, lo_open=True),
+            "client mode: seconds between keepalives to the nodes pushing to us (beat the "
+            "NAT's UDP mapping timeout)",
+            frozenset({"peer"}),
+        ),
+    )
+    """Client mode: seconds between keepalive pings to the DHT nodes holding the inbox
+    subscription, shorter than the NAT's UDP mapping timeout (often 20-30 s)."""
     known_peers: Path | None = field(
         default=None,
         metadata=spec(
             path(optional=True),
-            "pinned node-ID keys (like known_hosts); 'none' keeps pins in memory",
-            QUERIES | DIALERS,
+            "pinned node-ID keys, per network (like known_hosts); 'none' keeps pins in memory",
+            PINNING,
             per_command=_default_known_peers,
             default_help="$XDG_DATA_HOME/dhtsignal/known_peers",
         ),
     )
-    """File of pinned keys, one ``NODE_ID KEYHEX`` per line; None: in memory only."""
+    """File of pinned keys, one ``NODE_ID KEYHEX [NETWORK]`` per line; None: in memory only."""
     json: bool = field(
         default=False,
         metadata=spec(
             boolean(),
             "print JSON instead of text",
-            frozenset({"peers", "lookup", "status", "ping"}),
+            frozenset({"peers", "lookup", "status", "ping", "recv", "pins"}),
         ),
     )
     """Machine-readable output."""
@@ -616,6 +633,18 @@ class Settings:
         metadata=spec(text(), "password for the TURN servers", SESSIONS, default_help="none"),
     )
     """Password for every ``turn:``/``turns:`` server."""
+    ice_secret: str | None = field(
+        default=None,
+        metadata=spec(
+            text(),
+            "shared secret of the TURN servers (coturn use-auth-secret): mint credentials",
+            SESSIONS,
+            default_help="none",
+        ),
+    )
+    """coturn's ``static-auth-secret``: each session mints ephemeral TURN credentials
+    (username ``EXPIRY:NODE_ID``, password base64 HMAC-SHA1; :mod:`dhtsignal.ice`),
+    instead of ``ice_username``/``ice_credential``."""
     ice_host: tuple[str, ...] = field(
         default=(),
         metadata=spec(
@@ -659,10 +688,48 @@ class Settings:
         ),
     )
     """Per-source request rate limit."""
+    daemon: Path | None = field(
+        default=None,
+        metadata=spec(
+            path(),
+            "data directory of a running daemon to act through (its node ID, node, sessions)",
+            CLIENTS,
+            default_help="none: run a throwaway node",
+            required=False,
+        ),
+    )
+    """A running daemon's data directory: the command uses its local API (``api.sock``)
+    instead of starting a node of its own, and needs no ``bootstrap``."""
+    metrics: Addr | None = field(
+        default=None,
+        metadata=spec(
+            address(),
+            "serve Prometheus metrics over HTTP at HOST:PORT",
+            DAEMONS,
+            default_help="none",
+        ),
+    )
+    """Where a daemon serves ``/metrics`` (Prometheus text); None: nowhere."""
+    log_format: str = field(
+        default="text",
+        metadata=spec(choice(LOG_FORMATS), "log line format: text, or json (one object a line)"),
+    )
+    """How log lines on stderr are written."""
+    watch: bool = field(
+        default=False,
+        metadata=spec(
+            boolean(), "keep running and print each join and leave", frozenset({"peers"})
+        ),
+    )
+    """``peers --watch``: print the room's joins and leaves as they happen."""
     storage_max_keys: int = _limit("max_keys", "storage: distinct keys held")
     """Distinct keys held for others."""
     storage_max_values_per_key: int = _limit("max_values_per_key", "storage: records per key")
     """Records (one per signer slot) per key."""
+    storage_max_slots_per_signer: int = _limit(
+        "max_slots_per_signer", "storage: records of one signer per key"
+    )
+    """Records (slots) one signer holds under one key; its next one is refused."""
     storage_max_bytes: int = _limit("max_bytes", "storage: total record bytes held")
     """Total encoded record bytes held."""
     storage_max_bytes_per_source: int = _limit(
@@ -710,7 +777,9 @@ class Settings:
         out: list[dict[str, Any]] = []
         for url in self.ice_server:
             entry: dict[str, Any] = {"urls": url}
-            if not url.startswith("stun:"):
+            if not url.startswith("stun:") and self.ice_secret is not None:
+                entry["secret"] = self.ice_secret
+            elif not url.startswith("stun:"):
                 entry["username"] = self.ice_username
                 entry["credential"] = self.ice_credential
             out.append(entry)
@@ -911,9 +980,10 @@ def load(
         if name in flags:
             values[name] = _from_flag(name, flags[name])
 
+    through_daemon = values.get("daemon") is not None  # the daemon has its own bootstrap
     for name in names:
         spec = SPECS[name]
-        if spec.required and not values.get(name, _DEFAULTS[name]):
+        if spec.required and not through_daemon and not values.get(name, _DEFAULTS[name]):
             raise ConfigError(
                 name,
                 f"required by '{command}' ({flag_of(name)} {spec.vtype.metavar}, "

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -46,12 +47,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dhtsignal.aio.node import DhtNode, routing_id
 from dhtsignal.config import Settings
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock
-from dhtsignal.errors import ConfigError, DhtTimeout, NodeIdTaken, PeerNotFound, UsageError
+from dhtsignal.errors import ConfigError, DhtTimeout, PeerNotFound, UsageError
 from dhtsignal.identity import Identity
-from dhtsignal.presence import resolve
-from dhtsignal.wire.addr import Addr, show_addr, show_addrs
+from dhtsignal.presence import claim_holder, resolve
+from dhtsignal.wire.addr import Addr, listen_for, show_addr, show_addrs
 
 if TYPE_CHECKING:  # aiortc is imported only by the commands that run sessions
+    from dhtsignal.api import ApiServer, DaemonApi, SessionHub
+    from dhtsignal.metrics import MetricsServer
     from dhtsignal.peer import Peer
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,10 @@ T = TypeVar("T")
 SHUTDOWN_BUDGET = 1.6
 #: Of which a peer may spend this long publishing its tombstones.
 SIGNOFF_BUDGET = 1.0
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Signals that end a daemon (the state is saved on the way out).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+#: The signal that reloads what can be reloaded (log level, accept list) and saves.
+RELOAD_SIGNAL = signal.SIGHUP
 
 ReadyCallback = Callable[[str], None]
 
@@ -105,6 +111,11 @@ class Daemon:
         self.node: DhtNode | None = None
         self.identity: Identity | None = None
         self._lock = DataDirLock(self.data_dir)
+        self.api: DaemonApi | None = None
+        self._api_server: ApiServer | None = None
+        self.reload_settings: Callable[[], Settings] | None = None
+        """Reads the settings again on SIGHUP (the CLI sets it; None: SIGHUP only saves)."""
+        self._metrics_server: MetricsServer | None = None
 
     async def run(self) -> None:
         """Start, announce readiness, serve until SIGTERM/SIGINT, shut down.
@@ -113,23 +124,30 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+        handled = (*_STOP_SIGNALS, RELOAD_SIGNAL)
+        before = {sig: signal.getsignal(sig) for sig in handled}
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(RELOAD_SIGNAL, self.reload)
         try:
             if await self._unless_stopped(self.start(), stop):
-                self.ready(self.ready_line())
+                await self.start_api()
+                line = self.ready_line()
+                if self._metrics_server is not None and self._metrics_server.bound:
+                    line += f" metrics={show_addr(self._metrics_server.bound)}"
+                self.ready(line)
                 await self.serve(stop)
             else:
                 log.info("stopped while starting")
         finally:
             try:
+                await self.stop_api()
                 await asyncio.wait_for(self.shutdown(), SHUTDOWN_BUDGET)
             except TimeoutError:
                 log.warning("shutdown took over %.1f s; exiting anyway", SHUTDOWN_BUDGET)
             finally:
                 self._lock.release()
-                for sig in _STOP_SIGNALS:
+                for sig in handled:
                     loop.remove_signal_handler(sig)
                     if before[sig] is not None:  # e.g. the CLI's quiet exit
                         signal.signal(sig, before[sig])
@@ -174,6 +192,79 @@ class Daemon:
         await node.close()
         log.info("stopped")
 
+    def reload(self) -> None:
+        """SIGHUP: read the settings again and apply the log level and the accept list;
+        save the state. A bad config file is logged and changes nothing."""
+        from dhtsignal import logs
+
+        self.save()
+        if self.reload_settings is None:
+            return
+        try:
+            new = self.reload_settings()
+        except ConfigError as exc:
+            log.warning("SIGHUP: settings not reloaded: %s", exc)
+            return
+        logs.set_level(new.log_level)
+        self.apply_reloaded(new)
+        self.settings = dataclasses.replace(
+            self.settings, log_level=new.log_level, accept=new.accept
+        )
+        log.info(
+            "SIGHUP: reloaded settings: log_level %s, accept %s",
+            new.log_level,
+            ", ".join(new.accept) or "anyone",
+        )
+
+    def apply_reloaded(self, new: Settings) -> None:
+        """Apply what a peer reloads besides the log level (nothing for a bootstrap node)."""
+
+    # -- local API ----------------------------------------------------------------------
+
+    def make_api(self) -> DaemonApi:
+        """The operations this daemon offers on its local API."""
+        from dhtsignal.api import DaemonApi, Events
+        from dhtsignal.datadir import KnownPeers
+
+        assert self.node is not None and self.identity is not None
+        return DaemonApi(
+            self.command,
+            self.node,
+            KnownPeers(self.data_dir / KNOWN_PEERS_FILE),
+            events=Events(),
+            key=self.identity.public_key.hex(),
+        )
+
+    async def start_api(self) -> None:
+        """Serve the local API on the socket in the data directory (:mod:`dhtsignal.api`),
+        and the metrics with ``--metrics`` (:mod:`dhtsignal.metrics`).
+
+        :raises ConfigError: the metrics address cannot be bound.
+        """
+        from dhtsignal.api import ApiServer, socket_path
+
+        self.api = api = self.make_api()
+        if self.settings.metrics is not None:
+            from dhtsignal.metrics import DaemonMetrics, MetricsServer
+
+            metrics = DaemonMetrics(api)
+            if api.hub is not None:
+                api.hub.on_setup = metrics.observe_setup
+            self._metrics_server = MetricsServer(metrics.exposition, self.settings.metrics)
+            await self._metrics_server.start()  # ConfigError("metrics") if it cannot
+        server = ApiServer(api, socket_path(self.data_dir))
+        if await server.start():
+            self._api_server = server
+
+    async def stop_api(self) -> None:
+        """Stop serving the local API (before the node closes)."""
+        if self._metrics_server is not None:
+            metrics, self._metrics_server = self._metrics_server, None
+            await metrics.close()
+        if self._api_server is not None:
+            server, self._api_server = self._api_server, None
+            await server.close()
+
     # -- helpers ------------------------------------------------------------------------
 
     async def open_node(self) -> DhtNode:
@@ -196,7 +287,7 @@ class Daemon:
             restored,
             len(node.table),
         )
-        await node.listen_udp(*s.listen)  # ConfigError("listen") if it cannot
+        await node.listen_udp(*bind_for(s.listen, s.join))  # ConfigError("listen") if it cannot
         node.spawn(self._save_periodically(), name="save-state")
         return node
 
@@ -264,6 +355,23 @@ class PeerDaemon(Daemon):
         super().__init__(settings, ready)
         self.peer: Peer | None = None
         self.node_id = settings.node_id or ""
+        self.hub: SessionHub | None = None
+
+    def apply_reloaded(self, new: Settings) -> None:
+        """The accept list takes effect for the next incoming session."""
+        if self.peer is not None:
+            self.peer.accept = set(new.accept) if new.accept else None
+
+    def make_api(self) -> DaemonApi:
+        """The local API with the peer's sessions (:class:`~dhtsignal.api.SessionHub`)."""
+        from dhtsignal.api import SessionHub
+
+        api = super().make_api()
+        assert self.peer is not None
+        api.known = self.peer.known
+        api.node_id = self.node_id
+        self.hub = api.hub = SessionHub(self.peer, api.events, self.ready)
+        return api
 
     async def start(self) -> None:
         """Lock the data directory, then :meth:`Peer.start <dhtsignal.peer.Peer.start>`:
@@ -272,9 +380,12 @@ class PeerDaemon(Daemon):
         records; then save periodically, re-join when the table runs empty, and read the
         node ID back.
 
+        Until a bootstrap node answers, the join is retried every ``rejoin_interval``
+        seconds (as a bootstrap node retries its ``--join`` nodes), with one warning.
+
         :raises ConfigError: the data directory, its state or the listen address is unusable.
-        :raises DhtTimeout: no bootstrap node answered.
-        :raises NodeIdTaken: another key holds a live claim on the node ID.
+        :raises NodeIdTaken: another key holds a live claim on the node ID (saying until
+            when).
         """
         from dhtsignal.aio import rtc
         from dhtsignal.peer import Peer, PeerConfig
@@ -287,7 +398,7 @@ class PeerDaemon(Daemon):
         self.peer = peer = Peer(
             self.node_id,
             s.bootstrap,
-            listen=s.listen,
+            listen=bind_for(s.listen, s.bootstrap),
             rooms=list(s.room),
             data_dir=self.data_dir,
             identity=identity,
@@ -297,7 +408,12 @@ class PeerDaemon(Daemon):
             claim_ttl=s.claim_ttl,
             node_config=s.node_config(),
             known_peers=self.data_dir / KNOWN_PEERS_FILE,
-            config=PeerConfig(keep_state=True, sign_off_timeout=SIGNOFF_BUDGET),
+            config=PeerConfig(
+                keep_state=True,
+                sign_off_timeout=SIGNOFF_BUDGET,
+                join_retry_interval=s.rejoin_interval,
+                keepalive_interval=s.keepalive_interval,
+            ),
         )
         self.node = node = peer.node
         await peer.start()
@@ -305,9 +421,7 @@ class PeerDaemon(Daemon):
         node.spawn(self._save_periodically(), name="save-state")
         self.keep_joined(s.bootstrap)
         if not await self._owns_node_id():
-            raise NodeIdTaken(
-                f"node id {self.node_id!r} is taken: another key holds a live claim on it"
-            )
+            raise await claim_holder(node, self.node_id, identity.public_key)
         log.info("published %s in rooms %s", self.node_id, ", ".join(s.room))
 
     async def _owns_node_id(self) -> bool:
@@ -326,11 +440,12 @@ class PeerDaemon(Daemon):
         return info.key == self.identity.public_key.hex()
 
     def ready_line(self) -> str:
-        """``ready peer node_id=NAME key=<public key hex> addr=HOST:PORT``."""
+        """``ready peer node_id=NAME key=<public key hex> addr=HOST:PORT nat=TYPE``."""
         assert self.node is not None and self.identity is not None
+        nat = self.peer.nat if self.peer is not None else "unknown"
         return (
             f"ready peer node_id={self.node_id} key={self.identity.public_key.hex()} "
-            f"addr={show_addr(self.node.address)}"
+            f"addr={show_addr(self.node.address)} nat={nat}"
         )
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -338,10 +453,8 @@ class PeerDaemon(Daemon):
 
         Presence refresh, state saves and re-joins run as tasks of the node.
         """
-        from dhtsignal.dialing import serve_sessions
-
-        assert self.peer is not None
-        serving = asyncio.create_task(serve_sessions(self.peer, self.ready), name="sessions")
+        assert self.hub is not None
+        serving = asyncio.create_task(self.hub.serve(), name="sessions")
         try:
             await stop.wait()
         finally:
@@ -358,16 +471,32 @@ class PeerDaemon(Daemon):
             log.info("stopped")
 
 
+def bind_for(listen: Addr, targets: Sequence[Addr]) -> Addr:
+    """The address to bind to reach ``targets`` (see :func:`~dhtsignal.wire.addr.listen_for`:
+    the IPv4 wildcard becomes the dual-stack ``[::]`` for an IPv6 target).
+
+    :raises ConfigError: ``listen`` cannot reach a target's address family.
+    """
+    try:
+        return listen_for(listen, targets)
+    except ValueError as exc:
+        raise ConfigError("listen", str(exc)) from None
+
+
 @contextlib.asynccontextmanager
-async def client_node(settings: Settings, addrs: Sequence[Addr] = ()) -> AsyncIterator[DhtNode]:
+async def client_node(
+    settings: Settings, addrs: Sequence[Addr] = (), *, reach: Sequence[Addr] = ()
+) -> AsyncIterator[DhtNode]:
     """A short-lived client-mode node with a throwaway key, joined through ``addrs``.
+
+    :param reach: other addresses it will talk to (the family of its socket follows them).
 
     :raises DhtTimeout: none of ``addrs`` answered.
     :raises ConfigError: the listen address cannot be bound.
     """
     node = DhtNode(routing_id(os.urandom(32)), settings.node_config(client_mode=True))
     try:
-        await node.listen_udp(*settings.listen)
+        await node.listen_udp(*bind_for(settings.listen, [*addrs, *reach]))
         began = time.monotonic()
         if addrs and await node.bootstrap(addrs) == 0:
             raise _unreachable(addrs, began)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode
+from dhtsignal.identity import Identity
 from dhtsignal.peer import Peer
 from dhtsignal.presence import room_peers
 
@@ -49,8 +50,9 @@ async def run_demo(emit: Callable[[str], None] = print, *, nodes: int = DHT_NODE
         say(f"{nodes} DHT nodes joined (no other server exists)")
         bootstrap = [f"{host}:{port}"]
         async with (
-            Peer("alice", bootstrap, rooms=[ROOM]) as alice,
-            Peer("bob", bootstrap, rooms=[ROOM]) as bob,
+            # Throwaway keys: the demo's network lives for one run; nothing is written.
+            Peer("alice", bootstrap, rooms=[ROOM], identity=Identity.generate()) as alice,
+            Peer("bob", bootstrap, rooms=[ROOM], identity=Identity.generate()) as bob,
         ):
             say(f"alice and bob published signed presence in room {ROOM!r}")
             online = await room_peers(alice.node, ROOM)

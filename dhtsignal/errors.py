@@ -58,20 +58,69 @@ class RecordRejected(DhtSignalError):
 
 
 class PinnedKeyChanged(RemoteError):
-    """A node ID we pinned is now presented with another key."""
+    """A node ID we pinned is now presented with another key.
 
-    def __init__(self, node_id: str, pinned: str, seen: str) -> None:
+    ``path`` is the pin file (None: pins kept in memory), ``network`` the network id the
+    pin belongs to; the message names both and the way out (``dhtsignal pins forget``).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        pinned: str,
+        seen: str,
+        *,
+        path: str | None = None,
+        network: str | None = None,
+        remedy: str | None = None,
+    ) -> None:
+        where = f" in {path}" if path else ""
+        scope = f" (network {network!r})" if network else ""
+        way_out = remedy or f"dhtsignal pins forget {node_id}"
         super().__init__(
-            f"node id {node_id!r} is pinned to key {pinned[:16]}… but the DHT presents key "
-            f"{seen[:16]}…; refusing (remove the entry from known_peers to accept it)"
+            f"node id {node_id!r}{scope} is pinned to key {pinned[:16]}…{where} but the DHT "
+            f"presents key {seen[:16]}…; refusing. If its owner changed keys on purpose, "
+            f"forget the pin: {way_out}"
         )
         self.node_id = node_id
         self.pinned = pinned
         self.seen = seen
+        self.path = path
+        self.network = network
 
 
 class NodeIdTaken(RemoteError):
-    """Another key holds a live claim on the node ID."""
+    """Another key holds a live claim on the node ID.
+
+    ``node_id``, the ``holder``'s key (hex) and ``until`` (wall-clock UNIX time the
+    holder's claim expires unless refreshed) are set when they are known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node_id: str | None = None,
+        holder: str | None = None,
+        until: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.holder = holder
+        self.until = until
+
+
+class DaemonError(RemoteError):
+    """A running daemon refused or failed a request of its local API (:mod:`dhtsignal.api`).
+
+    ``type_name`` names the daemon's error class (``DialFailed``, ``PeerNotFound``...,
+    ``DaemonGone`` when the connection ended), ``reason`` its machine tag or None.
+    """
+
+    def __init__(self, type_name: str, reason: str | None, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.reason = reason
 
 
 class PeerNotFound(RemoteError):
@@ -103,7 +152,8 @@ class StoreLimitExceeded(PutFailed):
     """No storing node accepted a record because a storage limit is used up.
 
     ``limit`` is the storing nodes' refusal reason: ``quota`` (records or bytes per
-    source address), ``key-full`` (values per key) or ``store-full`` (a node's total).
+    source address), ``key-full`` (values per key), ``signer-full`` (slots of one signer
+    under one key) or ``store-full`` (a node's total).
     """
 
     def __init__(self, limit: str, message: str) -> None:
@@ -153,11 +203,17 @@ class ConnectFailed(RemoteError):
         local_types: tuple[str, ...],
         remote_types: tuple[str, ...],
         tried: tuple[str, ...],
+        *,
+        hint: str = "",
     ) -> None:
         super().__init__(
             f"WebRTC connection failed ({reason}) after {seconds:.1f} s; "
             + self.describe(local_types, remote_types, tried)
+            + (f"; {hint}" if hint else "")
         )
+        self.hint = hint
+        """What was missing: both NAT types, silent or refusing STUN/TURN servers,
+        whether a TURN server is needed (empty if not known)."""
         self.reason = reason
         self.seconds = seconds
         self.local_types = local_types
@@ -173,6 +229,28 @@ class ConnectFailed(RemoteError):
             f"local candidates: {', '.join(local_types) or 'none'}; remote candidates: "
             f"{', '.join(remote_types) or 'none'}; pairs tried: {', '.join(tried) or 'none'}"
         )
+
+
+class BindingFailed(ConnectFailed):
+    """The connection opened, but the peer at the other end of it is not the key we dialed
+    or accepted: its channel-binding signature over the DTLS certificate fingerprints does
+    not verify under that key (``reason`` ``binding-failed``; see
+    :mod:`dhtsignal.signaling.binding`). A relay that spliced two sessions causes this."""
+
+    def __init__(self, remote_id: str, remote_key: bytes, seconds: float) -> None:
+        RemoteError.__init__(
+            self,
+            f"channel binding failed with {remote_id}: the other end of the DTLS connection "
+            f"did not prove it holds key {remote_key.hex()[:16]}... (its signature over the "
+            "DTLS fingerprints, session id and both keys does not verify); a relay may have "
+            "spliced two sessions (unknown key-share), so the session was closed",
+        )
+        self.reason = "binding-failed"
+        self.seconds = seconds
+        self.local_types = self.remote_types = self.tried = ()
+        self.hint = ""
+        self.remote_id = remote_id
+        self.remote_key = remote_key
 
 
 class DependencyChanged(DhtSignalError):

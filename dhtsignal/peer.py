@@ -35,6 +35,13 @@ and the loser's ``connect()`` returns the session it answered.
 
 Each session (:class:`~dhtsignal.session.Session`) has two pre-negotiated data channels:
 ``data`` for the user's messages and ``ctl`` for ping/pong and sync/synced.
+
+4. *binding*: once the channels are open, each side sends on ``ctl`` its signature over
+   both DTLS certificate fingerprints, the session id and both keys
+   (:mod:`dhtsignal.signaling.binding`) and checks the remote's under the key it dialed or
+   accepted; ``connect()`` and ``incoming()`` hand out a session only after that check,
+   and a mismatch closes it with :class:`~dhtsignal.errors.BindingFailed`. The check runs
+   inside the connect deadline, and the ``dtls_sctp`` phase includes it.
 """
 
 from __future__ import annotations
@@ -45,29 +52,41 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from dhtsignal import ice, nat
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
-from dhtsignal.datadir import KNOWN_PEERS_FILE, KnownPeers
+from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
 from dhtsignal.dht import records
+from dhtsignal.dht.events import SubscriptionRenewed
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
 from dhtsignal.errors import (
+    BindingFailed,
     ConfigError,
     ConnectFailed,
     DhtSignalError,
     DhtTimeout,
     DialFailed,
     NodeIdTaken,
+    SessionClosed,
     UsageError,
 )
 from dhtsignal.identity import Identity, self_certifying_id
-from dhtsignal.presence import PeerInfo, Presence, resolve
+from dhtsignal.presence import (
+    DEFAULT_TTL,
+    PeerInfo,
+    Presence,
+    claim_holder,
+    label_owner,
+    resolve,
+)
+from dhtsignal.rooms import RoomEvent
 from dhtsignal.session import DEFAULT_MAX_UNREAD_BYTES, Session
 from dhtsignal.signaling import inbox as inbox_protocol
 from dhtsignal.signaling.envelope import MessageType
@@ -97,6 +116,7 @@ T = TypeVar("T")
 
 #: An SDP with at least one candidate line.
 _CANDIDATE_LINE = re.compile(r"^a=candidate:", re.M)
+_RELAY_LINE = re.compile(r"^a=candidate:[^\r\n]* typ relay[^\r\n]*\r?\n", re.M)
 NO_CANDIDATES = (
     "gathered no ICE candidates: no usable local address and no STUN/TURN server answered "
     "(check the ICE host addresses and the TURN credentials)"
@@ -131,6 +151,38 @@ class PeerConfig:
     save it at close, as the peer daemon does. Needs a data directory."""
     sign_off_timeout: float = 1.0
     """Seconds :meth:`Peer.close` spends publishing tombstones at most."""
+    push_ack_timeout: float | None = 0.8
+    """Seconds a dial waits for the callee's own DHT node to acknowledge the offer pushed
+    to it directly (``ds_notify`` answered by the node listening on the callee's inbox).
+    Without an acknowledgement and without an answer by then, the dial fails with
+    :class:`DialFailed` reason ``not-responding`` (a crashed peer whose presence has not
+    expired yet). The default, twice the DHT's ``rpc_timeout``, leaves room for the first
+    try and one retry of the push. None: wait for the answer deadline instead (for callees
+    whose DHT node cannot be reached unsolicited). Not applied when the presence says the
+    callee's node runs in client mode or is behind a cone or symmetric NAT (where
+    unsolicited pushes may be filtered). A presence reused from the resolve cache is read
+    again before the verdict (the callee may have restarted at another address)."""
+    keepalive_interval: float | None = 15.0
+    """Client mode or behind a NAT (:attr:`Peer.behind_nat`): seconds between keepalive
+    pings to the DHT nodes that hold our inbox subscription, so that the NAT mappings they
+    push offers through stay open (home routers drop idle UDP mappings after 20-30 s).
+    None: none."""
+    subscribe_wait: float = 2.0
+    """Client mode or behind a NAT: seconds :meth:`Peer.start` waits for the inbox
+    subscription to be accepted, so that the first presence names the nodes holding it."""
+    prefer_direct: bool = True
+    """When both sides know their NAT allows a direct path (open or cone, not
+    symmetric), a dial leaves TURN out (no relay candidates on either side), so ICE cannot
+    settle on a relay while the direct pair is being punched. False: always offer relay
+    candidates when TURN is configured."""
+    dht_stun: bool = True
+    """Use a DHT node that answered recently as the sessions' STUN server when none is
+    configured (:mod:`dhtsignal.ice`): server-reflexive candidates without any
+    third-party server. False: host candidates only, unless a STUN server is configured."""
+    join_retry_interval: float | None = None
+    """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
+    (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
+    daemon does (``--rejoin-interval``)."""
 
     def __post_init__(self) -> None:
         for name in ("max_unread_bytes", "max_pending_incoming", "max_seen"):
@@ -141,6 +193,10 @@ class PeerConfig:
         for name in ("store_delay", "resolve_cache_ttl", "sign_off_timeout"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"peer.{name}", "must not be negative")
+        for name in ("push_ack_timeout", "join_retry_interval"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"peer.{name}", "must be a positive number of seconds or None")
         if not self.inbox_ttl > 0:
             raise ConfigError("peer.inbox_ttl", "must be a positive number of seconds")
 
@@ -296,8 +352,11 @@ class Peer:
     :param bootstrap: ``"HOST:PORT"`` strings or ``(host, port)`` of nodes to join through.
     :param listen: where our DHT node binds.
     :param rooms: rooms to announce ourselves in.
-    :param data_dir: where the identity key and known peers live (None: a fresh key), and
-        the saved DHT state with :attr:`PeerConfig.keep_state`.
+    :param data_dir: where the identity key and known peers live, and the saved DHT state
+        with :attr:`PeerConfig.keep_state`. None: for a peer with a ``node_id``, its own
+        directory in the CLI's data home (``$XDG_DATA_HOME/dhtsignal/peers/NODE_ID``,
+        :func:`default_data_dir`), locked while the peer runs, so that a program run
+        again keeps its key and so its node ID; an anonymous peer gets a fresh key.
     :param ice_servers: STUN/TURN servers (``{"urls": ..., "username": ..., "credential": ...}``
         or URL strings); empty by default: never aiortc's public default.
     :param accept: node IDs allowed to open sessions to us; None accepts anyone.
@@ -312,6 +371,9 @@ class Peer:
         every failed incoming handshake (tracing, metrics, tests); must not raise.
     :param connection_factory: makes each session's connection from the ICE server list
         (default :func:`dhtsignal.aio.rtc.new_connection`).
+    :raises UsageError: the default data directory of ``node_id`` is in use (by another
+        ``Peer`` or process).
+    :raises ConfigError: the data directory is unusable.
     """
 
     def __init__(
@@ -325,7 +387,7 @@ class Peer:
         ice_servers: Sequence[dict[str, Any] | str] = (),
         accept: Sequence[str] | None = None,
         timeouts: SessionTimeouts | None = None,
-        presence_ttl: float = 120.0,
+        presence_ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
         node_config: NodeConfig | None = None,
         known_peers: str | Path | None = None,
@@ -341,6 +403,10 @@ class Peer:
         self.bootstrap_addrs = [parse_addr(b) if isinstance(b, str) else b for b in bootstrap]
         self.listen_addr = parse_addr(listen) if isinstance(listen, str) else listen
         self.rooms = list(rooms) if rooms else None
+        self._lock: DataDirLock | None = None
+        if data_dir is None and node_id is not None and identity is None:
+            data_dir = default_data_dir(node_id)
+            self._lock = DataDirLock(data_dir)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         if self.config.keep_state and self.data_dir is None:
             raise UsageError("PeerConfig(keep_state=True) needs a data_dir")
@@ -352,7 +418,13 @@ class Peer:
         if identity is not None:
             self.identity = identity
         elif self.data_dir is not None:
-            self.identity = Identity.load_or_create(self.data_dir)
+            if self._lock is not None:
+                self._lock.acquire()  # released by close() (or below if __init__ fails)
+            try:
+                self.identity = Identity.load_or_create(self.data_dir)
+            except BaseException:
+                self._release()
+                raise
         else:
             self.identity = Identity.generate()
         cfg = node_config or NodeConfig()
@@ -362,10 +434,17 @@ class Peer:
         pins = Path(known_peers) if known_peers else None
         if pins is None and self.data_dir is not None:
             pins = self.data_dir / KNOWN_PEERS_FILE
-        self.known = KnownPeers(pins)
+        self.known = KnownPeers(pins, cfg.network)
         self.presence: Presence | None = None
         self.stats: Counter[str] = Counter()
-        self.inbox = Inbox(self.identity, ttl=self.config.inbox_ttl, max_seen=self.config.max_seen)
+        self.inbox = Inbox(
+            self.identity,
+            ttl=self.config.inbox_ttl,
+            max_seen=self.config.max_seen,
+            network=cfg.network,
+        )
+        self.nat = nat.UNKNOWN
+        """Our NAT type (:mod:`dhtsignal.nat`), classified when the peer starts."""
         self._observer = observer
         self._new_connection = connection_factory
         self._dials: dict[bytes, _Dial] = {}
@@ -389,6 +468,16 @@ class Peer:
         """Our self-certifying node ID."""
         return self.identity.self_id
 
+    @property
+    def pending_incoming(self) -> int:
+        """Incoming handshakes in progress (being answered, not yet open)."""
+        return self._pending_incoming
+
+    @property
+    def dialing(self) -> int:
+        """Outgoing dials in progress."""
+        return len(self._dials)
+
     async def start(self) -> None:
         """Load the saved state (with :attr:`PeerConfig.keep_state`), bind, join the DHT,
         listen on the inbox, claim the node ID and publish presence. On failure the peer
@@ -403,14 +492,16 @@ class Peer:
                 self._load_state()
             await self.node.listen_udp(*self.listen_addr)
             if self.bootstrap_addrs:
-                began = time.monotonic()
-                if await self.node.bootstrap(self.bootstrap_addrs) == 0:
-                    raise DhtTimeout(
-                        "joining the DHT (no bootstrap node answered: "
-                        f"{show_addrs(self.bootstrap_addrs)})",
-                        time.monotonic() - began,
-                    )
+                await self._join()
+                await self.detect_nat()
             await self._listen_inbox()
+            if self.behind_nat and self.bootstrap_addrs:
+                if self.node_id is not None:  # the presence names the holders
+                    await self._subscribed(self.config.subscribe_wait)
+                if self.config.keepalive_interval is not None:
+                    self.node.spawn(
+                        self._keepalive(self.config.keepalive_interval), name="keepalive"
+                    )
             if self.node_id is not None:
                 presence = Presence(
                     self.node,
@@ -419,18 +510,160 @@ class Peer:
                     self.rooms,
                     ttl=self.presence_ttl,
                     claim_ttl=self.claim_ttl,
+                    nat=self.nat,
+                    holders=self.inbox_holders if self.behind_nat else None,
                 )
                 try:
                     await presence.start()
                 except NodeIdTaken:
-                    raise NodeIdTaken(
-                        f"node id {self.node_id!r} is taken: another key holds a live claim on it"
-                    ) from None
+                    raise await claim_holder(self.node, self.node_id, self.public_key) from None
                 self.presence = presence
         except BaseException:
             await self.close()
             raise
         self._started = True
+
+    @property
+    def behind_nat(self) -> bool:
+        """Whether our DHT node runs in client mode or found itself behind a NAT (cone or
+        symmetric): then keepalives hold our mappings toward the nodes that push to us,
+        and our presence names them."""
+        return self.node.config.client_mode or self.nat in (nat.CONE, nat.SYMMETRIC)
+
+    def inbox_holders(self) -> list[Addr]:
+        """The DHT nodes that accepted our inbox subscription (they push to us)."""
+        return self.node.subscription_holders(self.inbox.key)
+
+    async def _subscribed(self, timeout: float) -> bool:
+        """Wait until some node accepted our inbox subscription (at most ``timeout``)."""
+        if self.inbox_holders():
+            return True
+        renewed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def seen(event: Any) -> None:
+            mine = isinstance(event, SubscriptionRenewed) and event.key == self.inbox.key
+            if mine and event.accepted and not renewed.done():
+                renewed.set_result(None)
+
+        remove = self.node.observe(seen)
+        try:
+            await asyncio.wait_for(renewed, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            remove()
+
+    async def _keepalive(self, interval: float) -> None:
+        """Ping the nodes holding our inbox subscription every ``interval`` seconds, so
+        that our NAT keeps the mappings they push through (counted ``keepalive``)."""
+        while True:
+            await asyncio.sleep(interval)
+            for addr in self.inbox_holders():
+                try:
+                    fut = self.node.request(addr, "ds_ping", self.node.ds_args())
+                except DhtSignalError:
+                    break
+                fut.add_done_callback(ignore_outcome)
+                self.stats["keepalive"] += 1
+
+    async def detect_nat(self) -> str:
+        """Classify our NAT from what the bootstrap nodes and recent contacts saw
+        (:func:`dhtsignal.nat.detect`); the next presence refresh announces it.
+
+        :returns: ``open``, ``cone``, ``symmetric`` or ``unknown``.
+        """
+        targets = nat.public_nodes(self.node, self.bootstrap_addrs, self.node.loop.time())
+        self.nat = await nat.detect(self.node, targets)
+        if self.presence is not None:
+            self.presence.records.nat = self.nat
+        log.info("NAT type: %s (asked %s)", self.nat, show_addrs(targets))
+        return self.nat
+
+    def ice_servers_now(self) -> list[rtc.IceServer]:
+        """The STUN/TURN servers the next session uses (:func:`dhtsignal.ice.choose`):
+        the configured ones, and a DHT node that answered recently as the STUN server
+        unless one is configured or :attr:`PeerConfig.dht_stun` is off.
+
+        :raises ConfigError: a configured server is malformed.
+        """
+        return ice.choose(
+            self.ice_servers,
+            self.node,
+            self.bootstrap_addrs,
+            name=self.node_id or self.self_id,
+            now=self.node.loop.time(),
+            wallclock=self.node.wallclock(),
+            dht_stun=self.config.dht_stun,
+        )
+
+    async def _explain(
+        self,
+        pc: rtc.PeerConnection,
+        servers: Sequence[rtc.IceServer],
+        remote_nat: str,
+        remote: str,
+    ) -> str:
+        """What a failed connection lacked: both NAT types, the servers that gave no
+        candidate, and whether only TURN can help."""
+        local, remote_types, _ = rtc.candidate_types(pc)
+        parts = [f"NAT here: {self.nat}, at {remote}: {remote_nat}"]
+        parts += await ice.gathering_problems(pc, servers)
+        relayed = "relay" in local or "relay" in remote_types
+        nats = {self.nat, remote_nat}
+        if not relayed and nat.SYMMETRIC in nats and nat.OPEN not in nats:
+            both = self.nat == remote_nat == nat.SYMMETRIC
+            parts.append(
+                ("both sides are behind symmetric NATs" if both else "a symmetric NAT")
+                + ": a TURN server is needed (--ice-server turn:HOST:PORT with "
+                "--ice-username/--ice-credential, or --ice-secret)"
+                if not any(s.is_turn for s in servers)
+                else "a working TURN server is needed"
+            )
+        elif "srflx" not in local and not relayed and not any(not s.is_turn for s in servers):
+            parts.append("no STUN server was used: only host candidates were offered")
+        return "; ".join(parts)
+
+    async def _join(self) -> None:
+        """Join through the bootstrap addresses; with
+        :attr:`PeerConfig.join_retry_interval`, keep trying until one answers.
+
+        :raises DhtTimeout: none answered (and no retries are configured).
+        """
+        began = time.monotonic()
+        retry = self.config.join_retry_interval
+        shown = show_addrs(self.bootstrap_addrs)
+        while await self._join_once() == 0:
+            if retry is None:
+                raise DhtTimeout(
+                    f"joining the DHT (no bootstrap node answered: {shown})",
+                    time.monotonic() - began,
+                )
+            if self.stats["join-retries"] == 0:
+                log.warning("no bootstrap node answered (%s); retrying every %g s", shown, retry)
+            self.stats["join-retries"] += 1
+            await asyncio.sleep(retry)
+        if self.stats["join-retries"]:
+            log.warning("joined the DHT after %.1f s", time.monotonic() - began)
+
+    async def _join_once(self) -> int:
+        """One try at joining; returns the routing table's size afterwards.
+
+        An anonymous peer (a throwaway dialer in client mode: nobody routes through it)
+        only pings the bootstrap nodes: its lookups start from them, and it skips the
+        lookup of its own ID, which would only fill a table it never serves from (and
+        costs a soft timeout for every dead contact it meets). A peer with a node ID
+        joins as every node does (:meth:`DhtNode.bootstrap`).
+        """
+        if self.node_id is not None:
+            return await self.node.bootstrap(self.bootstrap_addrs)
+        addrs = await self.node.resolve(self.bootstrap_addrs)
+        await asyncio.gather(*(self.node.ping(a) for a in addrs), return_exceptions=True)
+        return len(self.node.table)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _load_state(self) -> None:
         assert self.data_dir is not None
@@ -466,6 +699,7 @@ class Peer:
             await s.close()
         self.save_state()
         await self.node.close()
+        self._release()
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -480,9 +714,24 @@ class Peer:
         await self.close()
 
     async def incoming(self) -> AsyncIterator[Session]:
-        """Sessions other peers opened to us (open and ready)."""
+        """Sessions other peers opened to us (open, and their channel binding checked)."""
         while True:
             yield await self._incoming.get()
+
+    def room_events(self, room: str) -> AsyncIterator[RoomEvent]:
+        """Joins and leaves of ``room`` as the DHT pushes them (the current members first),
+        like PeerJS/Trystero's ``onPeerJoin``/``onPeerLeave``::
+
+            async for event in peer.room_events("lab"):
+                if isinstance(event, PeerJoined): ...
+
+        See :func:`dhtsignal.rooms.watch_room`.
+
+        :raises UsageError: ``room`` is not a valid room name.
+        """
+        from dhtsignal.rooms import watch_room
+
+        return watch_room(self.node, room, self.known)
 
     def _observe(self, event: PeerEvent) -> None:
         if self._observer is not None:
@@ -514,6 +763,7 @@ class Peer:
             count=self._count,
             spawn=lambda coro: self.node.spawn(coro, name="session-close"),
             max_unread_bytes=self.config.max_unread_bytes,
+            identity=self.identity,
         )
 
     # -- envelopes ----------------------------------------------------------------------
@@ -524,22 +774,55 @@ class Peer:
         msg_type: MessageType,
         direct: Sequence[Addr],
         settled: asyncio.Future[Any] | None = None,
+        pushes: list[asyncio.Future[Any]] | None = None,
+        holders: Sequence[Addr] = (),
     ) -> asyncio.Task[Any]:
         """Push ``rec`` straight to the recipient's DHT node, and store it under its inbox
         key (whose storing nodes push it too) unless ``settled`` completes within
-        :attr:`PeerConfig.store_delay` (the direct push worked)."""
-        for addr in direct[: self.config.direct_push_addrs]:
-            fut = self.node.request(addr, "ds_notify", self.node.ds_args(rec.key, [rec.raw]))
-            fut.add_done_callback(ignore_outcome)
+        :attr:`PeerConfig.store_delay` (the direct push worked).
+
+        :param pushes: if given, the replies of the direct pushes are appended to it
+            (``True`` from the node that listens on the recipient's inbox).
+        :param holders: the nodes holding the recipient's inbox subscription (its
+            presence names them when it is behind a NAT): ``rec`` is stored there at once,
+            and they push it to the recipient; if one of them stored it, the delayed store
+            in the DHT is skipped (it would reach the same nodes).
+        """
+        sent = self._push(rec, direct[: self.config.direct_push_addrs])
+        held: list[asyncio.Future[Any]] = []
+        for addr in holders:
+            try:
+                stored = self.node.request(addr, "ds_store", self.node.ds_args([rec.raw]))
+            except DhtSignalError:  # too many RPCs in flight: the DHT store remains
+                break
+            stored.add_done_callback(ignore_outcome)
+            held.append(stored)
+        if pushes is not None:
+            pushes.extend(sent)
         self._observe(SignalSent(rec.sub[:-1], msg_type, rec))
         if settled is None or not direct:
             return self.node.spawn(self.node.put([rec]), name="inbox-put")
-        return self.node.spawn(self._store_unless(settled, rec), name="inbox-put")
+        return self.node.spawn(self._store_unless(settled, rec, held), name="inbox-put")
 
-    async def _store_unless(self, settled: asyncio.Future[Any], rec: Record) -> None:
+    def _push(self, rec: Record, addrs: Sequence[Addr]) -> list[asyncio.Future[Any]]:
+        """Push ``rec`` with ``ds_notify`` to each of ``addrs``; returns the replies'
+        futures (their failures need not be retrieved)."""
+        out: list[asyncio.Future[Any]] = []
+        for addr in addrs:
+            fut = self.node.request(addr, "ds_notify", self.node.ds_args(rec.key, [rec.raw]))
+            fut.add_done_callback(ignore_outcome)
+            out.append(fut)
+        return out
+
+    async def _store_unless(
+        self, settled: asyncio.Future[Any], rec: Record, held: Sequence[asyncio.Future[Any]] = ()
+    ) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(settled), self.config.store_delay)
         except TimeoutError:
+            if any(_stored_ok(f) for f in held):
+                self.stats["inbox-stored-at-holders"] += 1
+                return
             await self.node.put([rec])
             return
         except BaseException:  # settled otherwise (failed, superseded): no store needed
@@ -609,6 +892,12 @@ class Peer:
                 return
         if self._pending_incoming >= self.config.max_pending_incoming:
             self.stats["refused:too-many-handshakes"] += 1
+            log.info(
+                "incoming session %s from %s refused: over %d handshakes in progress",
+                offer.session_id.hex(),
+                self_certifying_id(offer.sender),
+                self.config.max_pending_incoming,
+            )
             return
         self._pending_incoming += 1
         self.node.spawn(self._answer(offer, None), name="answer")
@@ -619,14 +908,18 @@ class Peer:
         if self.accept is not None and sid in self.accept:
             return sid
         if label and label != sid and (self.accept is None or label in self.accept):
-            # The label is only the sender's claim: it must resolve to the sender's key.
+            # The label is only the sender's claim: it must be held by the sender's key
+            # (read, never pinned: a stranger's message must not make us pin anything).
             try:
-                info = await asyncio.wait_for(
-                    resolve(self.node, label, self.known), self.timeouts.resolve
+                holder = await asyncio.wait_for(
+                    label_owner(self.node, label, self.known), self.timeouts.resolve
                 )
-            except (TimeoutError, DhtSignalError):
-                info = None
-            if info is not None and info.public_key == sender:
+            except (TimeoutError, DhtSignalError) as exc:
+                log.debug("cannot verify the label %r of %s: %r", label, sid, exc)
+                holder = None
+            if holder != sender:
+                self.stats["label-unverified"] += 1
+            if holder == sender:
                 return label
         return sid if self.accept is None else None
 
@@ -649,10 +942,17 @@ class Peer:
                 remote_id = await drive.within(self._check_policy(sender, offer.label))
             if remote_id is None:
                 self.stats["refused:policy"] += 1
+                log.info(
+                    "incoming session %s from %s (claims %r) refused: not in the accept list",
+                    session_id.hex(),
+                    self_certifying_id(sender),
+                    offer.label,
+                )
                 self._reject(offer, "not accepted")
                 drive.fail("refused")
                 return
-            pc = self._new_connection(self.ice_servers)
+            servers = self.ice_servers_now()
+            pc = self._new_connection(servers)
             session = self._session(pc, session_id, sender, remote_id, offer.channel, drive)
             await drive.within(rtc.apply_remote(pc, offer.sdp, "offer"))
             answer = await drive.within(rtc.local_description(pc, offer=False))
@@ -670,7 +970,7 @@ class Peer:
             self._deliver(rec, MessageType.ANSWER, offer.dht, opened)
             drive.input(machine.answer_sent)
             try:
-                await self._open(session, drive)
+                await self._open(session, drive, servers, nat.UNKNOWN)
             finally:
                 if not opened.done():
                     opened.set_result(None)
@@ -696,7 +996,13 @@ class Peer:
             if pc is not None:
                 await pc.close()
 
-    async def _open(self, session: Session, drive: _Drive) -> None:
+    async def _open(
+        self,
+        session: Session,
+        drive: _Drive,
+        servers: Sequence[rtc.IceServer] = (),
+        remote_nat: str = nat.UNKNOWN,
+    ) -> None:
         """Wait for ICE and both data channels, within the machine's connect deadline.
 
         :raises ConnectFailed: ICE or DTLS failed, the connection closed or the deadline
@@ -706,13 +1012,27 @@ class Peer:
         started = time.monotonic()
         try:
             ice_at = await drive.within(rtc.wait_open(session.pc, [session.data, session.ctl]))
+            await self._bind(session, drive, started)
         except ConnectFailed as exc:
             drive.fail(exc.reason)
-            raise
+            if type(exc) is not ConnectFailed:
+                raise
+            hint = await self._explain(session.pc, servers, remote_nat, session.remote_id)
+            raise ConnectFailed(
+                exc.reason,
+                exc.seconds,
+                exc.local_types,
+                exc.remote_types,
+                exc.tried,
+                hint=hint,
+            ) from None
         except _StageEnded as exc:
             reason = "timeout" if exc.reason == "connect-timeout" else exc.reason
             raise ConnectFailed(
-                reason, time.monotonic() - started, *rtc.candidate_types(session.pc)
+                reason,
+                time.monotonic() - started,
+                *rtc.candidate_types(session.pc),
+                hint=await self._explain(session.pc, servers, remote_nat, session.remote_id),
             ) from None
         if drive.live:
             drive.input(machine.ice_connected, ice_at)
@@ -725,19 +1045,44 @@ class Peer:
             session.phases = machine.phases
         session.path = rtc.selected_pair(session.pc)
 
+    async def _bind(self, session: Session, drive: _Drive, started: float) -> None:
+        """The channel binding (:mod:`dhtsignal.signaling.binding`): send our signature,
+        wait for the remote's (within the connect deadline) and check it under the key we
+        dialed or accepted.
+
+        :raises BindingFailed: the remote's signature does not verify (counted as
+            ``closed:binding-failed``).
+        :raises ConnectFailed: the session closed before the remote's signature came.
+        """
+        if not session.binding_sent:  # normally sent as soon as ``ctl`` opened
+            session.send_binding(self.identity)
+        try:
+            signature = await drive.within(session.remote_binding)
+        except SessionClosed:
+            raise ConnectFailed(
+                "closed", time.monotonic() - started, *rtc.candidate_types(session.pc)
+            ) from None
+        if not session.binding_holds(self.public_key, signature):
+            self.stats["closed:binding-failed"] += 1
+            error = BindingFailed(session.remote_id, session.remote_key, time.monotonic() - started)
+            log.warning("session %s: %s", session.session_id.hex(), error)
+            raise error
+
     # -- dialing ------------------------------------------------------------------------
 
-    async def _resolve(self, node_id: str) -> PeerInfo:
-        """:func:`resolve`, reusing a recent answer (presence changes rarely)."""
+    async def _resolve(self, node_id: str, *, cached: bool = True) -> tuple[PeerInfo, bool]:
+        """:func:`resolve` (pinning: a dial is the user's own), reusing a recent answer
+        (presence changes rarely) unless ``cached`` is False; the flag says whether it was
+        just read from the DHT."""
         now = self.node.wallclock()
         hit = self._resolved.get(node_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        info = await resolve(self.node, node_id, self.known)
+        if cached and hit is not None and hit[0] > now:
+            return hit[1], False
+        info = await resolve(self.node, node_id, self.known, pin=True)
         self._resolved[node_id] = (now + min(self.config.resolve_cache_ttl, info.expires_in), info)
         if len(self._resolved) > 1024:
             self._resolved.pop(next(iter(self._resolved)))
-        return info
+        return info, True
 
     async def connect(
         self,
@@ -754,6 +1099,8 @@ class Peer:
         :raises DialFailed: no answer (``answer-timeout``), a refusal (``rejected``), or the
             presence not found in time (``resolve-timeout``).
         :raises ConnectFailed: ICE/DTLS could not complete, with the reason.
+        :raises BindingFailed: the connection opened, but the other end is not the key
+            ``node_id`` resolved to (see :mod:`dhtsignal.signaling.binding`).
         """
         if not self._started:
             raise UsageError("start the peer first (async with Peer(...) as peer)")
@@ -769,7 +1116,7 @@ class Peer:
         t = self.timeouts
         machine = drive.machine
         try:
-            info = await drive.within(self._resolve(node_id))
+            info, fresh = await drive.within(self._resolve(node_id))
         except _StageEnded:
             raise DialFailed(
                 node_id, "resolve-timeout", f"could not resolve within {t.resolve:.1f} s"
@@ -781,9 +1128,15 @@ class Peer:
         dial = _Dial(info.public_key, session_id, answered)
         self._dials[session_id] = dial
         self.inbox.expect(session_id, info.public_key)
-        pc = self._new_connection(self.ice_servers)
+        servers = self.ice_servers_now()
+        direct = self._direct_works(info.nat) and any(s.is_turn for s in servers)
+        if direct:  # prefer the direct pair: no relay candidate on either side
+            servers = [s for s in servers if not s.is_turn]
+            self.stats["relay-skipped"] += 1
+        pc = self._new_connection(servers)
         session = self._session(pc, session_id, info.public_key, node_id, options, drive)
         put: asyncio.Task[Any] | None = None
+        watch: asyncio.Task[None] | None = None
         try:
             try:
                 offer = await drive.within(rtc.local_description(pc, offer=True))
@@ -791,7 +1144,10 @@ class Peer:
                     await pc.close()
                     return await dial.superseded
                 if _CANDIDATE_LINE.search(offer) is None:
-                    raise DialFailed(node_id, "no-candidates", NO_CANDIDATES)
+                    problems = await ice.gathering_problems(pc, servers)
+                    raise DialFailed(
+                        node_id, "no-candidates", "; ".join([NO_CANDIDATES, *problems])
+                    )
                 rec = self.inbox.seal_offer(
                     info.public_key,
                     info.x25519,
@@ -802,8 +1158,20 @@ class Peer:
                     channel=options,
                     now=self.node.wallclock(),
                 )
-                put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer)
+                pushes: list[asyncio.Future[Any]] = []
+                put = self._deliver(
+                    rec, MessageType.OFFER, info.addresses, dial.answer, pushes, info.holders
+                )
                 drive.input(machine.offer_sent)
+                ack_timeout = self.config.push_ack_timeout
+                natted = info.client_mode or info.nat in (nat.CONE, nat.SYMMETRIC)
+                if pushes and ack_timeout is not None and not natted:
+                    watch = self.node.spawn(
+                        self._expect_ack(
+                            node_id, rec, info, fresh, pushes, dial.answer, ack_timeout
+                        ),
+                        name="push-ack",
+                    )
                 try:
                     answer = await drive.within(dial.answer)
                 except _Superseded:
@@ -812,20 +1180,110 @@ class Peer:
                     return await dial.superseded
                 except DialFailed as exc:  # a REJECT or a bad answer: name the peer we dialed
                     raise DialFailed(node_id, exc.reason, exc.detail) from None
-                await drive.within(rtc.apply_remote(pc, answer.sdp, "answer"))
+                sdp = _RELAY_LINE.sub("", answer.sdp) if direct else answer.sdp
+                await drive.within(rtc.apply_remote(pc, sdp, "answer"))
             except _StageEnded as exc:
                 raise self._answer_timeout(node_id, exc, put, info) from None
             drive.input(machine.answer_received)
-            await self._open(session, drive)
+            await self._open(session, drive, servers, info.nat)
         except BaseException:
             self._resolved.pop(node_id, None)
             await pc.close()
             raise
         finally:
+            if watch is not None:
+                watch.cancel()
             self._dials.pop(session_id, None)
             self.inbox.forget(session_id)
         self._sessions.add(session)
         return session
+
+    def _direct_works(self, remote_nat: str) -> bool:
+        """Whether a direct pair works for sure with a callee behind ``remote_nat``: no
+        side is behind a symmetric NAT and both know their type (RFC 4787
+        endpoint-independent mapping on both sides, so hole punching succeeds). Then a
+        dial uses no TURN: aioice nominates the first pair whose check succeeds, which
+        can be a relay pair while the direct one is still being punched."""
+        good = (nat.OPEN, nat.CONE)
+        return (
+            self.config.prefer_direct
+            and self.nat in good
+            and remote_nat in good
+            and bool(rtc.host_addresses())
+        )
+
+    async def _expect_ack(
+        self,
+        node_id: str,
+        rec: Record,
+        info: PeerInfo,
+        fresh: bool,
+        pushes: list[asyncio.Future[Any]],
+        answer: asyncio.Future[AnswerReceived],
+        timeout: float,
+    ) -> None:
+        """Fail the dial as ``not-responding`` unless one direct push of the offer is
+        acknowledged by the callee's own node (``ds_notify`` answered ``True``: it
+        listens on the callee's inbox) or the answer arrives within ``timeout`` seconds.
+
+        A crashed peer's presence stays in the DHT until it expires; its node no longer
+        answers, which this notices in about a second instead of at the answer deadline.
+        When ``info`` came from the resolve cache (not ``fresh``), the presence is read
+        again first: a callee that restarted elsewhere gets the offer pushed to its new
+        addresses (and another ``timeout``), one that signed off meanwhile fails as
+        offline, one now in client mode is not judged.
+        """
+        addrs = info.addresses[: len(pushes)]
+        if await self._acked(pushes, answer, timeout):
+            return
+        if not fresh:
+            try:
+                now_info, _ = await self._resolve(node_id, cached=False)
+            except DhtSignalError as exc:  # offline now, or its pinned key changed
+                if not answer.done():
+                    answer.set_exception(exc)
+                return
+            if now_info.client_mode or now_info.nat in (nat.CONE, nat.SYMMETRIC):
+                return
+            moved = [
+                a for a in now_info.addresses[: self.config.direct_push_addrs] if a not in addrs
+            ]
+            if moved and now_info.public_key == info.public_key:
+                addrs = moved
+                if await self._acked(self._push(rec, moved), answer, timeout):
+                    return
+        if answer.done():
+            return
+        self.stats["dial-failed:not-responding"] += 1
+        answer.set_exception(
+            DialFailed(
+                node_id,
+                "not-responding",
+                f"not responding: its DHT node did not acknowledge the offer within "
+                f"{timeout:.1f} s (pushed to {show_addrs(addrs)}; crashed, or not reachable "
+                "from here)",
+            )
+        )
+
+    @staticmethod
+    async def _acked(
+        pushes: list[asyncio.Future[Any]], answer: asyncio.Future[AnswerReceived], timeout: float
+    ) -> bool:
+        """Whether one of ``pushes`` is answered ``True`` or ``answer`` completes within
+        ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for fut in asyncio.as_completed(pushes, timeout=timeout):
+            try:
+                if await fut is True:
+                    return True
+            except TimeoutError:  # as_completed's own deadline: nothing acknowledged
+                break
+            except DhtSignalError:  # RpcTimeout, too many RPCs in flight
+                continue
+        if not answer.done():  # the pushes ended early unacknowledged: the DHT path may still
+            await asyncio.wait((answer,), timeout=max(0.0, deadline - loop.time()))
+        return answer.done()
 
     def _answer_timeout(
         self, node_id: str, exc: _StageEnded, put: asyncio.Task[Any] | None, info: PeerInfo
@@ -842,8 +1300,30 @@ class Peer:
         )
 
 
+def default_data_dir(node_id: str, environ: Mapping[str, str] | None = None) -> Path:
+    """The data directory a :class:`Peer` with ``node_id`` and no ``data_dir`` uses:
+    ``$XDG_DATA_HOME/dhtsignal/peers/NODE_ID`` (``~/.local/share`` when the variable is
+    unset), beside the CLI's daemons' directories. One per node ID: two labelled peers
+    of one program must not share a key (they would share an inbox).
+
+    :param node_id: the peer's label (already checked: no path separators).
+    :param environ: the environment (default ``os.environ``).
+    """
+    from dhtsignal.config import data_home
+
+    return data_home(os.environ if environ is None else environ) / "peers" / node_id
+
+
 class _Superseded(Exception):
     """Glare: our offer gave way to the remote's; the answered session replaces it."""
+
+
+def _stored_ok(fut: asyncio.Future[Any]) -> bool:
+    """Whether a ``ds_store`` of one record was answered as stored."""
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
+        return False
+    result = fut.result()
+    return isinstance(result, list) and result == ["ok"]
 
 
 def _put_ok(task: asyncio.Task[Any]) -> bool:
@@ -876,4 +1356,5 @@ __all__ = [
     "Session",
     "SignalReceived",
     "SignalSent",
+    "default_data_dir",
 ]

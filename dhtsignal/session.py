@@ -14,7 +14,12 @@ pre-negotiated data channels (:func:`~dhtsignal.aio.rtc.open_channels`):
   ``{"t": TAG, "n": INT}``: ``ping``/``pong`` measure a round trip (:meth:`Session.ping`);
   ``sync``/``synced`` tell a sender that the remote *application* has taken its first
   ``n`` messages off the queue's input (:meth:`Session.flush`). A malformed control
-  message is counted as ``ctl-malformed`` and dropped.
+  message is counted as ``ctl-malformed`` and dropped. ``bind`` (``{"t": "bind", "n": 0,
+  "sig": HEX}``) carries the remote's channel-binding signature
+  (:mod:`dhtsignal.signaling.binding`): :meth:`Session.send_binding` sends ours as soon as
+  the channels are open, :attr:`Session.remote_binding` completes with the remote's and
+  :meth:`Session.binding_holds` checks it. The peer hands a session to the application
+  only after that check; until then nothing received is read by anyone.
 
 The session knows nothing of the peer that made it: it reports through three callbacks,
 ``on_closed`` (once, when it closes for any reason), ``count`` (a counter name) and
@@ -32,7 +37,9 @@ from typing import Any
 
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import ignore_outcome
-from dhtsignal.errors import SessionClosed
+from dhtsignal.errors import DhtSignalError, SessionClosed
+from dhtsignal.identity import Identity
+from dhtsignal.signaling import binding
 from dhtsignal.signaling.inbox import ChannelOptions
 from dhtsignal.signaling.session import Phases
 
@@ -59,6 +66,8 @@ class Session:
     :param count: called with a counter name for each event worth counting.
     :param spawn: runs a coroutine as an owned background task.
     :param max_unread_bytes: the bound on received and unread message bytes.
+    :param identity: ours; if given, :meth:`send_binding` runs as soon as ``ctl`` opens
+        (in aiortc's callback, a few loop turns before the peer's own code would run).
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class Session:
         count: Callable[[str], None],
         spawn: Callable[[Coroutine[Any, Any, Any]], object],
         max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES,
+        identity: Identity | None = None,
     ) -> None:
         self.session_id = session_id
         self.remote_key = remote_key
@@ -99,6 +109,13 @@ class Session:
         self._pongs: dict[int, asyncio.Future[float]] = {}
         self._ping_seq = 0
         self._closed = asyncio.Event()
+        self.remote_binding: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        """Completes with the remote's channel-binding signature (fails with
+        :class:`~dhtsignal.errors.SessionClosed` if the session closes first)."""
+        self.remote_binding.add_done_callback(ignore_outcome)
+        self._fingerprints: tuple[bytes, bytes] | None = None
+        if identity is not None:
+            self.ctl.on("open", lambda: self._bind_early(identity))
         self.data.on("message", self._on_data)
         self.ctl.on("message", self._on_ctl)
         self.data.on("close", self._on_close)
@@ -129,6 +146,7 @@ class Session:
             self._inbox.put_nowait(None)
             waiters: list[asyncio.Future[Any]] = [*self._sync_waiters.values()]
             waiters += self._pongs.values()
+            waiters.append(self.remote_binding)
             for fut in waiters:
                 if not fut.done():
                     fut.set_exception(SessionClosed("session closed"))
@@ -172,7 +190,16 @@ class Session:
         except (ValueError, KeyError, TypeError, RecursionError):
             self._count("ctl-malformed")
             return
-        if tag == "ping":
+        if tag == "bind":
+            sig = msg.get("sig")
+            if not isinstance(sig, str) or len(sig) != 2 * binding.SIGNATURE_SIZE:
+                self._count("ctl-malformed")
+            elif not self.remote_binding.done():
+                try:
+                    self.remote_binding.set_result(bytes.fromhex(sig))
+                except ValueError:
+                    self._count("ctl-malformed")
+        elif tag == "ping":
             self._ctl_send({"t": "pong", "n": n})
         elif tag == "pong":
             pong = self._pongs.pop(n, None)
@@ -188,6 +215,45 @@ class Session:
                 synced = self._sync_waiters.pop(m)
                 if not synced.done():
                     synced.set_result(None)
+
+    @property
+    def binding_sent(self) -> bool:
+        """Whether our channel-binding signature was sent."""
+        return self._fingerprints is not None
+
+    def _bind_early(self, identity: Identity) -> None:
+        if self.binding_sent:
+            return
+        try:
+            self.send_binding(identity)
+        except DhtSignalError as exc:  # the peer's own call reports it
+            log.debug("session %s: binding not sent on open: %s", self.session_id.hex(), exc)
+
+    def send_binding(self, identity: Identity) -> None:
+        """Send our channel-binding signature over the fingerprints of this very DTLS
+        connection (once, when the channels are open).
+
+        :param identity: our identity.
+        :raises ConnectFailed: the DTLS handshake has not completed.
+        """
+        self._fingerprints = rtc.dtls_fingerprints(self._pc)
+        local_fp, remote_fp = self._fingerprints
+        sig = binding.sign(identity, self.remote_key, self.session_id, local_fp, remote_fp)
+        self._ctl_send({"t": "bind", "n": 0, "sig": sig.hex()})
+
+    def binding_holds(self, local_key: bytes, signature: bytes) -> bool:
+        """Whether the remote's ``signature`` binds :attr:`remote_key` to this connection
+        (after :meth:`send_binding`).
+
+        :param local_key: our Ed25519 key.
+        :param signature: the remote's, from :attr:`remote_binding`.
+        """
+        if self._fingerprints is None:
+            return False
+        local_fp, remote_fp = self._fingerprints
+        return binding.check(
+            local_key, self.remote_key, self.session_id, local_fp, remote_fp, signature
+        )
 
     def __aiter__(self) -> AsyncIterator[bytes | str]:
         return self._messages()
@@ -268,6 +334,13 @@ class Session:
         """Close the connection."""
         self._on_close()
         await self._pc.close()
+
+    async def __aenter__(self) -> Session:
+        """``async with await peer.connect("bob") as session:`` closes it on the way out."""
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id.hex()} with {self.remote_id}>"

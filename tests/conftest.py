@@ -33,6 +33,13 @@ class StartDht(Protocol):
 StartPeer = Callable[..., Awaitable[Peer]]
 
 
+@pytest.fixture(autouse=True)
+def data_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own ``$XDG_DATA_HOME``: a ``Peer`` with a node ID and no data
+    directory keeps its key there (never in the home directory of whoever runs the tests)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg")))
+
+
 @pytest.fixture
 def loopback_ice() -> Iterator[None]:
     """aioice never gathers loopback: make 127.0.0.1 the only host address, then restore."""

@@ -287,14 +287,14 @@ BAD_CASES = [
         ["lookup", "alice", "--bootstrap", ENTRY, "--known-peers", "{tmp}/bad_pins"],
         {},
         None,
-        "'known_peers': {tmp}/bad_pins:2: expected 'NODE_ID KEYHEX'",
+        "'known_peers': {tmp}/bad_pins:2: expected 'NODE_ID KEYHEX [NETWORK]'",
     ),
     (
         "known-peers-bad-key",
         ["peers", "--bootstrap", ENTRY],
         {"DHTSIGNAL_KNOWN_PEERS": "{tmp}/short_key_pins"},
         None,
-        "'known_peers': {tmp}/short_key_pins:1: expected 'NODE_ID KEYHEX'",
+        "'known_peers': {tmp}/short_key_pins:1: expected 'NODE_ID KEYHEX [NETWORK]'",
     ),
     (
         "known-peers-directory",
@@ -322,14 +322,14 @@ BAD_CASES = [
         ["bootstrap", "--listen", "127.0.0.1:0", "--data-dir", "{tmp}/bad_identity"],
         {},
         None,
-        "'data_dir': {tmp}/bad_identity/identity.key is not a 32-byte identity key",
+        "'data_dir': {tmp}/bad_identity/identity.key is not a dhtsignal identity key or is damaged",
     ),
 ]
 
 
 def _bad_files(tmp: Path) -> None:
     """The unusable files the bad cases name."""
-    (tmp / "bad_pins").write_text(f"# pins\nalice {'ab' * 32} extra\n")
+    (tmp / "bad_pins").write_text(f"# pins\nalice {'ab' * 32} extra words\n")
     (tmp / "short_key_pins").write_text("alice abcd\n")
     (tmp / "a_file").write_text("not a directory\n")
     (tmp / "bad_identity").mkdir()

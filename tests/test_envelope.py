@@ -149,37 +149,98 @@ def test_replay_cache_forgets_expired_entries() -> None:
     cache = ReplayCache(max_entries=10)
     cache.add(b"a", expires=10.0, now=0.0)
     assert cache.seen(b"a", 9.9)
-    assert not cache.seen(b"a", 10.0)
-    cache.add(b"b", expires=20.0, now=10.0)
+    assert cache.seen(b"a", 10.0)  # live through its expiry, inclusive
+    assert not cache.seen(b"a", 10.1)
+    cache.add(b"b", expires=20.0, now=10.1)
     assert len(cache) == 1
 
 
-def test_replay_cache_evicts_expired_first_then_oldest() -> None:
+def test_replay_cache_refuses_when_full_of_live_entries_instead_of_evicting() -> None:
     cache = ReplayCache(max_entries=3)
-    cache.add(b"old", expires=5.0, now=0.0)
-    cache.add(b"keep1", expires=50.0, now=0.0)
-    cache.add(b"keep2", expires=60.0, now=0.0)
-    cache.add(b"new1", expires=70.0, now=6.0)  # "old" expired: it goes, nothing else does
+    cache.add(b"old", expires=5.0, now=0.0, sender=b"1")
+    cache.add(b"keep1", expires=50.0, now=0.0, sender=b"2")
+    cache.add(b"keep2", expires=60.0, now=0.0, sender=b"3")
+    assert cache.refusal(b"4", 4.0) == "replay-full"
+    cache.add(b"new1", expires=70.0, now=6.0, sender=b"4")  # "old" expired and went
     assert [cache.seen(k, 6.0) for k in (b"old", b"keep1", b"keep2", b"new1")] == [
         False,
         True,
         True,
         True,
     ]
-    cache.add(b"new2", expires=80.0, now=7.0)  # full of live entries: the oldest goes
-    assert not cache.seen(b"keep1", 7.0)
-    assert all(cache.seen(k, 7.0) for k in (b"keep2", b"new1", b"new2"))
+    assert cache.refusal(b"5", 7.0) == "replay-full"
+    with pytest.raises(UsageError, match="replay-full"):
+        cache.add(b"new2", expires=80.0, now=7.0, sender=b"5")
+    assert all(cache.seen(k, 7.0) for k in (b"keep1", b"keep2", b"new1"))
+
+
+def test_replay_cache_quota_per_sender() -> None:
+    cache = ReplayCache(max_entries=100, max_per_sender=2)
+    cache.add(b"a", expires=10.0, now=0.0, sender=b"s")
+    cache.add(b"b", expires=20.0, now=0.0, sender=b"s")
+    assert cache.refusal(b"s", 1.0) == "replay-quota"
+    assert cache.refusal(b"t", 1.0) is None
+    assert cache.refusal(b"s", 10.5) is None  # "a" expired: room for the sender again
 
 
 def test_replay_cache_stays_bounded_under_flood() -> None:
     cache = ReplayCache(max_entries=1000)
-    largest = 0
+    largest = refused = 0
     for i in range(100_000):
-        cache.add(i.to_bytes(16, "big"), expires=1e9 + i, now=float(i % 7))
+        if cache.refusal(i.to_bytes(4, "big"), float(i % 7)) is None:
+            cache.add(i.to_bytes(16, "big"), 1e9 + i, float(i % 7), i.to_bytes(4, "big"))
+        else:
+            refused += 1
         largest = max(largest, len(cache))
     assert largest == len(cache) == 1000
-    assert cache.seen((99_999).to_bytes(16, "big"), 0.0)
-    assert not cache.seen((98_999).to_bytes(16, "big"), 0.0)
+    assert refused == 99_000
+    assert cache.seen((999).to_bytes(16, "big"), 0.0)  # the first ones stay
+
+
+def test_envelope_at_exactly_its_max_age_opens_once() -> None:
+    replay = ReplayCache()
+    blob = _seal(now=NOW)
+    open_envelope(BOB, blob, NOW + 30.0, replay)  # fresh at exactly sent_at + max_age
+    assert _reason(blob, NOW + 30.0, replay) == "replay"
+    assert _reason(blob, NOW + 30.001, replay) == "stale"
+
+
+def test_cache_flush_with_5000_throwaway_keys_does_not_reopen_a_genuine_envelope() -> None:
+    replay = ReplayCache()
+    genuine = _seal()
+    open_envelope(BOB, genuine, NOW, replay)
+    reasons: dict[str, int] = {}
+    for i in range(5000):
+        stranger = Identity.generate()
+        # Dated up to 30 s ahead, so that they outlive the genuine entry if kept.
+        blob = seal(
+            stranger,
+            BOB.public_key,
+            BOB.x25519_public,
+            SESSION,
+            MessageType.OFFER,
+            BODY,
+            NOW + 30 * i / 5000,
+        )
+        try:
+            open_envelope(BOB, blob, NOW + 1, replay)
+            reasons["opened"] = reasons.get("opened", 0) + 1
+        except EnvelopeRejected as exc:
+            reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
+    assert reasons == {"opened": 4095, "replay-full": 905}
+    assert _reason(genuine, NOW + 2, replay) == "replay"
+    # One key cannot fill the cache on its own: its quota ends it first.
+    own = ReplayCache()
+    for i in range(200):
+        blob = seal(
+            MALLORY, BOB.public_key, BOB.x25519_public, SESSION, MessageType.OFFER, BODY, NOW
+        )
+        try:
+            open_envelope(BOB, blob, NOW, own)
+        except EnvelopeRejected as exc:
+            assert exc.reason == "replay-quota" and i == own.max_per_sender
+            break
+    assert len(own) == own.max_per_sender
 
 
 def test_replay_cache_needs_room() -> None:

@@ -183,7 +183,8 @@ async def _expect(
     return replies
 
 
-STUN_BINDING = bytes.fromhex("0001 0000 2112a442") + os.urandom(12)
+#: A STUN Allocate request: the node answers only Binding requests (tests/test_stun.py).
+STUN_ALLOCATE = bytes.fromhex("0003 0000 2112a442") + os.urandom(12)
 
 
 async def test_malformed_datagrams_are_counted_by_reason(
@@ -249,7 +250,7 @@ async def test_malformed_datagrams_are_counted_by_reason(
             b"\x00" + os.urandom(20) + codec.pack(["ping", "args"]),
             b"\x00" + os.urandom(20) + codec.pack([b"ping", [b"x" * 20]]),
             b"\x05" + os.urandom(20) + codec.pack(["ping", []]),
-            STUN_BINDING,
+            STUN_ALLOCATE,
         ],
         {"drop:bad-shape": 6, "drop:bad-kind": 1, "drop:stun": 1},
     )
@@ -375,9 +376,9 @@ async def test_forged_replayed_and_stale_records_are_refused(
 
     # Forged: payload changed after signing; signer swapped; signature of another record.
     body = codec.unpack(v5.raw)
-    forged_payload = codec.pack([*body[:7], b"FIVE", body[8]])
-    forged_signer = codec.pack([*body[:3], mallory.public_key, *body[4:]])
-    other_sig = codec.pack([*body[:8], rec(alice, 6).signature])
+    forged_payload = codec.pack([*body[:8], b"FIVE", body[9]])
+    forged_signer = codec.pack([*body[:4], mallory.public_key, *body[5:]])
+    other_sig = codec.pack([*body[:9], rec(alice, 6).signature])
     # Replayed or stale: the same record again is a harmless repeat; older or equal-seq
     # different content is stale; an expired one is refused before storage.
     v4 = rec(alice, 4, b"four")
@@ -392,6 +393,13 @@ async def test_forged_replayed_and_stale_records_are_refused(
         seq=1,
         expires=now + 60,
     )
+    # A record signed for another network; a version 1 record (no network id).
+    other_net = records.sign(
+        alice, RecordType.DATA, key, b"v", seq=7, expires=now + 60, network="other-net"
+    )
+    v1_fields = [1, int(RecordType.DATA), key, alice.public_key, b"", 7, now + 60, b"v"]
+    v1_sig = alice.sign(b"dhtsignal/record/v1\x00" + codec.pack(v1_fields))
+    version_1 = codec.pack([*v1_fields, v1_sig])
     replies = await _expect(
         node,
         peer,
@@ -401,6 +409,7 @@ async def test_forged_replayed_and_stale_records_are_refused(
             _store(old.raw, too_long.raw, squatter.raw),
             _store(b"\x00" * (records.MAX_RECORD + 1)),
             _store(42, b"", v5.raw[:-1]),
+            _store(other_net.raw, version_1),
         ],
         {
             "refused:bad-signature": 3,
@@ -410,6 +419,8 @@ async def test_forged_replayed_and_stale_records_are_refused(
             "refused:wrong-key": 1,
             "refused:oversized": 1,
             "refused:malformed": 3,
+            "refused:wrong-network": 1,
+            "refused:bad-version": 1,
         },
     )
     assert replies == [
@@ -418,6 +429,7 @@ async def test_forged_replayed_and_stale_records_are_refused(
         ["expired", "ttl-too-long", "wrong-key"],
         ["oversized"],
         ["malformed", "malformed", "malformed"],
+        ["wrong-network", "bad-version"],
     ]
     assert [r.raw for r in node.store.get(key, time.time())] == [v5.raw]
     assert len(node.store) == 1

@@ -313,3 +313,22 @@ def test_a_sender_claiming_someone_elses_envelope_is_refused() -> None:
     )
     refused = Inbox(BOB).receive(forged_rec, NOW)
     assert isinstance(refused, Refused) and refused.counter == "refused:signer-mismatch"
+
+
+@pytest.mark.parametrize("claimed", ["alice\n", "Alice", ALICE.self_id.upper()])
+def test_a_claimed_label_that_is_not_a_label_is_dropped(claimed: str) -> None:
+    """The offer's claimed label is checked again after unpacking: an invalid one is
+    dropped (the caller is then known by its self-certifying ID only)."""
+    alice, bob = Inbox(ALICE), Inbox(BOB)
+    rec = alice.seal_offer(
+        BOB.public_key,
+        BOB.x25519_public,
+        SESSION,
+        OFFER,
+        label=claimed,
+        dht=DHT,
+        channel=CHANNEL,
+        now=NOW,
+    )
+    got = bob.receive(rec, NOW)
+    assert isinstance(got, OfferReceived) and got.label == ""

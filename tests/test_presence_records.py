@@ -4,6 +4,7 @@ clock: what is published when, the tombstones, and what a get's records identify
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ ALICE = Identity(bytes(range(32)))
 MALLORY = Identity(bytes(range(1, 33)))
 
 
-def _alice(**kw: float) -> PresenceRecords:
+def _alice(**kw: Any) -> PresenceRecords:
     return PresenceRecords(ALICE, "alice", ["lab", "ops"], claimed_at=NOW, **kw)
 
 
@@ -44,7 +45,7 @@ def test_a_publication_claims_then_presents_under_the_label_then_self_id_then_ro
     assert flat[1].fields()["a"] == [list(a) for a in ADDRS]
     assert flat[2].fields()["id"] == ALICE.self_id
     assert flat[3].fields()["room"] == "lab"
-    assert pres.refresh_interval == 60.0
+    assert pres.refresh_interval == 40.0  # a third of the 120 s lifetime
 
 
 def test_the_claim_is_repeated_until_stored_then_at_half_its_lifetime() -> None:
@@ -134,3 +135,27 @@ def test_a_self_certifying_id_ignores_other_keys() -> None:
     forged = mallory.publication(NOW, ADDRS).batches[0]
     with pytest.raises(PeerNotFound, match="unknown"):
         identify(ALICE.self_id, _held(forged), None, NOW)
+
+
+def test_the_nat_type_and_subscription_holders_travel_in_the_presence() -> None:
+    pres = _alice(ttl=120.0, client_mode=True, nat="symmetric")
+    holders = [("198.18.0.1", 4000), ("198.18.0.2", 4000)]
+    info = identify("alice", _held(pres.publication(NOW, ADDRS, holders).batches[0]), None, NOW)
+    assert info.nat == "symmetric" and info.client_mode and info.holders == holders
+    assert info.to_json()["nat"] == "symmetric"
+    assert info.to_json()["holders"] == [list(h) for h in holders]
+    # Unknown is left out; the next publication follows a changed type.
+    pres.nat = "unknown"
+    info = identify("alice", _held(pres.publication(NOW + 1, ADDRS).batches[0]), None, NOW + 1)
+    assert info.nat == "unknown" and info.holders == []
+
+
+def test_a_bad_nat_type_or_holder_list_reads_as_unknown_and_empty() -> None:
+    pres = _alice(ttl=120.0)
+    for bad_nat, bad_holders in (("mystery", "x"), (7, [["h", "p"], [1, 2], "junk"])):
+        payload = pres._payload(ADDRS, n=bad_nat, h=bad_holders)
+        rec = records.sign(
+            ALICE, RecordType.PRESENCE, node_key("alice"), payload, seq=1, expires=NOW + 60
+        )
+        info = identify("alice", _held([rec]), None, NOW)
+        assert info.nat == "unknown" and info.holders == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -34,16 +35,17 @@ def _forge(
     fields: list[Any],
     *,
     signed_fields: list[Any] | None = None,
+    network: str = records.DEFAULT_NETWORK,
 ) -> bytes:
-    """Encode ``[version, rtype, key, signer, sub, seq, expires, payload]`` plus a
-    signature by ``identity`` over ``signed_fields`` (default: the same fields),
-    bypassing every check of :func:`records.sign`.
+    """Encode ``[version, network, rtype, key, signer, sub, seq, expires, payload]`` plus a
+    signature by ``identity`` over ``signed_fields`` (default: the same fields), bypassing
+    every check of :func:`records.sign`. The fields are given without the network, which
+    is inserted (``network``).
     """
     version, rtype, key, signer, sub, seq, expires, payload = signed_fields or fields
-    sig = identity.sign(
-        records._SIG_DOMAIN + codec.pack([version, rtype, key, signer, sub, seq, expires, payload])
-    )
-    return codec.pack([*fields, sig])
+    signed = [version, network, rtype, key, signer, sub, seq, expires, payload]
+    sig = identity.sign(records._SIG_DOMAIN + codec.pack(signed))
+    return codec.pack([fields[0], network, *fields[1:], sig])
 
 
 def _claim(identity: Identity, label: str, *, seq: int = 1, ttl: float = 600.0) -> records.Record:
@@ -124,8 +126,8 @@ def test_every_single_byte_change_is_refused(case: tuple[bytes, int, int]) -> No
 @pytest.mark.parametrize(
     ("seq", "pos_of", "mask"),
     [
-        # version 1 (0x01) -> True (0xc3): msgpack reads a bool, and True == 1.
-        (1, lambda raw: 1, 0x01 ^ 0xC3),
+        # version 2 (0x02) -> True (0xc3): msgpack reads a bool, which is not a version.
+        (1, lambda raw: 1, 0x02 ^ 0xC3),
         # seq 1000 as uint16 (0xcd) -> int16 (0xd1): same value, same signed content.
         (1000, lambda raw: raw.index(b"\xcd\x03\xe8"), 0xCD ^ 0xD1),
         # seq 100000 as uint32 (0xce) -> int32 (0xd2).
@@ -139,10 +141,31 @@ def test_alternative_encodings_of_the_same_content_are_refused(
     rec = records.sign(ALICE, RecordType.DATA, records.data_key("x"), b"", seq=seq, expires=NOW)
     changed = bytearray(rec.raw)
     changed[pos_of(rec.raw)] ^= mask
-    assert codec.unpack(bytes(changed))[5] == seq  # same value, other bytes
+    assert codec.unpack(bytes(changed))[6] == seq or seq == 1  # same value, other bytes
     with pytest.raises(RecordRejected) as info:
         records.decode(bytes(changed))
     assert info.value.reason in ("malformed", "bad-version")
+
+
+def test_records_of_another_network_or_version_1_are_refused_and_counted() -> None:
+    key = records.data_key("x")
+    mine = records.sign(ALICE, RecordType.DATA, key, b"v", seq=1, expires=NOW + 60)
+    other = records.sign(
+        ALICE, RecordType.DATA, key, b"v", seq=1, expires=NOW + 60, network="other-net"
+    )
+    assert mine.network == records.DEFAULT_NETWORK and other.network == "other-net"
+    assert records.decode(other.raw, "other-net") == other
+    # Version 1 had no network: the same fields, signed as version 1 records were.
+    v1_fields = [1, RecordType.DATA, key, ALICE.public_key, b"", 1, NOW + 60, b"v"]
+    v1_sig = ALICE.sign(b"dhtsignal/record/v1\x00" + codec.pack(v1_fields))
+    v1 = codec.pack([*v1_fields, v1_sig])
+    counts: Counter[str] = Counter()
+    out = records.check_all([mine.raw, other.raw, v1], NOW, counts)
+    assert out == [mine, "wrong-network", "bad-version"]
+    assert counts == Counter({"refused:wrong-network": 1, "refused:bad-version": 1})
+    # The network id is signed: a record relabelled for another network does not verify.
+    swapped = other.raw.replace(b"other-net", b"dhtsignl/")
+    assert records.check_all([swapped], NOW, network="dhtsignl/") == ["bad-signature"]
 
 
 def test_truncated_or_extended_records_are_refused() -> None:
@@ -163,7 +186,7 @@ def test_non_bytes_are_refused_as_malformed(bad: object) -> None:
 
 def test_wrong_signer_or_swapped_signature_is_refused() -> None:
     key = records.data_key("x")
-    fields = [1, RecordType.DATA, key, ALICE.public_key, b"", 1, NOW + 60, b"pay"]
+    fields = [2, RecordType.DATA, key, ALICE.public_key, b"", 1, NOW + 60, b"pay"]
     # Signed by Mallory but claiming Alice as signer.
     with pytest.raises(RecordRejected) as info:
         records.decode(_forge(MALLORY, fields))
@@ -196,7 +219,7 @@ def test_oversized_records_are_refused() -> None:
     with pytest.raises(RecordRejected):
         records.sign(ALICE, RecordType.DATA, key, b"x" * (size + 1), seq=1, expires=NOW)
     # A forged record past the limit is refused before any other work.
-    fields = [1, RecordType.DATA, key, ALICE.public_key, b"", 1, NOW, b"x" * (size + 50)]
+    fields = [2, RecordType.DATA, key, ALICE.public_key, b"", 1, NOW, b"x" * (size + 50)]
     with pytest.raises(RecordRejected) as info:
         records.decode(_forge(ALICE, fields))
     assert info.value.reason == "oversized"
@@ -205,16 +228,16 @@ def test_oversized_records_are_refused() -> None:
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ([2, 5, b"k" * 20, None, b"", 1, NOW, b""], "bad-version"),
-        ([1, 99, b"k" * 20, None, b"", 1, NOW, b""], "bad-type"),
-        ([1, 5, b"k" * 19, None, b"", 1, NOW, b""], "malformed"),
-        ([1, 5, b"k" * 20, None, b"s" * 17, 1, NOW, b""], "malformed"),
-        ([1, 5, b"k" * 20, None, b"", -1, NOW, b""], "malformed"),
-        ([1, 5, b"k" * 20, None, b"", 1, int(NOW), b""], "malformed"),
-        ([1, 5, b"k" * 20, None, b"", 1, NOW, "text"], "malformed"),
-        ([1, 5 | TOMBSTONE, b"k" * 20, None, b"", 1, NOW, b"payload"], "malformed"),
-        ([1, 5, b"k" * 20, None, b"", 1, float("nan"), b""], "malformed"),
-        ([1, 5, b"k" * 20, None, b"", 1, float("inf"), b""], "malformed"),
+        ([3, 5, b"k" * 20, None, b"", 1, NOW, b""], "bad-version"),
+        ([2, 99, b"k" * 20, None, b"", 1, NOW, b""], "bad-type"),
+        ([2, 5, b"k" * 19, None, b"", 1, NOW, b""], "malformed"),
+        ([2, 5, b"k" * 20, None, b"s" * 17, 1, NOW, b""], "malformed"),
+        ([2, 5, b"k" * 20, None, b"", -1, NOW, b""], "malformed"),
+        ([2, 5, b"k" * 20, None, b"", 1, int(NOW), b""], "malformed"),
+        ([2, 5, b"k" * 20, None, b"", 1, NOW, "text"], "malformed"),
+        ([2, 5 | TOMBSTONE, b"k" * 20, None, b"", 1, NOW, b"payload"], "malformed"),
+        ([2, 5, b"k" * 20, None, b"", 1, float("nan"), b""], "malformed"),
+        ([2, 5, b"k" * 20, None, b"", 1, float("inf"), b""], "malformed"),
     ],
 )
 def test_bad_fields_are_refused_even_when_signed(fields: list[Any], reason: str) -> None:
@@ -337,8 +360,60 @@ def test_self_certifying_label_must_match_its_signer() -> None:
     with pytest.raises(RecordRejected) as info:
         records.validate(_claim(MALLORY, mine), NOW)  # Mallory claims Alice's key hash
     assert info.value.reason == "wrong-key"
-    # Upper-case hex is not the self-certifying form: it is an ordinary first-come label.
-    records.validate(_claim(MALLORY, mine.upper()), NOW)
+    # Upper-case hex is not the self-certifying form, and not a label either: refused.
+    with pytest.raises(RecordRejected) as info:
+        records.validate(_claim(MALLORY, mine.upper()), NOW)
+    assert info.value.reason == "bad-label"
+
+
+@pytest.mark.parametrize(
+    ("label", "why"),
+    [
+        ("alice\n", "control character"),
+        ("Alice", "lower case only"),
+        ("ALICE", "lower case only"),
+        ("AbCdEf0123456789abcdef0123456789abcdef01", "self-certifying ID"),
+        ("", "1-64 characters"),
+        ("a" * 65, "1-64 characters"),
+        ("-alice", "1-64 characters"),
+        ("ali ce", "1-64 characters"),
+    ],
+)
+def test_labels_are_refused_saying_why(label: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        records.check_label(label)
+    assert not records.is_label(label)
+
+
+def test_lowercase_labels_and_self_certifying_ids_pass() -> None:
+    for label in ("alice", "a", "bob@example.org", "x_y-z.1", ALICE.self_id, "a" * 64):
+        assert records.check_label(label) == label
+
+
+def test_records_with_a_label_refused_by_check_label_are_refused() -> None:
+    for label in ("alice\n", "Alice", ALICE.self_id.upper()):
+        rec = records.sign(
+            ALICE,
+            RecordType.PRESENCE,
+            node_key(label),
+            codec.pack({"id": label}),
+            seq=1,
+            expires=NOW + 60,
+        )
+        with pytest.raises(RecordRejected) as info:
+            records.validate(records.decode(rec.raw), NOW)
+        assert info.value.reason == "bad-label"
+    room = records.sign(
+        ALICE,
+        RecordType.ROOM,
+        records.room_key("Lobby"),
+        codec.pack({"room": "Lobby", "id": "alice"}),
+        seq=1,
+        expires=NOW + 60,
+    )
+    with pytest.raises(RecordRejected) as info:
+        records.validate(records.decode(room.raw), NOW)
+    assert info.value.reason == "bad-label"
 
 
 def test_newest_keeps_the_highest_seq_per_slot() -> None:

@@ -23,7 +23,7 @@ from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.dht.routing import DIALECT_DS, Contact
 from dhtsignal.dht.storage import StorageLimits
 from dhtsignal.errors import UsageError
-from dhtsignal.identity import Identity
+from dhtsignal.identity import KEY_FILE_SIZE, Identity
 from dhtsignal.wire import codec
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def test_identity_key_file_is_private_and_stable(tmp_path: Path) -> None:
     key_file = data_dir / KEY_FILE
     assert _mode(key_file) == 0o600
     assert _mode(data_dir) == 0o700
-    assert len(key_file.read_bytes()) == 32
+    assert len(key_file.read_bytes()) == KEY_FILE_SIZE
     assert sorted(p.name for p in data_dir.iterdir()) == [KEY_FILE]
     again = Identity.load_or_create(data_dir)
     assert again.public_key == first.public_key

@@ -75,7 +75,7 @@ def refused(fn: object, *args: object) -> str:
 
 
 def test_one_slot_per_signer_type_and_sub() -> None:
-    st_ = RecordStore(StorageLimits())
+    st_ = RecordStore(StorageLimits(max_slots_per_signer=4))  # the default is 2
     held = [
         data(A),
         data(B),
@@ -192,6 +192,27 @@ def test_values_per_key_are_capped_but_slots_can_still_be_updated() -> None:
     assert st_.put(data(A, 2), SRC, NOW)
     assert st_.put(data(C, key=records.data_key("other")), SRC, NOW)
     assert len(st_) == 3
+
+
+def test_a_signers_third_slot_under_one_key_is_refused() -> None:
+    inbox = records.inbox_key(B.public_key)
+    st_ = RecordStore(limits())
+    assert st_.limits.max_slots_per_signer == 2
+
+    def slot(who: Identity, sub: bytes, seq: int = 1) -> Record:
+        return data(who, seq, key=inbox, sub=sub, record_type=RecordType.INBOX)
+
+    assert st_.put(slot(A, b"s1"), SRC, NOW)
+    assert st_.put(slot(A, b"s2"), SRC, NOW)
+    assert refused(st_.put, slot(A, b"s3"), SRC, NOW) == "signer-full"
+    assert refused(st_.put, slot(A, b"s3"), SRC2, NOW) == "signer-full"  # any source
+    assert st_.put(slot(A, b"s2", seq=2), SRC, NOW)  # its own slots still update
+    assert st_.put(slot(C, b"s3"), SRC, NOW)  # other signers are not crowded out
+    assert st_.put(slot(A, b"s3"), SRC, NOW + 61)  # once its slots expire, room again
+    # A node ID's claim and presence are one signer's two slots.
+    st2 = RecordStore(limits())
+    assert st2.put(node_record(A, RecordType.CLAIM, "alice"), SRC, NOW)
+    assert st2.put(node_record(A, RecordType.PRESENCE, "alice"), SRC, NOW)
 
 
 def test_records_per_source_quota() -> None:

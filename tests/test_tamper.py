@@ -291,7 +291,7 @@ def forged_record_as_alice(net: Net, rec: Record) -> tuple[bytes, bytes]:
     blob = with_sender(own_envelope(net.mallory, net.bob, os.urandom(8)), net.alice.public_key)
     fake = inbox_record(net.mallory, rec.key, blob, blob[2:10] + b"\x01")
     fields = codec.unpack(fake.raw)
-    fields[3] = net.alice.public_key
+    fields[4] = net.alice.public_key  # [version, network, rtype, key, signer, ...]
     return codec.pack(fields), rec.key
 
 

@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from dhtsignal.aio import stun
 from dhtsignal.datadir import STATE_FILE, atomic_write, ensure_dir
 from dhtsignal.dht.node import (
     STORE_LIMITS,
@@ -141,6 +142,43 @@ class _SocketTransport(asyncio.DatagramTransport):
         return 0
 
 
+class _MappedTransport(asyncio.DatagramTransport):
+    """An IPv6 socket's transport that sends to IPv4 hosts as ``::ffff:a.b.c.d``."""
+
+    def __init__(self, inner: asyncio.DatagramTransport) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if addr is not None and ":" not in addr[0]:
+            addr = ("::ffff:" + addr[0], addr[1])
+        self._inner.sendto(data, addr)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _source(addr: Any) -> Addr:
+    """An IPv6 socket's source ``(host, port, flow, scope)`` as ``(host, port)``, with an
+    IPv4-mapped host written as IPv4."""
+    host: str = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return (host, addr[1])
+
+
 def ignore_outcome(fut: asyncio.Future[Any]) -> None:
     """Done-callback that reads a future's exception so asyncio never logs it as unhandled."""
     if not fut.cancelled():
@@ -171,6 +209,7 @@ class DhtNode(asyncio.DatagramProtocol):
     ) -> None:
         self.core = core = Node(node_id, config, wallclock=wallclock)
         core.batch_lookups = True
+        core.stun_responder = stun.binding_response if stun.AVAILABLE else None
         self.config = core.config
         self.id = node_id
         self.wallclock = wallclock
@@ -257,6 +296,9 @@ class DhtNode(asyncio.DatagramProtocol):
         for family, _, proto, _, sockaddr in infos:  # the first address that binds
             sock = socket.socket(family, socket.SOCK_DGRAM, proto)
             try:
+                if family == socket.AF_INET6 and sockaddr[0] == "::":
+                    # [::]:PORT is dual-stack: IPv4 peers arrive as ::ffff:a.b.c.d.
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 sock.setblocking(False)
                 sock.bind(sockaddr)
             except OSError as exc:
@@ -282,6 +324,11 @@ class DhtNode(asyncio.DatagramProtocol):
         return self.address
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        raw = transport.get_extra_info("socket")
+        if raw is not None and raw.family == socket.AF_INET6:
+            # IPv4 addresses are written as IPv4 everywhere in the node; an IPv6 socket
+            # sends to them as IPv4-mapped addresses (datagram_received unmaps sources).
+            transport = _MappedTransport(transport)  # type: ignore[arg-type]
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
         self._time = self._loop.time
@@ -352,7 +399,7 @@ class DhtNode(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         core = self.core
-        src = addr if len(addr) == 2 else (addr[0], addr[1])
+        src = addr if len(addr) == 2 else _source(addr)
         reply = core.receive_datagram(data, src, self._time())
         if reply is not None:
             transport = self.transport
@@ -382,7 +429,10 @@ class DhtNode(asyncio.DatagramProtocol):
             transport = self.transport
             for data, addr in core.datagrams_to_send(0.0):
                 if transport is not None:
-                    transport.sendto(data, addr)
+                    try:
+                        transport.sendto(data, addr)
+                    except ValueError:  # uvloop: an IPv6 contact on an IPv4 socket
+                        core._stats["drop:address-family"] += 1
         if core.events:
             events, core.events = core.events, []
             for ev in events:
@@ -591,6 +641,10 @@ class DhtNode(asyncio.DatagramProtocol):
         return self.core.listening(key)
 
     # -- persistence --------------------------------------------------------------------
+
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key``."""
+        return self.core.subscription_holders(key)
 
     def save_state(self, data_dir: Path) -> None:
         """Write contacts, stored records and plain values to ``data_dir`` atomically."""

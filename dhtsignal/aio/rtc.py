@@ -17,7 +17,9 @@ trip. The steps, each a function of the connection:
 - :func:`wait_open` waits for the channels within a deadline and raises
   :class:`~dhtsignal.errors.ConnectFailed` naming the stage that failed and the
   candidate types gathered, received and tried (:func:`candidate_types`);
-- :func:`selected_pair` reports the nominated pair's candidate types.
+- :func:`selected_pair` reports the nominated pair's candidate types;
+- :func:`dtls_fingerprints` the SHA-256 fingerprints of both certificates as used in
+  the DTLS handshake, for the channel binding (:mod:`dhtsignal.signaling.binding`).
 
 aiortc uses only the first STUN and the first TURN URL, so a second one is a
 configuration error rather than silently ignored.
@@ -42,6 +44,7 @@ aiortc and aioice; :func:`_ice_pairs` is the one place that reads them and raise
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -49,6 +52,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aioice
+import aioice.ice
 import aioice.stun
 from aiortc import (
     RTCConfiguration,
@@ -58,6 +63,7 @@ from aiortc import (
     RTCSctpTransport,
     RTCSessionDescription,
 )
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from dhtsignal.errors import ConfigError, ConnectFailed, DependencyChanged, UsageError
 
@@ -66,6 +72,9 @@ logger = logging.getLogger(__name__)
 ICE_CHECK_RETRANSMISSIONS = 3
 """Retransmissions of each ICE connectivity check (RFC 8489 section 6.2.1 ``Rc - 1``):
 with aioice's 0.5 s initial RTO, a check gives up after 7.5 s."""
+GATHER_TIMEOUT = 1.0
+"""Seconds gathering waits for STUN and TURN servers (aioice's own default is 5 s): a
+silent server costs at most this, and :func:`dhtsignal.ice.gathering_problems` names it."""
 DATA_CHANNEL = ("data", 0)
 """Label and SCTP stream of the application's channel."""
 CTL_CHANNEL = ("ctl", 1)
@@ -177,10 +186,49 @@ def use_host_addresses(addresses: Sequence[str] | None) -> None:
     aioice.ice.get_host_addresses = gather
 
 
+def host_addresses() -> list[str]:
+    """The addresses host candidates are gathered on now (see :func:`use_host_addresses`)."""
+    return list(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True))
+
+
 def limit_ice_retransmissions() -> None:
     """Lower aioice's process-wide STUN retransmission count to
     :data:`ICE_CHECK_RETRANSMISSIONS` (a lower value set by the application stays)."""
     aioice.stun.RETRY_MAX = min(aioice.stun.RETRY_MAX, ICE_CHECK_RETRANSMISSIONS)
+
+
+_GET_COMPONENT_CANDIDATES = aioice.ice.Connection.get_component_candidates
+
+
+def limit_gathering(timeout: float = GATHER_TIMEOUT) -> None:
+    """Make aioice wait at most ``timeout`` seconds for STUN and TURN servers while
+    gathering (process-wide: aioice has no per-connection setting, and
+    ``Connection.gather_candidates`` passes none to ``get_component_candidates``).
+
+    :param timeout: seconds; host candidates are never waited for.
+    """
+
+    limit: Any = timeout  # aioice annotates it int; asyncio.wait takes any number
+
+    async def gather(
+        self: aioice.ice.Connection, component: int, addresses: list[str], timeout_: Any = None
+    ) -> list[aioice.Candidate]:
+        candidates: list[aioice.Candidate] = await _GET_COMPONENT_CANDIDATES(
+            self, component, addresses, timeout=limit
+        )
+        return candidates
+
+    aioice.ice.Connection.get_component_candidates = gather  # type: ignore[method-assign,assignment]
+
+
+def has_ipv4_host(pc: RTCPeerConnection) -> bool:
+    """Whether the connection gathered an IPv4 host candidate (the only kind aioice asks
+    a STUN server about).
+
+    :param pc: a connection with a data channel whose local description is set.
+    """
+    ice = _sctp(pc).transport.transport
+    return any(c.type == "host" and ":" not in c.ip for c in ice.iceGatherer.getLocalCandidates())
 
 
 def new_connection(ice_servers: Sequence[IceServerSpec] = ()) -> PeerConnection:
@@ -191,6 +239,7 @@ def new_connection(ice_servers: Sequence[IceServerSpec] = ()) -> PeerConnection:
     """
     configuration = rtc_configuration(ice_servers)
     limit_ice_retransmissions()
+    limit_gathering()
     return PeerConnection(configuration)
 
 
@@ -325,6 +374,34 @@ def selected_pair(pc: RTCPeerConnection) -> tuple[str, str] | None:
     :raises DependencyChanged: if aiortc or aioice no longer keep it where we read it.
     """
     return _ice_pairs(pc)[0]
+
+
+def dtls_fingerprints(pc: RTCPeerConnection) -> tuple[bytes, bytes]:
+    """SHA-256 of our DTLS certificate and of the one the remote presented, both as the
+    handshake used them (DER), once the connection is up.
+
+    aiortc keeps the OpenSSL connection private (``RTCDtlsTransport._ssl``); this is the one
+    place that reads it.
+
+    :param pc: a connection whose DTLS handshake completed.
+    :raises ConnectFailed: no handshake has completed (``dtls-failed``).
+    :raises DependencyChanged: aiortc no longer keeps the connection where we read it.
+    """
+    try:
+        ssl = _sctp(pc).transport._ssl
+        local = None if ssl is None else ssl.get_certificate(as_cryptography=True)
+        remote = None if ssl is None else ssl.get_peer_certificate(as_cryptography=True)
+    except (AttributeError, TypeError) as exc:
+        raise DependencyChanged(
+            "aiortc internals changed: cannot read the DTLS certificates at "
+            f"pc.sctp.transport._ssl ({exc})"
+        ) from exc
+    if local is None or remote is None:
+        raise ConnectFailed("dtls-failed", 0.0, *candidate_types(pc))
+    return (
+        hashlib.sha256(local.public_bytes(Encoding.DER)).digest(),
+        hashlib.sha256(remote.public_bytes(Encoding.DER)).digest(),
+    )
 
 
 def _sctp(pc: RTCPeerConnection) -> RTCSctpTransport:

@@ -308,6 +308,7 @@ class Node:
         "randbytes",
         "rate",
         "store",
+        "stun_responder",
         "subs",
         "table",
         "timer_changed",
@@ -363,6 +364,9 @@ class Node:
         self.address: Addr | None = None
         #: our address as others saw it (``ds_ping`` answers), counted
         self.observed: Counter[Addr] = Counter()
+        #: answers a STUN datagram (the driver sets it: :mod:`dhtsignal.aio.stun`); None
+        #: drops STUN
+        self.stun_responder: Callable[[bytes, Addr], bytes | None] | None = None
         #: datagrams to send: (data, address)
         self.outgoing: list[tuple[bytes, Addr]] = []
         #: events not yet taken
@@ -524,8 +528,7 @@ class Node:
             return None
         try:
             if codec.is_stun(data):
-                self._stats["drop:stun"] += 1
-                return None
+                return self._stun(data, addr, now)
             try:
                 msg = codec.decode(data)
             except codec.MalformedDatagram as exc:
@@ -577,6 +580,22 @@ class Node:
             self._stats["drop:internal"] += 1
             log.debug("%s: internal error on datagram from %s: %r", self, addr, exc)
             return None
+
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key`` (a NATed
+        node keeps its mappings toward them open: they push to it)."""
+        return self._listens.holders(key)
+
+    def _stun(self, data: bytes, addr: Addr, now: float) -> bytes | None:
+        """Answer a STUN datagram with :attr:`stun_responder` (rate-limited per source as
+        requests are; counted ``stun:answered`` or ``drop:stun``)."""
+        responder = self.stun_responder
+        if responder is None or not self.rate.admit(addr, now):
+            self._stats["drop:stun"] += 1
+            return None
+        reply = responder(data, addr)
+        self._stats["stun:answered" if reply is not None else "drop:stun"] += 1
+        return reply
 
     def __repr__(self) -> str:
         return f"<Node {self.id.hex()[:8]}>"
@@ -1288,7 +1307,9 @@ class Node:
         self._done(op.op_id, op.then, LookupFinished, res, None, now)
 
     def _verify(self, raws: list[bytes]) -> list[Record]:
-        return records.checked(raws, self.wallclock(), self._stats, "refused-read:")
+        return records.checked(
+            raws, self.wallclock(), self._stats, "refused-read:", network=self.config.network
+        )
 
     # -- put / get ----------------------------------------------------------------------
 
@@ -1525,7 +1546,9 @@ class Node:
             good.append(item)
         restored = 0
         for rec, (_, (host, port)) in zip(
-            records.check_all([item[0] for item in good], wall), good, strict=True
+            records.check_all([item[0] for item in good], wall, network=self.config.network),
+            good,
+            strict=True,
         ):
             if type(rec) is not Record:
                 continue

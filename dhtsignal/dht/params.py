@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dhtsignal.dht.records import DEFAULT_NETWORK as DEFAULT_NETWORK
 from dhtsignal.dht.storage import StorageLimits
-
-DEFAULT_NETWORK = "dhtsignal/1"
 
 
 @dataclass(frozen=True)
@@ -14,7 +13,8 @@ class NodeConfig:
     """How one DHT node behaves. Timeouts and retries live here, not in module globals."""
 
     network: str = DEFAULT_NETWORK
-    """Network id carried by our RPCs; nodes of another network are ignored."""
+    """Network id carried by our RPCs and signed into every record (at most 64 bytes);
+    nodes and records of another network are ignored."""
     ksize: int = 20
     """Bucket size k and lookup result size (Kademlia paper section 2.2)."""
     alpha: int = 3

@@ -38,6 +38,8 @@ STORE_LIMITS = {
     "quota": "the storing nodes' quota for this source address (records or bytes, "
     "StorageLimits.max_records_per_source / max_bytes_per_source)",
     "key-full": "the values-per-key cap of the storing nodes (StorageLimits.max_values_per_key)",
+    "signer-full": "the storing nodes' cap of slots per signer under one key "
+    "(StorageLimits.max_slots_per_signer)",
     "store-full": "the storing nodes' total capacity (StorageLimits.max_keys / max_bytes)",
 }
 

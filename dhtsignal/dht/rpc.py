@@ -375,7 +375,7 @@ class RequestHandler:
             return
         now = self.wallclock()
         results: list[str] = []
-        for rec in records.check_all(batch, now, self._stats):
+        for rec in records.check_all(batch, now, self._stats, network=self.network):
             if type(rec) is str:
                 results.append(rec)
                 continue
@@ -441,7 +441,7 @@ class RequestHandler:
         if not _is_id(key) or type(batch) is not list or len(batch) > MAX_STORE_BATCH:
             self._stats["drop:bad-args"] += 1
             return
-        good = records.checked(batch, self.wallclock(), self._stats, key=key)
+        good = records.checked(batch, self.wallclock(), self._stats, key=key, network=self.network)
         out.reply = self.on_notify(key, good, addr) if self.on_notify is not None else False
         out.has_reply = True
 

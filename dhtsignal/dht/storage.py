@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 :class:`RecordStore` keeps verified records per key, one per slot (see
 :mod:`dhtsignal.dht.records`). Everything a remote party can grow is bounded:
-records per key, keys, total bytes, and bytes and records per source address.
+records per key, slots per signer under one key, keys, total bytes, and bytes and
+records per source address.
 Expired records are dropped lazily on access and by :meth:`RecordStore.expire`.
 
 Node-ID keys enforce "first live claim wins": while a live CLAIM or PRESENCE
@@ -43,6 +44,10 @@ class StorageLimits:
     """Distinct keys held."""
     max_values_per_key: int = 64
     """Records (slots) per key."""
+    max_slots_per_signer: int = 2
+    """Records (slots) one signer holds under one key; its next slot is refused
+    (``signer-full``), so one stranger key cannot fill a victim's inbox key. Two fit a
+    node ID's claim and presence, and a peer's offer and answer crossing in glare."""
     max_bytes: int = 64 * 1024 * 1024
     """Total encoded record bytes held."""
     max_bytes_per_source: int = 512 * 1024
@@ -134,8 +139,8 @@ class RecordStore:
 
         :returns: True if it was new (listeners should hear of it), False if it
             repeated what was held.
-        :raises RecordRejected: ``stale-seq``, ``id-taken``, ``key-full``,
-            ``quota`` or ``store-full``.
+        :raises RecordRejected: ``stale-seq``, ``id-taken``, ``signer-full``,
+            ``key-full``, ``quota`` or ``store-full``.
         """
         slots = self._live(record.key, now)
         held = slots.get(record.slot)
@@ -152,6 +157,11 @@ class RecordStore:
                 raise RecordRejected("id-taken", "another key holds a live claim on this node id")
         lim = self.limits
         if held is None:
+            mine = sum(1 for signer, _, _ in slots if signer == record.signer)
+            if mine >= lim.max_slots_per_signer:
+                raise RecordRejected(
+                    "signer-full", f"{lim.max_slots_per_signer} slots per signer per key"
+                )
             if len(slots) >= lim.max_values_per_key:
                 raise RecordRejected("key-full", f"{lim.max_values_per_key} values per key")
             if not slots and len(self._keys) >= lim.max_keys:

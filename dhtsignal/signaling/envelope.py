@@ -34,10 +34,12 @@ record signature made with the same key.
 Opening checks, in order, each refusal a :class:`~dhtsignal.errors.EnvelopeRejected`
 with its reason tag: shape and version (``malformed``), hint (``wrong-recipient``),
 signature (``bad-signature``), ``|now - sent_at| <= max_age`` (``stale``), the
-:class:`ReplayCache` (``replay``), then decryption (``decrypt-failed``: a sender that
+:class:`ReplayCache` (``replay``; ``replay-full`` or ``replay-quota`` when it has no room
+for one more, see there), then decryption (``decrypt-failed``: a sender that
 rebinds someone else's ciphertext to its own key lands here). Only envelopes that pass
 every check enter the replay cache, keyed on a hash of (sender, session id, msg_type,
-ephemeral key), until they would be stale anyway.
+ephemeral key), through the last instant they are fresh (``sent_at + max_age``, the
+same bound on both checks).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ NONCE = bytes(12)
 DEFAULT_MAX_AGE = 30.0
 """Seconds an envelope stays acceptable, either side of the recipient's clock."""
 DEFAULT_REPLAY_ENTRIES = 4096
+DEFAULT_PER_SENDER = 64
+"""Live replay-cache entries of one sender key (64 envelopes within a minute)."""
 REPLAY_KEY_SIZE = 16
 
 
@@ -107,44 +111,84 @@ class Opened:
 
 
 class ReplayCache:
-    """Remembers opened envelopes until they go stale, within a fixed number of entries.
+    """Remembers opened envelopes until they go stale, within fixed bounds.
 
-    When full, it forgets the entry closest to expiry, so expired entries go first, then
-    the oldest. A key is remembered as a 16-byte hash, about 150 bytes per entry in all.
+    An entry is live through its expiry, ``sent_at + max_age``, inclusive: the same
+    instant up to which :func:`open_envelope` accepts the envelope as fresh, so no
+    envelope is ever fresh and forgotten at once. When the cache is full of live entries
+    it refuses new envelopes (``replay-full``) instead of evicting one: eviction would
+    let a flood of valid envelopes from throwaway keys push out a genuine entry, which
+    would then open a second time. One sender key holds at most ``max_per_sender`` live
+    entries (``replay-quota``), so a single key cannot fill it. A key is remembered as a
+    16-byte hash, about 150 bytes per entry in all.
 
     :param max_entries: the bound on remembered envelopes.
+    :param max_per_sender: the bound on remembered envelopes of one sender key.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_REPLAY_ENTRIES) -> None:
-        if max_entries < 1:
-            raise UsageError("a replay cache holds at least one entry")
+    def __init__(
+        self, max_entries: int = DEFAULT_REPLAY_ENTRIES, max_per_sender: int = DEFAULT_PER_SENDER
+    ) -> None:
+        if max_entries < 1 or max_per_sender < 1:
+            raise UsageError("a replay cache holds at least one entry, per sender too")
         self.max_entries = max_entries
+        self.max_per_sender = max_per_sender
         self._expiry: dict[bytes, float] = {}
-        self._heap: list[tuple[float, bytes]] = []
+        self._heap: list[tuple[float, bytes, bytes]] = []
+        self._per_sender: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._expiry)
 
     def seen(self, key: bytes, now: float) -> bool:
-        """Whether ``key`` was added and has not expired.
+        """Whether ``key`` was added and is live (``now`` at most its expiry).
 
         :param key: the replay key.
         :param now: the current time.
         """
-        return self._expiry.get(key, now) > now
+        expiry = self._expiry.get(key)
+        return expiry is not None and expiry >= now
 
-    def add(self, key: bytes, expires: float, now: float) -> None:
-        """Remember ``key`` until ``expires``, evicting to stay within the bound.
+    def refusal(self, sender: bytes, now: float) -> str | None:
+        """Why a new envelope of ``sender`` cannot be remembered now, or None if it can.
+
+        :param sender: the sender's key.
+        :param now: the current time (expired entries are dropped first).
+        :returns: ``replay-full`` or ``replay-quota``.
+        """
+        self._expire(now)
+        if len(self._expiry) >= self.max_entries:
+            return "replay-full"
+        if self._per_sender.get(sender, 0) >= self.max_per_sender:
+            return "replay-quota"
+        return None
+
+    def add(self, key: bytes, expires: float, now: float, sender: bytes = b"") -> None:
+        """Remember ``key`` until ``expires`` (call :meth:`refusal` first).
 
         :param key: the replay key; must not be remembered already.
-        :param expires: when the key may be forgotten.
+        :param expires: the last instant the envelope is fresh.
         :param now: the current time.
+        :param sender: the sender's key, for the per-sender quota.
+        :raises UsageError: there is no room (:meth:`refusal` says why).
         """
-        heap = self._heap
-        while heap and (heap[0][0] <= now or len(heap) >= self.max_entries):
-            del self._expiry[heapq.heappop(heap)[1]]
+        why = self.refusal(sender, now)
+        if why is not None:
+            raise UsageError(f"the replay cache has no room ({why})")
         self._expiry[key] = expires
-        heapq.heappush(heap, (expires, key))
+        self._per_sender[sender] = self._per_sender.get(sender, 0) + 1
+        heapq.heappush(self._heap, (expires, key, sender))
+
+    def _expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] < now:
+            _, key, sender = heapq.heappop(heap)
+            del self._expiry[key]
+            left = self._per_sender[sender] - 1
+            if left:
+                self._per_sender[sender] = left
+            else:
+                del self._per_sender[sender]
 
 
 def seal(
@@ -230,6 +274,9 @@ def open_envelope(
     ]
     if replay.seen(replay_key, now):
         raise _reject("replay", f"session {session_id.hex()}")
+    full = replay.refusal(sender_key, now)
+    if full is not None:  # refused rather than forget an envelope that could then reopen
+        raise _reject(full, f"sender {sender_key.hex()[:16]}")
     try:
         shared = recipient.x25519_private.exchange(
             X25519PublicKey.from_public_bytes(ephemeral_public)
@@ -239,7 +286,7 @@ def open_envelope(
         )
     except (ValueError, InvalidTag) as exc:
         raise _reject("decrypt-failed", type(exc).__name__) from None
-    replay.add(replay_key, sent_at + max_age, now)
+    replay.add(replay_key, sent_at + max_age, now, sender_key)
     return Opened(sender_key, session_id, MessageType(msg_type), body, sent_at)
 
 

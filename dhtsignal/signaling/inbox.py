@@ -44,7 +44,8 @@ Receiving checks, in order, each failure a :class:`Refused`:
    genuine record refused as a replay;
 3. the envelope itself (``refused:<reason>`` of
    :class:`~dhtsignal.errors.EnvelopeRejected`: ``malformed``, ``wrong-recipient``,
-   ``bad-signature``, ``stale``, ``replay``, ``decrypt-failed``);
+   ``bad-signature``, ``stale``, ``replay``, ``replay-full``, ``replay-quota``,
+   ``decrypt-failed``);
 4. the body schema (``refused:malformed-body``), validated here only;
 5. an answer must be for a dial we make to that sender (:meth:`Inbox.expect`), else
    ``refused:unexpected-answer``. A malformed answer *to such a dial* is not refused
@@ -178,6 +179,7 @@ class Inbox:
     :param ttl: lifetime of the records sealed, seconds.
     :param max_seen: records remembered to drop the second copy.
     :param replay: the envelope replay cache (a new one by default).
+    :param network: the network id our records are signed for (the DHT's).
     """
 
     def __init__(
@@ -187,8 +189,11 @@ class Inbox:
         ttl: float = DEFAULT_TTL,
         max_seen: int = DEFAULT_MAX_SEEN,
         replay: ReplayCache | None = None,
+        network: str = records.DEFAULT_NETWORK,
     ) -> None:
         self.identity = identity
+        self.network = network
+        """The network id our INBOX records are signed for."""
         self.ttl = ttl
         self.max_seen = max_seen
         self.key = inbox_key(identity.public_key)
@@ -312,6 +317,7 @@ class Inbox:
             seq=int(now * 1000),
             expires=now + self.ttl,
             sub=session_id + bytes([int(msg_type)]),
+            network=self.network,
         )
 
     # -- receiving ----------------------------------------------------------------------
@@ -387,7 +393,7 @@ def _offer(sender: bytes, session_id: bytes, body: dict[Any, Any]) -> OfferRecei
         session_id,
         text,
         x,
-        label if isinstance(label, str) else "",
+        label if records.is_label(label) else "",
         tuple(_addrs(body.get("dht"))),
         ChannelOptions.from_wire(body.get("ch")),
     )

@@ -20,15 +20,20 @@ separate put, in this order:
 Failures of batches 2 and 3 are only logged by the drivers. Once batch 1 was stored the
 driver calls :meth:`PresenceRecords.published`; the claim is then not due again until
 half its lifetime has passed. Everything is refreshed every
-:attr:`PresenceRecords.refresh_interval` (half the presence lifetime) after the previous
-publication ended. :meth:`PresenceRecords.sign_off` returns one tombstone per presence
-and room record, each put on its own, so the peer is offline for everyone at once.
+:attr:`PresenceRecords.refresh_interval` (a third of the presence lifetime, default
+:data:`DEFAULT_TTL` 60 s) after the previous publication ended.
+:meth:`PresenceRecords.sign_off` returns one tombstone per presence and room record, each
+put on its own, so the peer is offline for everyone at once.
 
 Record payloads (msgpack maps)::
 
     CLAIM     {"id": label, "t": claimed-at}
     PRESENCE  {"id": label or self_id, "sid": self_id, "x": X25519 key,
-               "a": [[host, port], ...], "r": rooms, "t": claimed-at}
+               "a": [[host, port], ...], "r": rooms, "t": claimed-at,
+               "c": 1 when its DHT node is in client mode (absent otherwise),
+               "n": its NAT type, "open", "cone" or "symmetric" (absent: unknown),
+               "h": [[host, port], ...] the DHT nodes holding its inbox subscription
+                    (client mode: a caller stores an offer there at once)}
     ROOM      the PRESENCE fields with "id": label, plus "room": room
 
 Sequence numbers are wall-clock milliseconds, strictly increasing per peer.
@@ -45,7 +50,7 @@ on first sight is the caller's (it writes a file).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dhtsignal.datadir import KnownPeers
@@ -58,8 +63,15 @@ from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
 DEFAULT_ROOM = "lobby"
+#: Default lifetime of presence and room records, seconds. A crashed peer stays listed
+#: at most this long (``lookup`` shows ``refreshed_ago``; a dial reports it as not
+#: responding within a second); it is refreshed every third of it (20 s), a put to 8
+#: storing nodes per record, which also keeps NAT mappings (30 s unreplied) open.
+DEFAULT_TTL = 60.0
 #: Most addresses a presence record carries (and a reader keeps).
 MAX_ADDRESSES = 4
+#: NAT types a presence record may announce (``"n"``, see :mod:`dhtsignal.nat`).
+NAT_TYPES = ("open", "cone", "symmetric")
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,20 @@ class PeerInfo:
     """Its X25519 public key (for sealing signaling envelopes)."""
     expires_in: float
     """Seconds until its presence record expires unless refreshed."""
+    client_mode: bool = False
+    """Its DHT node runs in client mode (behind a NAT): an unsolicited push to its
+    addresses may not arrive, so a dial does not read silence as a crash."""
+    holders: list[tuple[str, int]] = field(default_factory=list)
+    """The DHT nodes that hold its inbox subscription (client mode): storing an offer
+    there reaches it at once through the mappings its keepalives hold open."""
+    nat: str = "unknown"
+    """Its NAT type as it classified itself (:mod:`dhtsignal.nat`): ``open``, ``cone``,
+    ``symmetric`` or ``unknown``."""
+    refreshed_ago: float = 0.0
+    """Seconds since the presence record was signed (its last refresh; the record's
+    sequence number is its signing time in wall-clock milliseconds). A live peer
+    refreshes every third of its TTL; much more than that means it stopped refreshing
+    (crashed) and its record has not expired yet."""
 
     @property
     def public_key(self) -> bytes:
@@ -95,6 +121,10 @@ class PeerInfo:
             "rooms": list(self.rooms),
             "addresses": [[h, p] for h, p in self.addresses],
             "expires_in": round(self.expires_in, 1),
+            "refreshed_ago": round(self.refreshed_ago, 1),
+            "client_mode": self.client_mode,
+            "nat": self.nat,
+            "holders": [[h, p] for h, p in self.holders],
         }
 
 
@@ -141,6 +171,12 @@ class PresenceRecords:
         lifetime of presence records).
     :param claim_ttl: lifetime of the node-ID claim, seconds (capped likewise).
     :param claimed_at: wall-clock time of the claim (the ``t`` of every record).
+    :param client_mode: the peer's DHT node runs in client mode (behind a NAT): its
+        presence says so (``"c": 1``), and dialers do not expect it to acknowledge an
+        unsolicited push.
+    :param network: the network id the records are signed for (the DHT's).
+    :param nat: the peer's NAT type (``"n"``; ``unknown`` is left out); may be changed
+        between publications (:attr:`nat`).
     :raises UsageError: a TTL is not positive.
     :raises ValueError: a label or room is not a valid label.
     """
@@ -151,11 +187,19 @@ class PresenceRecords:
         node_id: str,
         rooms: list[str] | None = None,
         *,
-        ttl: float = 120.0,
+        ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
         claimed_at: float,
+        client_mode: bool = False,
+        network: str = records.DEFAULT_NETWORK,
+        nat: str = "unknown",
     ) -> None:
         self.identity = identity
+        self.client_mode = client_mode
+        self.nat = nat
+        """The NAT type the next publication announces."""
+        self.network = network
+        """The network id the records are signed for."""
         self.node_id = records.check_label(node_id)
         self.rooms = [records.check_label(r, "room") for r in (rooms or [DEFAULT_ROOM])]
         if ttl <= 0 or claim_ttl <= 0:
@@ -166,11 +210,13 @@ class PresenceRecords:
         self.claim_due = 0.0
         """Wall-clock time from which a publication carries the claim again."""
         self._last_seq = 0
+        self._holders: list[list[Any]] = []
 
     @property
     def refresh_interval(self) -> float:
-        """Seconds from the end of one publication to the next: half the lifetime."""
-        return self.ttl / 2
+        """Seconds from the end of one publication to the next: a third of the lifetime,
+        so that a record outlives one failed refresh with a third of its life to spare."""
+        return self.ttl / 3
 
     def _seq(self, now: float) -> int:
         self._last_seq = max(self._last_seq + 1, int(now * 1000))
@@ -185,6 +231,12 @@ class PresenceRecords:
             "r": self.rooms,
             "t": self.claimed_at,
         }
+        if self.client_mode:
+            fields["c"] = 1
+        if self.nat in NAT_TYPES:
+            fields["n"] = self.nat
+        if self._holders:
+            fields["h"] = self._holders
         fields.update(extra)
         return codec.pack(fields)
 
@@ -192,15 +244,28 @@ class PresenceRecords:
         self, rtype: RecordType, key: bytes, payload: bytes, ttl: float, now: float
     ) -> Record:
         return records.sign(
-            self.identity, rtype, key, payload, seq=self._seq(now), expires=now + ttl
+            self.identity,
+            rtype,
+            key,
+            payload,
+            seq=self._seq(now),
+            expires=now + ttl,
+            network=self.network,
         )
 
-    def publication(self, now: float, addresses: list[tuple[str, int]]) -> Publication:
+    def publication(
+        self,
+        now: float,
+        addresses: list[tuple[str, int]],
+        holders: list[tuple[str, int]] | None = None,
+    ) -> Publication:
         """The batches to put now (see the module docstring for their order).
 
         :param now: wall-clock time.
         :param addresses: the node's addresses (:func:`node_addresses`).
+        :param holders: the nodes holding its inbox subscription (``"h"``, client mode).
         """
+        self._holders = [[h, p] for h, p in (holders or [])[:MAX_ADDRESSES]]
         label_key = node_key(self.node_id)
         first = [
             self._sign(RecordType.PRESENCE, label_key, self._payload(addresses), self.ttl, now)
@@ -238,7 +303,14 @@ class PresenceRecords:
         keys += [(RecordType.ROOM, room_key(room)) for room in self.rooms]
         return [
             records.sign(
-                self.identity, t, k, b"", seq=self._seq(now), expires=now + self.ttl, tombstone=True
+                self.identity,
+                t,
+                k,
+                b"",
+                seq=self._seq(now),
+                expires=now + self.ttl,
+                tombstone=True,
+                network=self.network,
             )
             for t, k in keys
         ]
@@ -296,6 +368,10 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         [r for r in f.get("r", []) if isinstance(r, str)] if isinstance(f.get("r"), list) else []
     )
     x = f.get("x")
+    holders: list[tuple[str, int]] = []
+    for a in f.get("h", [])[:MAX_ADDRESSES] if isinstance(f.get("h"), list) else []:
+        if isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
+            holders.append((a[0], a[1]))
     return PeerInfo(
         node_id=node_id,
         key=rec.signer.hex(),
@@ -304,6 +380,10 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         addresses=addrs,
         x25519=x if isinstance(x, bytes) and len(x) == 32 else b"",
         expires_in=max(0.0, rec.expires - now),
+        refreshed_ago=max(0.0, now - rec.seq / 1000),
+        client_mode=f.get("c") == 1,
+        nat=f["n"] if f.get("n") in NAT_TYPES else "unknown",
+        holders=holders,
     )
 
 

@@ -51,7 +51,8 @@ class SessionTimeouts:
     """From entering OFFERED until the answer is received (caller) or sent (callee):
     candidate gathering on both sides, sealing, the DHT puts and the notifications."""
     connect: float = 10.0
-    """From entering ANSWERED until the data channel is open: ICE, DTLS and SCTP in all.
+    """From entering ANSWERED until the data channel is open and the channel binding
+    checked: ICE, DTLS, SCTP and one control-channel message each way.
     aioice is tuned to report ICE failure within it (see :mod:`dhtsignal.aio.rtc`)."""
 
     def __post_init__(self) -> None:
@@ -71,7 +72,8 @@ class Phases:
     ice: float | None
     """ICE connectivity checks, until a pair is nominated."""
     dtls_sctp: float | None
-    """DTLS handshake and SCTP association, until the channel opens."""
+    """DTLS handshake, SCTP association and the channel-binding check, until the
+    session is handed out."""
     total: float | None
     """From the start until the channel opened."""
 
