@@ -99,7 +99,8 @@ class Outcome:
     leaving: Contact | None = None
     """A contact that said it leaves (``ds_leave``): ping it once, evict it if silent."""
     cut: bool = False
-    """The reply was cut (or refused) for want of a validated address: validate it."""
+    """The reply was cut (or refused) for want of a validated address, or the sender is
+    a client that may listen next: validate the address."""
     newcomer: int | None = None
     """The dialect of a sender that may become a contact but is not one at this address
     (or whose address is not validated): ping it, and admit it once it answers."""
@@ -212,6 +213,10 @@ class RequestHandler:
                 return self.drop("bad-args")
             if not flags & FLAG_CLIENT and nid != self.own_id and name != "ds_leave":
                 self._heard(nid, addr, DIALECT_DS, now, out)
+            elif self.limit is not None and name != "ds_leave":
+                # A client is never a contact, but it listens: validate its address now,
+                # so its ds_listen after this lookup is granted.
+                out.cut = True
             self._calls[slot] += 1
             fn(self, args, addr, out)
             return out
