@@ -997,7 +997,12 @@ class Node:
             alpha=k if warm else cfg.alpha,
             peer_timeout=soft,
             own_id=self.id,
-            strict_wait=min(cfg.strict_wait, 3 * soft) if strict else 0.0,
+            # A get that has no record yet waits the whole strict_wait for a slow peer
+            # among the k closest (a loaded holder must not turn into "unknown"); once
+            # records arrive it waits as a put does, 3 soft timeouts at most.
+            strict_wait=(cfg.strict_wait if want_value else min(cfg.strict_wait, 3 * soft))
+            if strict
+            else 0.0,
         )
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op
@@ -1097,6 +1102,10 @@ class Node:
             collect_records(op.found, page, c.id)
             if page and op.lk.strict_wait:
                 op.holders += 1
+                if op.holders == 1:
+                    op.lk.strict_wait = max(
+                        op.lk.peer_timeout, min(op.lk.strict_wait, 3 * op.lk.peer_timeout)
+                    )
                 if op.holders >= max(1, self.config.replicas // 2):
                     # Enough storing nodes answered with records: a slow one among the
                     # k closest no longer holds the get up past the soft timeout.
