@@ -34,6 +34,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from dhtsignal.dht.events import RecordsReceived, SubscriptionRenewed, ignore
+from dhtsignal.dht.hosts import keys_of
 from dhtsignal.dht.records import Record
 from dhtsignal.dht.routing import DIALECT_DS, Contact
 from dhtsignal.errors import DhtSignalError
@@ -43,6 +44,59 @@ if TYPE_CHECKING:
     from dhtsignal.dht.node import Node
 
 log = logging.getLogger(__name__)
+
+
+class PushBudget:
+    """Pushes (``ds_notify``) awaiting an answer: in total, per listener host and per
+    listener prefix. A listener that does not answer (a spoofed subscription, a flood of
+    them from one block of addresses) holds at most its host's and its prefix's share, so
+    pushes to listeners elsewhere keep flowing.
+
+    :param total: pushes in flight at most.
+    :param per_host: per listener host (IPv4 address, IPv6 /64).
+    :param per_prefix: per listener prefix (IPv4 /24, IPv6 /48).
+    """
+
+    __slots__ = ("_hosts", "_prefixes", "in_flight", "per_host", "per_prefix", "total")
+
+    def __init__(self, total: int, per_host: int, per_prefix: int) -> None:
+        self.total = total
+        self.per_host = per_host
+        self.per_prefix = per_prefix
+        self.in_flight = 0
+        self._hosts: dict[str, int] = {}
+        self._prefixes: dict[str, int] = {}
+
+    def take(self, listener: Addr) -> bool:
+        """One more push to ``listener``; False (nothing taken) when a bound is reached."""
+        host, prefix = keys_of(listener[0])
+        if (
+            self.in_flight >= self.total
+            or self._hosts.get(host, 0) >= self.per_host
+            or self._prefixes.get(prefix, 0) >= self.per_prefix
+        ):
+            return False
+        self.in_flight += 1
+        self._hosts[host] = self._hosts.get(host, 0) + 1
+        self._prefixes[prefix] = self._prefixes.get(prefix, 0) + 1
+        return True
+
+    def release(self, listener: Addr) -> None:
+        """A push to ``listener`` was answered or failed."""
+        host, prefix = keys_of(listener[0])
+        self.in_flight -= 1
+        for table, k in ((self._hosts, host), (self._prefixes, prefix)):
+            n = table.get(k, 0) - 1
+            if n > 0:
+                table[k] = n
+            else:
+                table.pop(k, None)
+
+    def clear(self) -> None:
+        """Forget every push (the node is closing)."""
+        self.in_flight = 0
+        self._hosts = {}
+        self._prefixes = {}
 
 
 class Subscription:

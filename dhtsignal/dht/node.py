@@ -100,11 +100,11 @@ from dhtsignal.dht.events import (
     Then,
     ignore,
 )
-from dhtsignal.dht.listen import Listening
+from dhtsignal.dht.listen import Listening, PushBudget
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.putpolicy import STORE_LIMITS, put_result
-from dhtsignal.dht.ratelimit import RateLimiter
+from dhtsignal.dht.ratelimit import HostRateLimiter
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.dht.replies import (
     MAX_PAGE_RECORDS,
@@ -252,6 +252,7 @@ class Node:
         "_next_op",
         "_pending",
         "_pinging",
+        "_pushes",
         "_seq",
         "_stats",
         "_timers",
@@ -293,7 +294,13 @@ class Node:
             accept_stock=cfg.accept_stock,
         )
         self._stats: Counter[str] = self.handler._stats
-        self.rate = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.max_rate_entries)
+        self.rate = HostRateLimiter(
+            cfg.rate_per_source,
+            cfg.rate_burst,
+            cfg.rate_per_prefix,
+            cfg.rate_prefix_burst,
+            cfg.max_rate_entries,
+        )
         #: our address as the driver bound it (None: not yet)
         self.address: Addr | None = None
         #: our address as others saw it (``ds_ping`` answers), counted
@@ -312,6 +319,7 @@ class Node:
         self._pending: dict[bytes, _Rpc] = {}
         self._pinging: dict[bytes, None] = {}
         self._listens = Listening(self, _LISTEN)
+        self._pushes = PushBudget(cfg.max_pushes, cfg.max_pushes_per_host, cfg.max_pushes_per_prefix)
         self.handler.on_notify = self._listens.on_notify
         self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
         self._lookups: dict[int, _LookupOp] = {}
@@ -345,6 +353,7 @@ class Node:
         self._lookups = {}
         self._dirty = []
         self._listens.clear()
+        self._pushes.clear()
         self._timers = []
         self.outgoing = []
 
@@ -497,10 +506,23 @@ class Node:
             return len(self._pending)
         return sum(1 for p in self._pending.values() if p.addr == addr)
 
-    def _rpc(self, addr: Addr, name: str, args: list[Any], now: float, then: Then | None) -> bytes:
+    def _rpc(
+        self,
+        addr: Addr,
+        name: str,
+        args: list[Any],
+        now: float,
+        then: Then | None,
+        reserved: bool = False,
+    ) -> bytes:
         cfg = self.config
-        if len(self._pending) >= cfg.max_inflight:
-            raise LimitExceeded(f"{cfg.max_inflight} RPCs already outstanding")
+        cap = cfg.max_inflight if reserved else cfg.max_inflight - cfg.inflight_reserve
+        if len(self._pending) >= cap:
+            raise LimitExceeded(
+                f"{cap} RPCs already outstanding (max_inflight less inflight_reserve)"
+                if not reserved
+                else f"{cap} RPCs already outstanding (max_inflight)"
+            )
         msg_id = os.urandom(codec.MSG_ID_BYTES)
         data = codec.encode_request(msg_id, name, args)
         if len(data) > codec.MAX_DATAGRAM:
@@ -583,14 +605,16 @@ class Node:
         One ping per head at a time, however many newcomers wait for its place."""
         if self._closed or head.id in self._pinging:
             return
-        if len(self._pending) > self.config.max_inflight // 2:
+        cfg = self.config
+        if len(self._pinging) >= cfg.inflight_reserve // 2 or len(self._pending) >= cfg.max_inflight:
+            self._stats["ping-skipped"] += 1
             return
         self._pinging[head.id] = None
         then = functools.partial(self._head_pinged, head)
         if head.dialect == DIALECT_DS:
-            self._rpc(head.addr, "ds_ping", self.ds_args(), now, then)
+            self._rpc(head.addr, "ds_ping", self.ds_args(), now, then, reserved=True)
         else:
-            self._rpc(head.addr, "ping", [self.id], now, then)
+            self._rpc(head.addr, "ping", [self.id], now, then, reserved=True)
 
     def _head_pinged(
         self, head: Contact, result: Any, error: DhtSignalError | None, now: float
@@ -604,15 +628,20 @@ class Node:
             self.table.failed(head.id)
 
     def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes], now: float) -> None:
-        if self._closed or len(self._pending) > self.config.max_inflight // 2:
+        if (
+            self._closed
+            or len(self._pending) >= self.config.max_inflight
+            or not self._pushes.take(listener)
+        ):
             self._stats["notify-skipped"] += 1
             return
         then = functools.partial(self._notified, key, listener)
-        self._rpc(listener, "ds_notify", self.ds_args(key, raws), now, then)
+        self._rpc(listener, "ds_notify", self.ds_args(key, raws), now, then, reserved=True)
 
     def _notified(
         self, key: bytes, listener: Addr, result: Any, error: DhtSignalError | None, now: float
     ) -> None:
+        self._pushes.release(listener)
         if error is not None or result is False:
             self.subs.remove(key, listener)
 

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 #: Refusal reasons of storing nodes that mean "a limit is used up", and what they mean.
 STORE_LIMITS = {
-    "quota": "the storing nodes' quota for this source address (records or bytes, "
-    "StorageLimits.max_records_per_source / max_bytes_per_source)",
+    "quota": "the storing nodes' quota for this source host or its prefix (records or bytes, "
+    "StorageLimits.max_records_per_source / max_bytes_per_source per host, "
+    "max_records_per_prefix / max_bytes_per_prefix per /24 or /48)",
     "key-full": "the values-per-key cap of the storing nodes (StorageLimits.max_values_per_key)",
     "signer-full": "the storing nodes' cap of slots per signer under one key "
     "(StorageLimits.max_slots_per_signer)",
