@@ -56,6 +56,7 @@ from dhtsignal.dht.node import (
     RequestFailed,
     routing_id,
 )
+from dhtsignal.dht.listen import SlotFilter
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
 from dhtsignal.errors import ConfigError, UsageError
@@ -594,7 +595,7 @@ class DhtNode(asyncio.DatagramProtocol):
         """
         queue: asyncio.Queue[Record] = asyncio.Queue()
         self._listeners.setdefault(key, []).append(queue)
-        seen: dict[tuple[bytes, int, bytes], int] = {}
+        seen = SlotFilter(16 * self.config.listen_queue_size)
         self.core.listen(key, self.loop.time())
         self._service()
         try:
@@ -603,10 +604,8 @@ class DhtNode(asyncio.DatagramProtocol):
                     queue.put_nowait(r)
             while True:
                 rec = await queue.get()
-                if rec.expires <= self.wallclock() or seen.get(rec.slot, -1) >= rec.seq:
-                    continue
-                seen[rec.slot] = rec.seq
-                yield rec
+                if seen.fresh(rec, self.wallclock()):
+                    yield rec
         finally:
             qs = self._listeners.get(key, [])
             if queue in qs:

@@ -46,6 +46,46 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class SlotFilter:
+    """The newest sequence number seen per slot, for one ``listen`` iterator: a record
+    passes once, and never after a newer one of its slot. Bounded: an entry is dropped
+    once its record has expired (a later copy of it is expired too, and refused as
+    such), and past ``max_slots`` the oldest entry goes, so a stranger writing to ever
+    new slots cannot grow it for the life of the listener.
+
+    :param max_slots: slots remembered at most.
+    """
+
+    __slots__ = ("_seen", "max_slots")
+
+    def __init__(self, max_slots: int = 4096) -> None:
+        self.max_slots = max_slots
+        self._seen: dict[tuple[bytes, int, bytes], tuple[int, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def fresh(self, rec: Record, wallnow: float) -> bool:
+        """Whether ``rec`` is live and newer than what its slot passed; if so it is noted.
+
+        :param wallnow: wall-clock UNIX time.
+        """
+        if rec.expires <= wallnow:
+            return False
+        seen = self._seen
+        old = seen.get(rec.slot)
+        if old is not None and old[0] >= rec.seq and old[1] > wallnow:
+            return False
+        seen.pop(rec.slot, None)
+        seen[rec.slot] = (rec.seq, rec.expires)
+        if len(seen) > self.max_slots:
+            for slot in [s for s, (_, exp) in seen.items() if exp <= wallnow]:
+                del seen[slot]
+            while len(seen) > self.max_slots:
+                del seen[next(iter(seen))]
+        return True
+
+
 class PushBudget:
     """Pushes (``ds_notify``) awaiting an answer: in total, per listener host and per
     listener prefix. A listener that does not answer (a spoofed subscription, a flood of
