@@ -319,7 +319,7 @@ def test_accounting_matches_what_is_held(ops: list[tuple[int, int, int, int, int
         for source in (SRC, SRC2):
             mine = [raw for raw, s in held if s == source]
             assert len(mine) <= lim.max_records_per_source
-            hb, hr, pb, pr = st_.usage(source)
+            hb, hr, _, _ = st_.usage(source)
             assert hr == len(mine)
             assert hb == sum(map(len, mine))
         # SRC and SRC2 share a /24: the prefix holds what both hosts hold

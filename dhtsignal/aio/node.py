@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dhtsignal.datadir import STATE_FILE, atomic_write, ensure_dir
+from dhtsignal.dht.listen import SlotFilter
 from dhtsignal.dht.node import (
     STORE_LIMITS,
     Bootstrapped,
@@ -56,7 +57,6 @@ from dhtsignal.dht.node import (
     RequestFailed,
     routing_id,
 )
-from dhtsignal.dht.listen import SlotFilter
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
 from dhtsignal.errors import ConfigError, UsageError

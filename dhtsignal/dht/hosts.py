@@ -40,7 +40,7 @@ def keys_of(ip: str) -> tuple[str, str]:
     except ValueError:
         return ip, ip
     if a.version == 6:
-        mapped = a.ipv4_mapped  # type: ignore[union-attr]
+        mapped = a.ipv4_mapped
         if mapped is not None:
             a = mapped
     if a.version == 4:

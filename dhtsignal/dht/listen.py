@@ -173,12 +173,21 @@ class Listening:
         next step; when one falls due, the node calls :meth:`timer_due`.
     """
 
-    __slots__ = ("_kind", "_node", "_subs")
+    __slots__ = ("_kind", "_node", "_subs", "_via")
+
+    #: pushed records whose pusher is remembered (:meth:`pushed_by`)
+    MAX_VIA = 1024
 
     def __init__(self, node: Node, timer_kind: int) -> None:
         self._node = node
         self._kind = timer_kind
         self._subs: dict[bytes, Subscription] = {}
+        self._via: dict[tuple[bytes, tuple[bytes, int, bytes], int], Addr] = {}
+
+    def pushed_by(self, rec: Record) -> Addr | None:
+        """The address that pushed ``rec`` to us (``ds_notify``), if it was pushed
+        recently: the one address a reply to it may go to unasked (issue 10, item 7)."""
+        return self._via.get((rec.key, rec.slot, rec.seq))
 
     def listen(self, key: bytes, now: float) -> None:
         """One more listener on ``key``: the first starts the subscription cycle."""
@@ -215,6 +224,7 @@ class Listening:
     def clear(self) -> None:
         """Forget every subscription (the node is closing; nothing is sent)."""
         self._subs = {}
+        self._via = {}
 
     def timer_due(self, sub: Subscription, now: float) -> None:
         """A subscription's wait is over: subscribe again (if it is still live)."""
@@ -225,6 +235,11 @@ class Listening:
         """Records pushed to us (``ds_notify``); False: we do not listen to ``key``."""
         if key not in self._subs:
             return False
+        via = self._via
+        for rec in recs:
+            via[(rec.key, rec.slot, rec.seq)] = addr
+        while len(via) > self.MAX_VIA:
+            del via[next(iter(via))]
         if recs:
             self._node.events.append(RecordsReceived(key, recs, True))
         return True

@@ -104,7 +104,7 @@ from dhtsignal.dht.listen import Listening, PushBudget
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.putpolicy import STORE_LIMITS, put_result
-from dhtsignal.dht.ratelimit import HostRateLimiter
+from dhtsignal.dht.ratelimit import HostRateLimiter, RateLimiter
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.dht.replies import (
     MAX_PAGE_RECORDS,
@@ -134,6 +134,7 @@ __all__ = [
     "Bootstrapped",
     "Event",
     "HeldRecords",
+    "HostRateLimiter",
     "LookupFinished",
     "LookupResult",
     "Node",
@@ -319,7 +320,9 @@ class Node:
         self._pending: dict[bytes, _Rpc] = {}
         self._pinging: dict[bytes, None] = {}
         self._listens = Listening(self, _LISTEN)
-        self._pushes = PushBudget(cfg.max_pushes, cfg.max_pushes_per_host, cfg.max_pushes_per_prefix)
+        self._pushes = PushBudget(
+            cfg.max_pushes, cfg.max_pushes_per_host, cfg.max_pushes_per_prefix
+        )
         self.handler.on_notify = self._listens.on_notify
         self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
         self._lookups: dict[int, _LookupOp] = {}
@@ -606,7 +609,10 @@ class Node:
         if self._closed or head.id in self._pinging:
             return
         cfg = self.config
-        if len(self._pinging) >= cfg.inflight_reserve // 2 or len(self._pending) >= cfg.max_inflight:
+        if (
+            len(self._pinging) >= cfg.inflight_reserve // 2
+            or len(self._pending) >= cfg.max_inflight
+        ):
             self._stats["ping-skipped"] += 1
             return
         self._pinging[head.id] = None
@@ -1093,6 +1099,10 @@ class Node:
         """One listener fewer on ``key``; the last one leaving unsubscribes (no answer
         awaited)."""
         self._listens.unlisten(key, now)
+
+    def pushed_by(self, rec: Record) -> Addr | None:
+        """The address that pushed ``rec`` to us, if recent (see :class:`Listening`)."""
+        return self._listens.pushed_by(rec)
 
     def listening(self, key: bytes) -> int:
         """How many listeners ``key`` has."""

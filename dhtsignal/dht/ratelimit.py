@@ -24,9 +24,10 @@ from dhtsignal.wire.addr import Addr
 
 
 class RateLimiter:
-    """Token buckets, one per source (any hashable name: a host, a prefix). An entry whose bucket has refilled carries no
-    information (a new source starts full), so such entries are dropped: the oldest
-    ones as new sources arrive, all of them at each :meth:`prune`.
+    """Token buckets, one per source (any hashable name: a host, a prefix). An entry
+    whose bucket has refilled carries no information (a new source starts full), so
+    such entries are dropped: the oldest ones as new sources arrive, all of them at
+    each :meth:`prune`.
 
     :param rate: tokens per second (0 or less: no limit).
     :param burst: bucket size.

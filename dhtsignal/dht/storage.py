@@ -241,9 +241,7 @@ class RecordStore:
         self._account(record.key, source, record, +1)
         return True
 
-    def _make_room(
-        self, source: Addr, keep: bytes, enough: Callable[[], bool], now: float
-    ) -> None:
+    def _make_room(self, source: Addr, keep: bytes, enough: Callable[[], bool], now: float) -> None:
         """The store is full: drop the oldest records of the heaviest prefix (by records
         held) while it is heavier than ``source``'s, until ``enough()`` (at most
         ``max_values_per_key`` + 1 records: one key's worth)."""
@@ -372,9 +370,7 @@ class Subscriptions:
             if self._per_source.get(host, 0) >= lim.max_listens_per_source:
                 raise RecordRejected("listen-full", "max_listens_per_source reached by this host")
             if self._per_prefix.get(prefix, 0) >= lim.max_listens_per_prefix:
-                raise RecordRejected(
-                    "listen-full", "max_listens_per_prefix reached by this prefix"
-                )
+                raise RecordRejected("listen-full", "max_listens_per_prefix reached by this prefix")
             if self.total >= lim.max_listens:
                 self.expire(now)
                 if self.total >= lim.max_listens:
