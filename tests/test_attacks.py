@@ -136,13 +136,6 @@ def _data(who: Identity, name: str, seq: int = 1, payload: bytes = b"v") -> Reco
     )
 
 
-async def _drain(hosts: list[Host], target: Addr) -> None:
-    """A barrier: each host's ping is answered after everything it sent before it
-    (one socket's datagrams are handled in order on loopback)."""
-    for h in hosts:
-        await h.call(target, "ds_ping")
-
-
 async def _flood(h: Host, target: Addr, name: str, args: list[list[Any]]) -> None:
     """Send one request per ``args`` from ``h`` in rounds of 50, each ended by a barrier
     (so the target's socket buffer never overflows: every request is handled)."""
@@ -159,8 +152,9 @@ async def test_a_listen_flood_from_many_ports_of_one_host_is_capped_per_host(
     bind: Bind, target: Callable[[NodeConfig], Awaitable[DhtNode]]
 ) -> None:
     """64 ports of 127.0.5.1 ask 25 subscriptions each (1,600, within the host's rate
-    burst; the bench sends 350,000 from 4,000 ports): the host holds at most ``max_listens_per_source``, however many
-    ports it uses, and an honest listen from another host is still granted."""
+    burst; the bench sends 350,000 from 4,000 ports): the host holds at most
+    ``max_listens_per_source``, however many ports it uses, and an honest listen from
+    another host is still granted."""
     limits = StorageLimits(max_listens_per_source=100, max_listens=1_000)
     node = await target(NodeConfig(limits=limits))
     assert node.address is not None
