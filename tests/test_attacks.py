@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import StartDht, StartPeer
 
-from dhtsignal.aio.node import DhtNode
+from dhtsignal.aio.node import DhtNode, ignore_outcome
 from dhtsignal.dht import records
 from dhtsignal.dht.params import DEFAULT_NETWORK, NodeConfig
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.dht.rpc import FLAG_CLIENT
 from dhtsignal.dht.storage import StorageLimits
 from dhtsignal.identity import Identity
+from dhtsignal.peer import PeerEvent, SignalSent
+from dhtsignal.signaling import sdp
+from dhtsignal.signaling.envelope import MessageType
+from dhtsignal.signaling.inbox import ChannelOptions, Inbox
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
@@ -278,3 +284,86 @@ async def test_honest_pushes_keep_flowing_during_a_notify_flood(
     # The flood's pushes stay within the per-prefix share, not the whole table.
     assert node.core._pushes.in_flight <= cfg.max_pushes_per_prefix + cfg.max_pushes_per_host
     assert dataclasses.replace(cfg) == cfg
+
+
+# -- offers naming victims --------------------------------------------------------------
+
+
+def _offer_sdp(candidate: Addr) -> str:
+    return sdp.Description(
+        type="offer",
+        mid="0",
+        ufrag="abcd",
+        pwd="a" * 22,
+        fingerprint_algorithm="sha-256",
+        fingerprint=bytes(range(32)),
+        setup="actpass",
+        sctp_port=5000,
+        max_message_size=262144,
+        candidates=(
+            sdp.Candidate(
+                "ab12", 1, "udp", 1, ipaddress.ip_address(candidate[0]), candidate[1], "host"
+            ),
+        ),
+    ).render()
+
+
+@pytest.fixture
+async def boot(dht: StartDht) -> list[str]:
+    nodes = await dht(3)
+    assert nodes[0].address is not None
+    host, port = nodes[0].address
+    return [f"{host}:{port}"]
+
+
+async def test_an_offer_naming_a_victim_sends_the_victim_nothing(
+    bind: Bind, peers: StartPeer, boot: list[str]
+) -> None:
+    """A valid sealed offer from a throwaway key, pushed from 127.0.50.1, names a victim
+    (127.0.51.1) as the caller's DHT addresses: the daemon answers (through the DHT)
+    but pushes nothing to the victim. An offer pushed by the node it names gets its
+    answer pushed straight back there."""
+    answered: asyncio.Queue[SignalSent] = asyncio.Queue()
+
+    def observe(event: PeerEvent) -> None:
+        if isinstance(event, SignalSent) and event.msg_type is not MessageType.OFFER:
+            answered.put_nowait(event)
+
+    bob = await peers("bob", boot, observer=observe)
+    assert bob.node.address is not None
+    attacker, victim = await bind("127.0.50.1"), await bind("127.0.51.1")
+    throwaway = Inbox(Identity.generate())
+    for n in range(3):
+        rec = throwaway.seal_offer(
+            bob.identity.public_key,
+            bob.identity.x25519_public,
+            os.urandom(8),
+            _offer_sdp(("127.0.50.2", 9)),
+            label="",
+            dht=[victim.addr, (victim.addr[0], victim.addr[1] + 1 + n)],
+            channel=ChannelOptions(),
+            now=time.time(),
+        )
+        assert await attacker.call(bob.node.address, "ds_notify", rec.key, [rec.raw]) is True
+        await asyncio.wait_for(answered.get(), WAIT)
+    # A barrier: bob's node pings the victim; anything bob's node sent it before arrives
+    # first (one socket, loopback, in order).
+    bob.node.request(victim.addr, "ds_ping", bob.node.ds_args()).add_done_callback(ignore_outcome)
+    data, src = await asyncio.wait_for(victim.inbox.get(), WAIT)
+    assert src == bob.node.address and codec.decode(data).name == "ds_ping"  # type: ignore[union-attr]
+    assert victim.received == 1
+    # The node that pushed the offer and is named in it gets the answer pushed back.
+    rec = throwaway.seal_offer(
+        bob.identity.public_key,
+        bob.identity.x25519_public,
+        os.urandom(8),
+        _offer_sdp(("127.0.50.2", 9)),
+        label="",
+        dht=[attacker.addr],
+        channel=ChannelOptions(),
+        now=time.time(),
+    )
+    attacker.got_notify.clear()
+    assert await attacker.call(bob.node.address, "ds_notify", rec.key, [rec.raw]) is True
+    await asyncio.wait_for(answered.get(), WAIT)
+    await asyncio.wait_for(attacker.got_notify.wait(), WAIT)
