@@ -155,9 +155,9 @@ def test_first_live_claim_wins_until_it_expires(first: RecordType, second: Recor
     other = RecordType.PRESENCE if first == RecordType.CLAIM else RecordType.CLAIM
     assert st_.put(node_record(A, other, "alice", ttl=10), SRC, NOW + 30)
     assert refused(st_.put, node_record(B, second, "alice", ttl=90), SRC2, NOW + 50) == "id-taken"
-    # Another label is free; other record types under the key are not claims.
+    # Another label is free; other record types under a node key are refused.
     assert st_.put(node_record(B, second, "bob"), SRC2, NOW + 50)
-    assert st_.put(data(B, key=node_key("alice")), SRC2, NOW + 50)
+    assert refused(st_.put, data(B, key=node_key("alice")), SRC2, NOW + 50) == "wrong-type"
     # Once every claim of A has expired (refreshed one: NOW + 30 + 60), B may take the label.
     later = NOW + 91
     assert st_.owner(node_key("alice"), later) is None
@@ -498,3 +498,20 @@ async def test_a_put_stores_on_the_k_closest_with_one_rpc_per_node_asked(dht: St
     assert all(n.store.get(rec.key, time.time()) for n in closest)
     spare = sum(1 for n in others[writer.config.replicas :] if n.store.get(rec.key, time.time()))
     assert spare == writer.stats["put:spare-copies"] == asked - remote
+
+
+def test_records_are_bound_to_the_kind_of_key_they_live_under() -> None:
+    """64 DATA records from throwaway keys under a label's key before its owner claims
+    it: the owner's claim is stored all the same (the junk is dropped: a claim proves
+    the key is a node key), and DATA under it is refused from then on."""
+    st_ = RecordStore(limits(max_values_per_key=64))
+    key = node_key("alice")
+    for i in range(64):
+        junk = data(Identity.generate(), 1, key=key, payload=b"junk %d" % i)
+        assert st_.put(junk, (f"198.51.100.{i % 200 + 1}", 1), NOW)
+    assert refused(st_.put, data(Identity.generate(), 1, key=key), SRC2, NOW) == "key-full"
+    assert st_.put(node_record(A, RecordType.CLAIM, "alice"), SRC, NOW)
+    assert st_.put(node_record(A, RecordType.PRESENCE, "alice"), SRC, NOW)
+    assert {r.type for r in st_.get(key, NOW)} == {RecordType.CLAIM, RecordType.PRESENCE}
+    assert st_.evicted == 64 and len(st_) == 2
+    assert refused(st_.put, data(Identity.generate(), 1, key=key), SRC2, NOW) == "wrong-type"

@@ -26,6 +26,13 @@ and expiring. Our own nodes never read it for their records.
 :class:`Subscriptions` remembers who listens on which key until when, bounded
 per key, per host, per prefix and in total.
 
+Record types are bound to the keys they may live under. A live CLAIM or PRESENCE record
+proves its key is a node key (it was checked to be ``node_key`` of its label), a ROOM
+record that its key is a room key. Under a proven key, records of other types are junk:
+they are refused (``wrong-type``), and those stored before the proof came are dropped
+when it comes. So records from strangers' keys cannot fill a label's key before its
+owner claims it (``key-full``): the claim evicts them.
+
 No I/O here; every method takes ``now``.
 """
 
@@ -42,6 +49,17 @@ from dhtsignal.errors import RecordRejected
 from dhtsignal.wire.addr import Addr
 
 _NODE_TYPES = (RecordType.CLAIM, RecordType.PRESENCE)
+#: The types that may live under a key a record of each type proves the kind of.
+_KIND: dict[int, tuple[int, ...]] = {
+    RecordType.CLAIM: _NODE_TYPES,
+    RecordType.PRESENCE: _NODE_TYPES,
+    RecordType.ROOM: (RecordType.ROOM,),
+}
+
+
+def _proves(record: Record) -> tuple[int, ...] | None:
+    """The types allowed under ``record``'s key if it proves the key's kind, else None."""
+    return None if record.is_tombstone else _KIND.get(record.type)
 
 
 @dataclass(frozen=True)
@@ -197,6 +215,18 @@ class RecordStore:
             owner = self.owner(record.key, now)
             if owner is not None and owner != record.signer:
                 raise RecordRejected("id-taken", "another key holds a live claim on this node id")
+        allowed = _proves(record)
+        if allowed is not None:
+            junk = [slot for slot, h in slots.items() if h.record.type not in allowed]
+            for slot in junk:
+                self._drop(record.key, slot)
+                self.evicted += 1
+            slots = self._keys.get(record.key, {})
+        else:
+            for h in slots.values():
+                proven = _proves(h.record)
+                if proven is not None and record.type not in proven:
+                    raise RecordRejected("wrong-type", "this key holds another kind of record")
         lim = self.limits
         if held is None:
             mine = sum(1 for signer, _, _ in slots if signer == record.signer)
