@@ -24,11 +24,12 @@ from conftest import StartDht, StartPeer
 from dhtsignal.aio.node import DhtNode, ignore_outcome
 from dhtsignal.dht import records
 from dhtsignal.dht.params import DEFAULT_NETWORK, NodeConfig
-from dhtsignal.dht.records import Record, RecordType
+from dhtsignal.dht.records import Record, RecordType, node_key
 from dhtsignal.dht.rpc import FLAG_CLIENT
 from dhtsignal.dht.storage import StorageLimits
 from dhtsignal.identity import Identity
 from dhtsignal.peer import PeerEvent, SignalSent
+from dhtsignal.presence import Presence, resolve
 from dhtsignal.signaling import sdp
 from dhtsignal.signaling.envelope import MessageType
 from dhtsignal.signaling.inbox import ChannelOptions, Inbox
@@ -367,3 +368,35 @@ async def test_an_offer_naming_a_victim_sends_the_victim_nothing(
     assert await attacker.call(bob.node.address, "ds_notify", rec.key, [rec.raw]) is True
     await asyncio.wait_for(answered.get(), WAIT)
     await asyncio.wait_for(attacker.got_notify.wait(), WAIT)
+
+
+# -- one Sybil's refusal ----------------------------------------------------------------
+
+
+async def test_one_sybil_id_taken_does_not_block_the_owners_first_claim(dht: StartDht) -> None:
+    """A Sybil node joins right next to ``node_key("alice")`` holding mallory's claim
+    (so it answers ``id-taken``) before alice ever claims: alice's first claim is
+    stored all the same, and a reader resolves alice to her key."""
+    key = node_key("alice")
+    nodes = await dht(12)
+    mallory, alice = Identity.generate(), Identity.generate()
+
+    class Sybil(DhtNode):
+        def __init__(self, _node_id: bytes, config: object = None) -> None:
+            super().__init__(key[:-1] + bytes([key[-1] ^ 1]), config)  # type: ignore[arg-type]
+
+    assert nodes[0].address is not None
+    (sybil,) = await dht(1, node_class=Sybil, join=nodes[0].address)
+    claim = records.sign(
+        mallory,
+        RecordType.CLAIM,
+        key,
+        codec.pack({"id": "alice", "t": 0.0}),
+        seq=1,
+        expires=time.time() + 3600,
+    )
+    assert sybil.core.store.put(claim, ("127.0.60.1", 1), time.time())
+    await Presence(nodes[1], alice, "alice").publish()  # no NodeIdTaken
+    info = await resolve(nodes[-1], "alice", None)
+    assert info.public_key == alice.public_key
+    assert {r.signer for r in sybil.store.get(key, sybil.wallclock())} == {mallory.public_key}
