@@ -33,6 +33,7 @@ from dhtsignal.presence import Presence, resolve
 from dhtsignal.signaling import sdp
 from dhtsignal.signaling.envelope import MessageType
 from dhtsignal.signaling.inbox import ChannelOptions, Inbox
+from dhtsignal.testing import fuzz
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
@@ -400,3 +401,17 @@ async def test_one_sybil_id_taken_does_not_block_the_owners_first_claim(dht: Sta
     info = await resolve(nodes[-1], "alice", None)
     assert info.public_key == alice.public_key
     assert {r.signer for r in sybil.store.get(key, sybil.wallclock())} == {mallory.public_key}
+
+
+# -- fuzzing ----------------------------------------------------------------------------
+
+
+async def test_a_short_fuzz_run_breaks_nothing() -> None:
+    """The CI variant of ``bench/fuzz.py``: 3,000 mutated datagrams of every RPC from 64
+    hosts; no traceback, every probe lookup finds contacts, every barrier answered."""
+    result = await fuzz.run(3_000, seed=7)
+    assert result.sent == 3_000
+    assert result.tracebacks == 0
+    assert result.lookups >= 3 and result.failed_lookups == 0
+    assert result.barriers_lost == 0
+    assert sum(result.drops.values()) > 1_000  # most of it was refused, by reason
