@@ -206,10 +206,10 @@ async def run(
         nodes.append(target)
         addr: Addr = await target.listen_udp("127.0.0.1", 0)
         for i in range(helpers):
-            n = DhtNode(os.urandom(20), config)
-            nodes.append(n)
-            await n.listen_udp(f"127.0.80.{i + 1}", 0)
-            await n.bootstrap([addr])
+            helper = DhtNode(os.urandom(20), config)
+            nodes.append(helper)
+            await helper.listen_udp(f"127.0.80.{i + 1}", 0)
+            await helper.bootstrap([addr])
         probe = DhtNode(os.urandom(20), config)
         nodes.append(probe)
         await probe.listen_udp("127.0.81.1", 0)
@@ -225,12 +225,12 @@ async def run(
         rss0 = _rss()
         sent = 0
         while sent < count:
-            n = min(batch, count - sent)
-            for i in range(n):
+            m = min(batch, count - sent)
+            for i in range(m):
                 s = socks[(sent + i) % hosts]
                 assert s.transport is not None
                 s.transport.sendto(mutate(rng, base), addr)
-            sent += n
+            sent += m
             msg_id = os.urandom(codec.MSG_ID_BYTES)
             fut: asyncio.Future[None] = loop.create_future()
             barrier.waiting[msg_id] = fut
