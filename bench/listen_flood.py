@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -97,10 +98,8 @@ async def flood(count: int, ports: int, hosts: int, port: int, pid: int) -> dict
             s = socks[(sent + i) % ports]
             futs.append(s.call(dst, "ds_listen", [NET, me, 1, os.urandom(20), 120]))
         sent += len(futs)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(barrier.call(dst, "ds_ping", [NET, me, 1]), 5.0)
-        except TimeoutError:
-            pass
         for f in futs:
             if f.done() and type(f.result()) in (int, float):
                 granted += 1

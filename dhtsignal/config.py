@@ -706,6 +706,8 @@ class Settings:
     """Records (slots) one signer holds under one key; its next one is refused."""
     storage_max_bytes: int = _limit("max_bytes", "storage: total record bytes held")
     """Total encoded record bytes held."""
+    storage_max_records: int = _limit("max_records", "storage: records held in total")
+    """Records held in total."""
     storage_max_bytes_per_source: int = _limit(
         "max_bytes_per_source", "storage: record bytes per source host (IPv4 address, IPv6 /64)"
     )

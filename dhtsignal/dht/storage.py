@@ -76,6 +76,8 @@ class StorageLimits:
     node ID's claim and presence, and a peer's offer and answer crossing in glare."""
     max_bytes: int = 64 * 1024 * 1024
     """Total encoded record bytes held."""
+    max_records: int = 100_000
+    """Records held in total (each costs about 700 bytes of memory beyond its encoding)."""
     max_bytes_per_source: int = 512 * 1024
     """Encoded record bytes stored on behalf of one source host (an IPv4 address or
     IPv6 /64, whatever its ports)."""
@@ -259,6 +261,10 @@ class RecordStore:
             self._make_room(source, record.key, lambda: len(self._keys) < lim.max_keys, now)
             if len(self._keys) >= lim.max_keys:
                 raise RecordRejected("store-full", f"{lim.max_keys} keys (max_keys)")
+        if held is None and self.total_records >= lim.max_records:
+            self._make_room(source, record.key, lambda: self.total_records < lim.max_records, now)
+            if self.total_records >= lim.max_records:
+                raise RecordRejected("store-full", f"{lim.max_records} records (max_records)")
         if self.total_bytes + grow > lim.max_bytes:
             self._make_room(
                 source, record.key, lambda: self.total_bytes + grow <= lim.max_bytes, now
