@@ -44,7 +44,8 @@ STORE_LIMITS = {
     "key-full": "the values-per-key cap of the storing nodes (StorageLimits.max_values_per_key)",
     "signer-full": "the storing nodes' cap of slots per signer under one key "
     "(StorageLimits.max_slots_per_signer)",
-    "store-full": "the storing nodes' total capacity (StorageLimits.max_keys / max_records / max_bytes)",
+    "store-full": "the storing nodes' total capacity "
+    "(StorageLimits.max_keys / max_records / max_bytes)",
 }
 
 
