@@ -76,8 +76,8 @@ class StorageLimits:
     node ID's claim and presence, and a peer's offer and answer crossing in glare."""
     max_bytes: int = 64 * 1024 * 1024
     """Total encoded record bytes held."""
-    max_records: int = 100_000
-    """Records held in total (each costs about 700 bytes of memory beyond its encoding)."""
+    max_records: int = 50_000
+    """Records held in total (each costs about 2 KiB of memory beyond its encoding)."""
     max_bytes_per_source: int = 512 * 1024
     """Encoded record bytes stored on behalf of one source host (an IPv4 address or
     IPv6 /64, whatever its ports)."""
