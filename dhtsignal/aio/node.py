@@ -565,14 +565,18 @@ class DhtNode(asyncio.DatagramProtocol):
         """All live records under ``key`` from the nodes closest to it, verified and merged."""
         return (await self.get_held(key, include_tombstones=include_tombstones)).records
 
-    async def get_held(self, key: bytes, *, include_tombstones: bool = False) -> HeldRecords:
+    async def get_held(
+        self, key: bytes, *, include_tombstones: bool = False, k: int | None = None
+    ) -> HeldRecords:
         """Like :meth:`get`, and count for each signer the distinct storing nodes whose
         answers held a live (not tombstoned) record of theirs; our own store counts as one.
 
         A node-ID's owner is the claimant most storing nodes hold (each refuses a second
         claimant), which a single hostile or newly joined storing node cannot change.
+
+        :param k: storing nodes to read (default ``replicas``).
         """
-        op = self.core.start_get(key, self.loop.time(), include_tombstones=include_tombstones)
+        op = self.core.start_get(key, self.loop.time(), include_tombstones=include_tombstones, k=k)
         held: HeldRecords = await self._op(op)
         return held
 

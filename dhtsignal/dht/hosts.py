@@ -60,3 +60,27 @@ def host_of(addr: Addr) -> str:
 def prefix_of(addr: Addr) -> str:
     """The prefix ``addr`` belongs to (IPv4 /24, IPv6 /48)."""
     return keys_of(addr[0])[1]
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _is_public(ip: str) -> bool:
+    try:
+        a = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return False
+    if a.version == 6 and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    return a.is_global
+
+
+def diversity_group(ip: str, private_too: bool = False) -> str | None:
+    """The prefix a contact at ``ip`` counts against in per-prefix diversity limits
+    (among a lookup's closest), or None: not limited. Only public addresses are limited
+    unless ``private_too`` (tests and the simulator, where every address is private).
+
+    :param ip: the contact's IP literal.
+    :param private_too: limit private, loopback and link-local addresses too.
+    """
+    if private_too or _is_public(ip):
+        return keys_of(ip)[1]
+    return None

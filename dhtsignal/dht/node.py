@@ -100,6 +100,7 @@ from dhtsignal.dht.events import (
     Then,
     ignore,
 )
+from dhtsignal.dht.hosts import diversity_group
 from dhtsignal.dht.listen import Listening, PushBudget
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.params import NodeConfig
@@ -161,6 +162,21 @@ _FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN = range(5)
 def routing_id(public_key: bytes) -> bytes:
     """A node's 20-byte routing ID, derived from its identity key (stable across restarts)."""
     return hashlib.sha256(b"dhtsignal/routing/" + public_key).digest()[:20]
+
+
+def _diversity(cfg: NodeConfig) -> Callable[[Contact], str | None] | None:
+    """The per-prefix diversity group of a contact under ``cfg`` (None: no limit)."""
+    if cfg.max_per_prefix <= 0:
+        return None
+    private_too = cfg.diversity_on_private
+    return lambda c: diversity_group(c.ip, private_too)
+
+
+def replicas_for(cfg: NodeConfig, recs: Iterable[Record]) -> int:
+    """Storing nodes of a put of ``recs``: ``name_replicas`` for node-ID records."""
+    if any(r.type in (RecordType.CLAIM, RecordType.PRESENCE) for r in recs):
+        return max(cfg.replicas, cfg.name_replicas)
+    return cfg.replicas
 
 
 class _Rpc:
@@ -789,6 +805,8 @@ class Node:
             alpha=k if warm else cfg.alpha,
             peer_timeout=cfg.peer_timeout,
             own_id=self.id,
+            group=_diversity(cfg),
+            max_per_group=cfg.max_per_prefix,
         )
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op
@@ -982,7 +1000,7 @@ class Node:
         self.start_lookup(
             recs[0].key,
             now,
-            k=self.config.replicas,
+            k=replicas_for(self.config, recs),
             store=[r.raw for r in recs],
             then=functools.partial(self._put_looked_up, op_id, recs, then),
         )
@@ -1042,16 +1060,20 @@ class Node:
         *,
         include_tombstones: bool = False,
         then: Then | None = None,
+        k: int | None = None,
     ) -> int:
         """All live records under ``key`` from the nodes closest to it, verified and
         merged, with our own; ends as :class:`RecordsFound`. The support of each signer
         is the number of distinct storing nodes whose answers held a live (not
-        tombstoned) record of theirs; our own store counts as one."""
+        tombstoned) record of theirs; our own store counts as one.
+
+        :param k: storing nodes to read (default ``replicas``; ``name_replicas`` for a
+            node ID's key)."""
         op_id = self._new_op()
         self.start_lookup(
             key,
             now,
-            k=self.config.replicas,
+            k=k or self.config.replicas,
             want_value=True,
             then=functools.partial(self._got, op_id, key, include_tombstones, then),
         )

@@ -69,6 +69,16 @@ class NodeConfig:
     """Behind NAT: never enter others' routing tables, never store for others."""
     accept_stock: bool = True
     """Answer the stock kademlia RPCs (ping, find_node, find_value, store)."""
+    max_per_prefix: int = 1
+    """Contacts of one prefix (IPv4 /24, IPv6 /48) among a lookup's closest (0: no
+    limit); only public addresses count unless ``diversity_on_private`` (issue 10)."""
+    diversity_on_private: bool = False
+    """Apply ``max_per_prefix`` to private and loopback addresses too (the switch for
+    tests and the simulator)."""
+    name_replicas: int = 33
+    """Storing nodes of a node ID's claim and presence (``node_key``), and nodes a name is
+    read from: with one place per prefix among them, an attacker needs more than 16
+    /24 prefixes to outnumber the honest storing nodes (``bench/sybil.py``)."""
     max_rate_entries: int = 10_000
     """Hosts (and prefixes) the rate limiter tracks at most (the oldest entry goes first)."""
     max_pages: int = 16
