@@ -1094,9 +1094,13 @@ class Node:
             return
         merged = list(res.records)
         holders: dict[bytes, set[bytes]] = {}
+        # Support counts only the storing nodes of the result (one per prefix under the
+        # diversity limit), not others the lookup asked on the way.
+        closest = {c.id for c in res.closest}
         for r in res.records:
             if not r.is_tombstone:
-                holders.setdefault(r.signer, set()).update(res.held_by.get(r.raw, ()))
+                ids = closest.intersection(res.held_by.get(r.raw, ()))
+                holders.setdefault(r.signer, set()).update(ids)
         if not self.config.client_mode:
             mine = self.store.get(key, self.wallclock())
             merged.extend(mine)
