@@ -27,14 +27,20 @@ from dhtsignal.testing import sybil
 
 
 def curve(
-    name: str, cfg: Any, honest: int, trials: int, sizes: list[int], seed: int
+    name: str,
+    cfg: Any,
+    honest: int,
+    trials: int,
+    sizes: list[int],
+    seed: int,
+    per_prefix: int,
 ) -> dict[str, Any]:
     started = time.monotonic()
     net = sybil.network(honest, cfg, seed=seed)
     built = time.monotonic() - started
     rows = []
     for p in sizes:
-        outcomes = [net.trial(p) for _ in range(trials)]
+        outcomes = [net.trial(p, per_prefix) for _ in range(trials)]
         row = {
             "prefixes": p,
             "won": sum(o.attacker_won for o in outcomes) / trials,
@@ -53,6 +59,7 @@ def curve(
         "config": name,
         "honest": honest,
         "trials": trials,
+        "nodes_per_prefix": per_prefix,
         "build_seconds": round(built, 1),
         "rows": rows,
         "smallest_winning_half": smallest,
@@ -64,6 +71,7 @@ def main() -> None:
     ap.add_argument("--honest", type=int, default=10_000)
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--per-prefix", type=int, default=2, help="attacker nodes per /24")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
