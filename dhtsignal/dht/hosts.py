@@ -24,8 +24,9 @@ import ipaddress
 
 from dhtsignal.wire.addr import Addr
 
-#: Cached host and prefix keys (the rate limiter and the store ask per request).
-_CACHE = 65_536
+#: Cached host and prefix keys (the rate limiter and the store ask per request); about
+#: 300 bytes each, so a flood from ever new source addresses costs at most ~2.5 MiB.
+_CACHE = 8_192
 
 
 @functools.lru_cache(maxsize=_CACHE)
