@@ -32,10 +32,13 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   all (an RPC answered in time costs none); a retried RPC has its own entry, the
   n-th try waiting ``n * rpc_timeout``; after ``rpc_retries`` retries it fails with
   :class:`~dhtsignal.errors.RpcTimeout` (counted ``rpc-timeout``).
-* Requests are rate-limited per source (:class:`~dhtsignal.dht.ratelimit.RateLimiter`)
-  and answered by the I/O-free :class:`~dhtsignal.dht.rpc.RequestHandler`; a contact
-  waiting for a full bucket's place makes the node ping that bucket's head (one ping
-  per head at a time); new records are pushed to subscribers (``ds_notify``).
+* Requests are rate-limited per source host and prefix
+  (:class:`~dhtsignal.dht.ratelimit.HostRateLimiter`) and answered by the I/O-free
+  :class:`~dhtsignal.dht.rpc.RequestHandler`; a contact waiting for a full bucket's
+  place makes the node ping that bucket's head (one ping per head at a time); new
+  records are pushed to subscribers (``ds_notify``), within a
+  :class:`~dhtsignal.dht.listen.PushBudget` per listener host and prefix. The last
+  ``inflight_reserve`` places of the pending table are for those pings and pushes.
 * Lookups drive :class:`~dhtsignal.dht.lookup.Lookup` machines: each answer is
   parsed (:mod:`~dhtsignal.dht.replies`), fed to the machine, and the
   machine's next step sent at once; or, with :attr:`Node.batch_lookups` (the asyncio
@@ -63,7 +66,7 @@ Nothing a remote party sends raises out of :meth:`Node.receive_datagram`: every
 refusal is counted in :attr:`Node.stats` by reason.
 
 Around it, in modules of their own: the events and results it reports
-(:mod:`~dhtsignal.dht.events`), the per-source rate limiter
+(:mod:`~dhtsignal.dht.events`), the per-host and per-prefix rate limiter
 (:mod:`~dhtsignal.dht.ratelimit`), reply parsing (:mod:`~dhtsignal.dht.replies`) and
 the put-result policy (:mod:`~dhtsignal.dht.putpolicy`), each pure; and the listen
 cycle (:mod:`~dhtsignal.dht.listen`), which works through this node. This module
