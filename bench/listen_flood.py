@@ -10,7 +10,8 @@ Usage::
 
     PYTHONPATH=. python bench/listen_flood.py                 # 350,000 from 4,000 ports
     PYTHONPATH=. python bench/listen_flood.py --quick         # 35,000 from 400 ports
-    PYTHONPATH=. python bench/listen_flood.py --hosts 1000    # ports over 1,000 hosts
+    PYTHONPATH=. python bench/listen_flood.py --hosts 4000 --hosts-per-prefix 100
+                                                  # 4,000 hosts in 40 /24s
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ class _Sock(asyncio.DatagramProtocol):
         return fut
 
 
-async def flood(count: int, ports: int, hosts: int, port: int, pid: int) -> dict[str, Any]:
+async def flood(
+    count: int, ports: int, hosts: int, per_prefix: int, port: int, pid: int
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     dst = ("127.0.0.1", port)
     socks: list[_Sock] = []
     for i in range(ports):
-        h = i % hosts  # host h: 127.5.(h // 250).(h % 250 + 1), 250 hosts per /24
-        ip = f"127.5.{h // 250}.{h % 250 + 1}"
+        h = i % hosts  # host h: 127.5.(h // per_prefix).(h % per_prefix + 1)
+        ip = f"127.5.{h // per_prefix}.{h % per_prefix + 1}"
         _, s = await loop.create_datagram_endpoint(_Sock, local_addr=(ip, 0))
         socks.append(s)
     _, barrier = await loop.create_datagram_endpoint(_Sock, local_addr=("127.0.4.1", 0))
@@ -121,6 +124,7 @@ async def flood(count: int, ports: int, hosts: int, port: int, pid: int) -> dict
         "sent": sent,
         "ports": ports,
         "hosts": hosts,
+        "prefixes": -(-hosts // per_prefix),
         "granted": granted,
         "seconds": round(seconds, 1),
         "rss_before_mib": round(rss0 / 2**20, 1),
@@ -134,6 +138,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=350_000)
     ap.add_argument("--ports", type=int, default=4_000)
     ap.add_argument("--hosts", type=int, default=1, help="spread the ports over this many hosts")
+    ap.add_argument("--hosts-per-prefix", type=int, default=250)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -147,7 +152,7 @@ def main() -> None:
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline())
-        out = asyncio.run(flood(count, ports, args.hosts, port, child.pid))
+        out = asyncio.run(flood(count, ports, args.hosts, args.hosts_per_prefix, port, child.pid))
     finally:
         if child.stdin is not None:
             child.stdin.close()
