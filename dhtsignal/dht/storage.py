@@ -408,9 +408,9 @@ class Subscriptions:
             if self._per_prefix.get(prefix, 0) >= lim.max_listens_per_prefix:
                 raise RecordRejected("listen-full", "max_listens_per_prefix reached by this prefix")
             if self.total >= lim.max_listens:
-                self.expire(now)
-                if self.total >= lim.max_listens:
-                    raise RecordRejected("listen-full", "max_listens reached on this node")
+                # Expired ones are dropped by the node's maintenance (expire), not here:
+                # a scan per refused request would cost a flood O(max_listens) each.
+                raise RecordRejected("listen-full", "max_listens reached on this node")
             self._per_source[host] = self._per_source.get(host, 0) + 1
             self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
             self.total += 1
