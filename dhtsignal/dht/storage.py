@@ -134,6 +134,8 @@ class RecordStore:
         self.total_records = 0
         #: records dropped to make room for a lighter prefix
         self.evicted = 0
+        #: the prefix holding the most records, if known (None: scan when needed)
+        self._heavy: str | None = None
 
     def __len__(self) -> int:
         return self.total_records
@@ -161,6 +163,15 @@ class RecordStore:
             use.records += sign
             if use.records <= 0:
                 del table[k]
+        heavy = self._heavy
+        if sign > 0:
+            if heavy is not None and heavy != prefix:
+                h = self._prefix_usage.get(heavy)
+                p = self._prefix_usage.get(prefix)
+                if h is None or (p is not None and p.records > h.records):
+                    self._heavy = prefix
+        elif prefix == heavy:
+            self._heavy = None  # it shrank: another may be heavier now
         order = self._by_prefix.get(prefix)
         if sign > 0:
             if order is None:
@@ -286,7 +297,10 @@ class RecordStore:
         for _ in range(self.limits.max_values_per_key + 1):
             if enough() or not self._prefix_usage:
                 return
-            heavy = max(self._prefix_usage, key=lambda p: self._prefix_usage[p].records)
+            heavy = self._heavy
+            if heavy is None or heavy not in self._prefix_usage:
+                usage = self._prefix_usage
+                heavy = self._heavy = max(usage, key=lambda p: usage[p].records)
             if heavy == mine or self._prefix_usage[heavy].records <= mine_n + 1:
                 return
             order = self._by_prefix.get(heavy)
