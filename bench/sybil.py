@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--per-prefix", type=int, default=2, help="attacker nodes per /24")
+    ap.add_argument("--sizes", default="1,4,8,12,14,16,17,18,20,24", help="attacker /24s")
+    ap.add_argument("--defended-only", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
