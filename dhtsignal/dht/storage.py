@@ -403,7 +403,12 @@ class Subscriptions:
     _by_key: dict[bytes, dict[Addr, float]] = field(default_factory=dict)
     _per_source: dict[str, int] = field(default_factory=dict)
     _per_prefix: dict[str, int] = field(default_factory=dict)
+    #: each prefix's subscriptions, oldest first (the ones evicted when full)
+    _order: dict[str, dict[tuple[bytes, Addr], None]] = field(default_factory=dict)
     total: int = 0
+    evicted: int = 0
+    #: the prefix holding the most subscriptions, if known (None: scan when needed)
+    _heavy: str | None = None
 
     def add(self, key: bytes, addr: Addr, ttl: float, now: float) -> float:
         """Register or refresh a subscription; returns the TTL granted.
@@ -421,27 +426,59 @@ class Subscriptions:
                 raise RecordRejected("listen-full", "max_listens_per_source reached by this host")
             if self._per_prefix.get(prefix, 0) >= lim.max_listens_per_prefix:
                 raise RecordRejected("listen-full", "max_listens_per_prefix reached by this prefix")
-            if self.total >= lim.max_listens:
+            if self.total >= lim.max_listens and not self._evict_heaviest(prefix, key):
                 # Expired ones are dropped by the node's maintenance (expire), not here:
                 # a scan per refused request would cost a flood O(max_listens) each.
                 raise RecordRejected("listen-full", "max_listens reached on this node")
             self._per_source[host] = self._per_source.get(host, 0) + 1
             self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
+            self._order.setdefault(prefix, {})[(key, addr)] = None
             self.total += 1
+            heavy = self._heavy
+            if (
+                heavy is not None
+                and heavy != prefix
+                and self._per_prefix[prefix] > (self._per_prefix.get(heavy, 0))
+            ):
+                self._heavy = prefix
         self._by_key.setdefault(key, {})[addr] = now + ttl
         return ttl
+
+    def _evict_heaviest(self, prefix: str, key: bytes) -> bool:
+        """Full: drop the oldest subscription of the prefix holding the most, if it holds
+        more than ``prefix`` would with this one (fairness when full). True if one went."""
+        per = self._per_prefix
+        heavy = self._heavy
+        if heavy is None or heavy not in per:
+            heavy = self._heavy = max(per, key=per.__getitem__, default=None)
+        if heavy is None or heavy == prefix or per[heavy] <= per.get(prefix, 0) + 1:
+            return False
+        order = self._order.get(heavy)
+        if not order:
+            return False
+        old_key, old_addr = next(iter(order))
+        self.remove(old_key, old_addr)
+        self.evicted += 1
+        return True
 
     def remove(self, key: bytes, addr: Addr) -> None:
         """Forget one subscription."""
         subs = self._by_key.get(key)
         if subs is not None and subs.pop(addr, None) is not None:
-            self._release(addr)
+            self._release(key, addr)
             if not subs:
                 del self._by_key[key]
 
-    def _release(self, addr: Addr) -> None:
+    def _release(self, key: bytes, addr: Addr) -> None:
         host, prefix = keys_of(addr[0])
         self.total -= 1
+        if prefix == self._heavy:
+            self._heavy = None  # it shrank: another may hold more now
+        order = self._order.get(prefix)
+        if order is not None:
+            order.pop((key, addr), None)
+            if not order:
+                del self._order[prefix]
         for table, k in ((self._per_source, host), (self._per_prefix, prefix)):
             n = table.get(k, 0) - 1
             if n > 0:
@@ -455,7 +492,7 @@ class Subscriptions:
             return {}
         for addr in [a for a, exp in subs.items() if exp <= now]:
             del subs[addr]
-            self._release(addr)
+            self._release(key, addr)
         if not subs:
             del self._by_key[key]
             return {}
