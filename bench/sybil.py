@@ -79,17 +79,12 @@ def main() -> None:
     args = ap.parse_args()
     logging.disable(logging.WARNING)  # each blocked-or-kept put logs a warning
     honest, trials = (2_000, 20) if args.quick else (args.honest, args.trials)
-    out = [
-        curve("baseline", sybil.BASELINE, honest, trials, [1, 2, 3, 4, 6], args.seed),
-        curve(
-            "defended",
-            sybil.DEFENDED,
-            honest,
-            trials,
-            [1, 4, 8, 12, 14, 16, 17, 18, 20, 24],
-            args.seed,
-        ),
-    ]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    out = []
+    if not args.defended_only:
+        # Without diversity limits more nodes per prefix pay: the attacker uses 8.
+        out.append(curve("baseline", sybil.BASELINE, honest, trials, [1, 2, 4], args.seed, 8))
+    out.append(curve("defended", sybil.DEFENDED, honest, trials, sizes, args.seed, args.per_prefix))
     for c in out:
         print(
             f"{c['config']}: smallest attacker winning half the trials: "
