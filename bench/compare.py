@@ -19,6 +19,8 @@ The benchmarks and the figures read from their ``--json`` output:
 * ``rendezvous``: ``bench/rendezvous.py`` connect() to both channels open, p50; each
   side's ``dtls_sctp`` phase p50 (which includes the channel-binding check since it was
   added) and, in trees that measure it, one control-channel round trip p50.
+* ``simchurn``: ``bench/sim_churn.py`` (this tree's script on both sides) lookup success,
+  p50/p99 virtual lookup time and hops under churn, ``--sim-nodes`` nodes.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class Bench:
     args: Callable[[argparse.Namespace], list[str]]
     figures: Callable[[dict[str, Any]], dict[str, float]]
     timeout: float
+    ours: bool = False
+    """Run this tree's script on both sides (the base has no such script; the script
+    then only uses what the base offers)."""
 
 
 def _dig(doc: Any, *path: str) -> Any:
@@ -74,6 +79,16 @@ def _putget(doc: dict[str, Any]) -> dict[str, float]:
 
 def _sim(doc: dict[str, Any]) -> dict[str, float]:
     return {"KiB per idle node (sim)": _dig(doc, "memory", "ours_bytes") / 1024}
+
+
+def _simchurn(doc: dict[str, Any]) -> dict[str, float]:
+    return {
+        "churn lookup success (sim)": doc["success"],
+        "churn lookup p50 ms (sim)": doc["lookup_ms_p50"],
+        "churn lookup p99 ms (sim)": doc["lookup_ms_p99"],
+        "churn hops p50 (sim)": doc["hops_p50"],
+        "churn hops p99 (sim)": doc["hops_p99"],
+    }
 
 
 def _rendezvous(doc: dict[str, Any]) -> dict[str, float]:
@@ -118,6 +133,16 @@ BENCHES: dict[str, Bench] = {
         _sim,
         1800,
     ),
+    "simchurn": Bench(
+        "sim_churn.py",
+        lambda a: (
+            ["--nodes", str(a.sim_nodes), "--seed", "1"]
+            + (["--duration", "900", "--lookups", "300"] if a.quick else [])
+        ),
+        _simchurn,
+        7200,
+        ours=True,
+    ),
     "rendezvous": Bench(
         "rendezvous.py",
         lambda a: ["--ways", "relay,dhtsignal", "--iterations", "10" if a.quick else "30"],
@@ -126,13 +151,14 @@ BENCHES: dict[str, Bench] = {
     ),
 }
 #: Figures where a larger number is better (the others are times and sizes).
-_HIGHER_IS_BETTER = ("replies/s",)
+_HIGHER_IS_BETTER = ("replies/s", "success")
 
 
 def _run_one(tree: Path, bench: Bench, args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(tree / "bench" / bench.script), *bench.args(args)]
+        script = (ROOT if bench.ours else tree) / "bench" / bench.script
+        cmd = [sys.executable, str(script), *bench.args(args)]
         cmd += ["--json", str(out)]
         env = dict(os.environ, PYTHONPATH=str(tree))
         proc = subprocess.run(

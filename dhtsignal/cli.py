@@ -359,6 +359,7 @@ async def _lookup(settings: Settings, ns: argparse.Namespace) -> int:
         ("self_id", info.self_id),
         ("rooms", ", ".join(info.rooms) or "-"),
         ("addresses", " ".join(_addr(a) for a in info.addresses) or "-"),
+        ("nat", info.nat),
         ("expires_in", f"{info.expires_in:.1f} s"),
         ("refreshed", f"{info.refreshed_ago:.1f} s ago"),
     ]

@@ -556,6 +556,17 @@ class Settings:
         ),
     )
     """Client-mode node (query commands always run one)."""
+    keepalive_interval: float = field(
+        default=15.0,
+        metadata=spec(
+            number(lo=0.0, hi=3600.0, lo_open=True),
+            "client mode: seconds between keepalives to the nodes pushing to us (beat the "
+            "NAT's UDP mapping timeout)",
+            frozenset({"peer"}),
+        ),
+    )
+    """Client mode: seconds between keepalive pings to the DHT nodes holding the inbox
+    subscription, shorter than the NAT's UDP mapping timeout (often 20-30 s)."""
     known_peers: Path | None = field(
         default=None,
         metadata=spec(
@@ -622,6 +633,18 @@ class Settings:
         metadata=spec(text(), "password for the TURN servers", SESSIONS, default_help="none"),
     )
     """Password for every ``turn:``/``turns:`` server."""
+    ice_secret: str | None = field(
+        default=None,
+        metadata=spec(
+            text(),
+            "shared secret of the TURN servers (coturn use-auth-secret): mint credentials",
+            SESSIONS,
+            default_help="none",
+        ),
+    )
+    """coturn's ``static-auth-secret``: each session mints ephemeral TURN credentials
+    (username ``EXPIRY:NODE_ID``, password base64 HMAC-SHA1; :mod:`dhtsignal.ice`),
+    instead of ``ice_username``/``ice_credential``."""
     ice_host: tuple[str, ...] = field(
         default=(),
         metadata=spec(
@@ -644,6 +667,18 @@ class Settings:
         metadata=spec(integer(lo=0, hi=10), "tries of an RPC after the first", NODES),
     )
     """Tries of an RPC after the first before it fails."""
+    refresh_interval: float = field(
+        default=_NODE.refresh_interval,
+        metadata=spec(
+            number(lo=0.0, hi=86400.0, lo_open=True),
+            "seconds after which a silent contact is pinged before it is handed out "
+            "and a silent bucket is refreshed",
+            NODES,
+        ),
+    )
+    """BEP 5's 15 minutes: how long a contact stays good without being heard from (then it
+    is pinged before find replies name it again), and when a silent bucket is refreshed.
+    Maintenance runs at least four times per interval."""
     rate_per_source: float = field(
         default=_NODE.rate_per_source,
         metadata=spec(
@@ -767,7 +802,9 @@ class Settings:
         out: list[dict[str, Any]] = []
         for url in self.ice_server:
             entry: dict[str, Any] = {"urls": url}
-            if not url.startswith("stun:"):
+            if not url.startswith("stun:") and self.ice_secret is not None:
+                entry["secret"] = self.ice_secret
+            elif not url.startswith("stun:"):
                 entry["username"] = self.ice_username
                 entry["credential"] = self.ice_credential
             out.append(entry)
@@ -786,6 +823,9 @@ class Settings:
             rate_per_source=self.rate_per_source,
             rate_per_prefix=self.rate_per_prefix,
             rate_prefix_burst=2.0 * self.rate_per_prefix,
+            refresh_interval=self.refresh_interval,
+            good_for=self.refresh_interval,
+            maintenance_interval=min(_NODE.maintenance_interval, self.refresh_interval / 4),
             client_mode=self.client_mode if client_mode is None else client_mode,
             limits=self.storage_limits(),
         )

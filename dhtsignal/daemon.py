@@ -412,6 +412,7 @@ class PeerDaemon(Daemon):
                 keep_state=True,
                 sign_off_timeout=SIGNOFF_BUDGET,
                 join_retry_interval=s.rejoin_interval,
+                keepalive_interval=s.keepalive_interval,
             ),
         )
         self.node = node = peer.node
@@ -439,11 +440,12 @@ class PeerDaemon(Daemon):
         return info.key == self.identity.public_key.hex()
 
     def ready_line(self) -> str:
-        """``ready peer node_id=NAME key=<public key hex> addr=HOST:PORT``."""
+        """``ready peer node_id=NAME key=<public key hex> addr=HOST:PORT nat=TYPE``."""
         assert self.node is not None and self.identity is not None
+        nat = self.peer.nat if self.peer is not None else "unknown"
         return (
             f"ready peer node_id={self.node_id} key={self.identity.public_key.hex()} "
-            f"addr={show_addr(self.node.address)}"
+            f"addr={show_addr(self.node.address)} nat={nat}"
         )
 
     async def serve(self, stop: asyncio.Event) -> None:

@@ -68,6 +68,7 @@ async def ping(
             },
             "rtt_ms": [_ms(r) for r in rtts],
             "path": {"local": session.path[0], "remote": session.path[1]} if session.path else None,
+            "nat": peer.nat,
         }
         await session.close()
     if as_json:
@@ -81,7 +82,7 @@ async def ping(
         f"DTLS/SCTP {ph['dtls_sctp']} ms)"
     )
     if session.path:
-        emit(f"path: {session.path[0]} -> {session.path[1]}")
+        emit(f"path: {session.path[0]} -> {session.path[1]} (NAT here: {peer.nat})")
     for i, r in enumerate(rtts, 1):
         emit(f"rtt {i}: {_ms(r)} ms")
     if rtts:

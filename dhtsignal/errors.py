@@ -203,11 +203,17 @@ class ConnectFailed(RemoteError):
         local_types: tuple[str, ...],
         remote_types: tuple[str, ...],
         tried: tuple[str, ...],
+        *,
+        hint: str = "",
     ) -> None:
         super().__init__(
             f"WebRTC connection failed ({reason}) after {seconds:.1f} s; "
             + self.describe(local_types, remote_types, tried)
+            + (f"; {hint}" if hint else "")
         )
+        self.hint = hint
+        """What was missing: both NAT types, silent or refusing STUN/TURN servers,
+        whether a TURN server is needed (empty if not known)."""
         self.reason = reason
         self.seconds = seconds
         self.local_types = local_types
@@ -242,6 +248,7 @@ class BindingFailed(ConnectFailed):
         self.reason = "binding-failed"
         self.seconds = seconds
         self.local_types = self.remote_types = self.tried = ()
+        self.hint = ""
         self.remote_id = remote_id
         self.remote_key = remote_key
 

@@ -59,10 +59,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from dhtsignal import ice, nat
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
 from dhtsignal.dht import records
+from dhtsignal.dht.events import SubscriptionRenewed
 from dhtsignal.dht.hosts import host_of
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
@@ -116,6 +118,7 @@ T = TypeVar("T")
 
 #: An SDP with at least one candidate line.
 _CANDIDATE_LINE = re.compile(r"^a=candidate:", re.M)
+_RELAY_LINE = re.compile(r"^a=candidate:[^\r\n]* typ relay[^\r\n]*\r?\n", re.M)
 NO_CANDIDATES = (
     "gathered no ICE candidates: no usable local address and no STUN/TURN server answered "
     "(check the ICE host addresses and the TURN credentials)"
@@ -161,9 +164,26 @@ class PeerConfig:
     expired yet). The default, twice the DHT's ``rpc_timeout``, leaves room for the first
     try and one retry of the push. None: wait for the answer deadline instead (for callees
     whose DHT node cannot be reached unsolicited). Not applied when the presence says the
-    callee's node runs in client mode (behind a NAT, where unsolicited pushes may be
-    filtered). A presence reused from the resolve cache is read again before the verdict
-    (the callee may have restarted at another address)."""
+    callee's node runs in client mode or is behind a cone or symmetric NAT (where
+    unsolicited pushes may be filtered). A presence reused from the resolve cache is read
+    again before the verdict (the callee may have restarted at another address)."""
+    keepalive_interval: float | None = 15.0
+    """Client mode or behind a NAT (:attr:`Peer.behind_nat`): seconds between keepalive
+    pings to the DHT nodes that hold our inbox subscription, so that the NAT mappings they
+    push offers through stay open (home routers drop idle UDP mappings after 20-30 s).
+    None: none."""
+    subscribe_wait: float = 2.0
+    """Client mode or behind a NAT: seconds :meth:`Peer.start` waits for the inbox
+    subscription to be accepted, so that the first presence names the nodes holding it."""
+    prefer_direct: bool = True
+    """When both sides know their NAT allows a direct path (open or cone, not
+    symmetric), a dial leaves TURN out (no relay candidates on either side), so ICE cannot
+    settle on a relay while the direct pair is being punched. False: always offer relay
+    candidates when TURN is configured."""
+    dht_stun: bool = True
+    """Use a DHT node that answered recently as the sessions' STUN server when none is
+    configured (:mod:`dhtsignal.ice`): server-reflexive candidates without any
+    third-party server. False: host candidates only, unless a STUN server is configured."""
     join_retry_interval: float | None = None
     """When no bootstrap node answers at :meth:`Peer.start`: None fails at once
     (:class:`DhtTimeout`); a number keeps trying every so many seconds, as the peer
@@ -433,6 +453,8 @@ class Peer:
             max_seen=self.config.max_seen,
             network=cfg.network,
         )
+        self.nat = nat.UNKNOWN
+        """Our NAT type (:mod:`dhtsignal.nat`), classified when the peer starts."""
         self._observer = observer
         self._new_connection = connection_factory
         self._dials: dict[bytes, _Dial] = {}
@@ -483,7 +505,15 @@ class Peer:
             await self.node.listen_udp(*self.listen_addr)
             if self.bootstrap_addrs:
                 await self._join()
+                await self.detect_nat()
             await self._listen_inbox()
+            if self.behind_nat and self.bootstrap_addrs:
+                if self.node_id is not None:  # the presence names the holders
+                    await self._subscribed(self.config.subscribe_wait)
+                if self.config.keepalive_interval is not None:
+                    self.node.spawn(
+                        self._keepalive(self.config.keepalive_interval), name="keepalive"
+                    )
             if self.node_id is not None:
                 presence = Presence(
                     self.node,
@@ -492,6 +522,8 @@ class Peer:
                     self.rooms,
                     ttl=self.presence_ttl,
                     claim_ttl=self.claim_ttl,
+                    nat=self.nat,
+                    holders=self.inbox_holders if self.behind_nat else None,
                 )
                 try:
                     await presence.start()
@@ -502,6 +534,107 @@ class Peer:
             await self.close()
             raise
         self._started = True
+
+    @property
+    def behind_nat(self) -> bool:
+        """Whether our DHT node runs in client mode or found itself behind a NAT (cone or
+        symmetric): then keepalives hold our mappings toward the nodes that push to us,
+        and our presence names them."""
+        return self.node.config.client_mode or self.nat in (nat.CONE, nat.SYMMETRIC)
+
+    def inbox_holders(self) -> list[Addr]:
+        """The DHT nodes that accepted our inbox subscription (they push to us)."""
+        return self.node.subscription_holders(self.inbox.key)
+
+    async def _subscribed(self, timeout: float) -> bool:
+        """Wait until some node accepted our inbox subscription (at most ``timeout``)."""
+        if self.inbox_holders():
+            return True
+        renewed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def seen(event: Any) -> None:
+            mine = isinstance(event, SubscriptionRenewed) and event.key == self.inbox.key
+            if mine and event.accepted and not renewed.done():
+                renewed.set_result(None)
+
+        remove = self.node.observe(seen)
+        try:
+            await asyncio.wait_for(renewed, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            remove()
+
+    async def _keepalive(self, interval: float) -> None:
+        """Ping the nodes holding our inbox subscription every ``interval`` seconds, so
+        that our NAT keeps the mappings they push through (counted ``keepalive``)."""
+        while True:
+            await asyncio.sleep(interval)
+            for addr in self.inbox_holders():
+                try:
+                    fut = self.node.request(addr, "ds_ping", self.node.ds_args())
+                except DhtSignalError:
+                    break
+                fut.add_done_callback(ignore_outcome)
+                self.stats["keepalive"] += 1
+
+    async def detect_nat(self) -> str:
+        """Classify our NAT from what the bootstrap nodes and recent contacts saw
+        (:func:`dhtsignal.nat.detect`); the next presence refresh announces it.
+
+        :returns: ``open``, ``cone``, ``symmetric`` or ``unknown``.
+        """
+        targets = nat.public_nodes(self.node, self.bootstrap_addrs, self.node.loop.time())
+        self.nat = await nat.detect(self.node, targets)
+        if self.presence is not None:
+            self.presence.records.nat = self.nat
+        log.info("NAT type: %s (asked %s)", self.nat, show_addrs(targets))
+        return self.nat
+
+    def ice_servers_now(self) -> list[rtc.IceServer]:
+        """The STUN/TURN servers the next session uses (:func:`dhtsignal.ice.choose`):
+        the configured ones, and a DHT node that answered recently as the STUN server
+        unless one is configured or :attr:`PeerConfig.dht_stun` is off.
+
+        :raises ConfigError: a configured server is malformed.
+        """
+        return ice.choose(
+            self.ice_servers,
+            self.node,
+            self.bootstrap_addrs,
+            name=self.node_id or self.self_id,
+            now=self.node.loop.time(),
+            wallclock=self.node.wallclock(),
+            dht_stun=self.config.dht_stun,
+        )
+
+    async def _explain(
+        self,
+        pc: rtc.PeerConnection,
+        servers: Sequence[rtc.IceServer],
+        remote_nat: str,
+        remote: str,
+    ) -> str:
+        """What a failed connection lacked: both NAT types, the servers that gave no
+        candidate, and whether only TURN can help."""
+        local, remote_types, _ = rtc.candidate_types(pc)
+        parts = [f"NAT here: {self.nat}, at {remote}: {remote_nat}"]
+        parts += await ice.gathering_problems(pc, servers)
+        relayed = "relay" in local or "relay" in remote_types
+        nats = {self.nat, remote_nat}
+        if not relayed and nat.SYMMETRIC in nats and nat.OPEN not in nats:
+            both = self.nat == remote_nat == nat.SYMMETRIC
+            parts.append(
+                ("both sides are behind symmetric NATs" if both else "a symmetric NAT")
+                + ": a TURN server is needed (--ice-server turn:HOST:PORT with "
+                "--ice-username/--ice-credential, or --ice-secret)"
+                if not any(s.is_turn for s in servers)
+                else "a working TURN server is needed"
+            )
+        elif "srflx" not in local and not relayed and not any(not s.is_turn for s in servers):
+            parts.append("no STUN server was used: only host candidates were offered")
+        return "; ".join(parts)
 
     async def _join(self) -> None:
         """Join through the bootstrap addresses; with
@@ -654,6 +787,7 @@ class Peer:
         direct: Sequence[Addr],
         settled: asyncio.Future[Any] | None = None,
         pushes: list[asyncio.Future[Any]] | None = None,
+        holders: Sequence[Addr] = (),
     ) -> asyncio.Task[Any]:
         """Push ``rec`` straight to the recipient's DHT node, and store it under its inbox
         key (whose storing nodes push it too) unless ``settled`` completes within
@@ -661,14 +795,26 @@ class Peer:
 
         :param pushes: if given, the replies of the direct pushes are appended to it
             (``True`` from the node that listens on the recipient's inbox).
+        :param holders: the nodes holding the recipient's inbox subscription (its
+            presence names them when it is behind a NAT): ``rec`` is stored there at once,
+            and they push it to the recipient; if one of them stored it, the delayed store
+            in the DHT is skipped (it would reach the same nodes).
         """
         sent = self._push(rec, direct[: self.config.direct_push_addrs])
+        held: list[asyncio.Future[Any]] = []
+        for addr in holders:
+            try:
+                stored = self.node.request(addr, "ds_store", self.node.ds_args([rec.raw]))
+            except DhtSignalError:  # too many RPCs in flight: the DHT store remains
+                break
+            stored.add_done_callback(ignore_outcome)
+            held.append(stored)
         if pushes is not None:
             pushes.extend(sent)
         self._observe(SignalSent(rec.sub[:-1], msg_type, rec))
         if settled is None or not direct:
             return self.node.spawn(self.node.put([rec]), name="inbox-put")
-        return self.node.spawn(self._store_unless(settled, rec), name="inbox-put")
+        return self.node.spawn(self._store_unless(settled, rec, held), name="inbox-put")
 
     def _push(self, rec: Record, addrs: Sequence[Addr]) -> list[asyncio.Future[Any]]:
         """Push ``rec`` with ``ds_notify`` to each of ``addrs``; returns the replies'
@@ -680,10 +826,15 @@ class Peer:
             out.append(fut)
         return out
 
-    async def _store_unless(self, settled: asyncio.Future[Any], rec: Record) -> None:
+    async def _store_unless(
+        self, settled: asyncio.Future[Any], rec: Record, held: Sequence[asyncio.Future[Any]] = ()
+    ) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(settled), self.config.store_delay)
         except TimeoutError:
+            if any(_stored_ok(f) for f in held):
+                self.stats["inbox-stored-at-holders"] += 1
+                return
             await self.node.put([rec])
             return
         except BaseException:  # settled otherwise (failed, superseded): no store needed
@@ -833,7 +984,8 @@ class Peer:
                 self._reject(offer, "not accepted", via)
                 drive.fail("refused")
                 return
-            pc = self._new_connection(self.ice_servers)
+            servers = self.ice_servers_now()
+            pc = self._new_connection(servers)
             session = self._session(pc, session_id, sender, remote_id, offer.channel, drive)
             await drive.within(rtc.apply_remote(pc, offer.sdp, "offer"))
             answer = await drive.within(rtc.local_description(pc, offer=False))
@@ -851,7 +1003,7 @@ class Peer:
             self._deliver(rec, MessageType.ANSWER, reply_addrs(offer, via), opened)
             drive.input(machine.answer_sent)
             try:
-                await self._open(session, drive)
+                await self._open(session, drive, servers, nat.UNKNOWN)
             finally:
                 if not opened.done():
                     opened.set_result(None)
@@ -881,7 +1033,13 @@ class Peer:
             if pc is not None:
                 await pc.close()
 
-    async def _open(self, session: Session, drive: _Drive) -> None:
+    async def _open(
+        self,
+        session: Session,
+        drive: _Drive,
+        servers: Sequence[rtc.IceServer] = (),
+        remote_nat: str = nat.UNKNOWN,
+    ) -> None:
         """Wait for ICE and both data channels, within the machine's connect deadline.
 
         :raises ConnectFailed: ICE or DTLS failed, the connection closed or the deadline
@@ -894,11 +1052,24 @@ class Peer:
             await self._bind(session, drive, started)
         except ConnectFailed as exc:
             drive.fail(exc.reason)
-            raise
+            if type(exc) is not ConnectFailed:
+                raise
+            hint = await self._explain(session.pc, servers, remote_nat, session.remote_id)
+            raise ConnectFailed(
+                exc.reason,
+                exc.seconds,
+                exc.local_types,
+                exc.remote_types,
+                exc.tried,
+                hint=hint,
+            ) from None
         except _StageEnded as exc:
             reason = "timeout" if exc.reason == "connect-timeout" else exc.reason
             raise ConnectFailed(
-                reason, time.monotonic() - started, *rtc.candidate_types(session.pc)
+                reason,
+                time.monotonic() - started,
+                *rtc.candidate_types(session.pc),
+                hint=await self._explain(session.pc, servers, remote_nat, session.remote_id),
             ) from None
         if drive.live:
             drive.input(machine.ice_connected, ice_at)
@@ -994,7 +1165,12 @@ class Peer:
         dial = _Dial(info.public_key, session_id, answered)
         self._dials[session_id] = dial
         self.inbox.expect(session_id, info.public_key)
-        pc = self._new_connection(self.ice_servers)
+        servers = self.ice_servers_now()
+        direct = self._direct_works(info.nat) and any(s.is_turn for s in servers)
+        if direct:  # prefer the direct pair: no relay candidate on either side
+            servers = [s for s in servers if not s.is_turn]
+            self.stats["relay-skipped"] += 1
+        pc = self._new_connection(servers)
         session = self._session(pc, session_id, info.public_key, node_id, options, drive)
         put: asyncio.Task[Any] | None = None
         watch: asyncio.Task[None] | None = None
@@ -1005,7 +1181,10 @@ class Peer:
                     await pc.close()
                     return await dial.superseded
                 if _CANDIDATE_LINE.search(offer) is None:
-                    raise DialFailed(node_id, "no-candidates", NO_CANDIDATES)
+                    problems = await ice.gathering_problems(pc, servers)
+                    raise DialFailed(
+                        node_id, "no-candidates", "; ".join([NO_CANDIDATES, *problems])
+                    )
                 rec = self.inbox.seal_offer(
                     info.public_key,
                     info.x25519,
@@ -1017,10 +1196,13 @@ class Peer:
                     now=self.node.wallclock(),
                 )
                 pushes: list[asyncio.Future[Any]] = []
-                put = self._deliver(rec, MessageType.OFFER, info.addresses, dial.answer, pushes)
+                put = self._deliver(
+                    rec, MessageType.OFFER, info.addresses, dial.answer, pushes, info.holders
+                )
                 drive.input(machine.offer_sent)
                 ack_timeout = self.config.push_ack_timeout
-                if pushes and ack_timeout is not None and not info.client_mode:
+                natted = info.client_mode or info.nat in (nat.CONE, nat.SYMMETRIC)
+                if pushes and ack_timeout is not None and not natted:
                     watch = self.node.spawn(
                         self._expect_ack(
                             node_id, rec, info, fresh, pushes, dial.answer, ack_timeout
@@ -1035,11 +1217,12 @@ class Peer:
                     return await dial.superseded
                 except DialFailed as exc:  # a REJECT or a bad answer: name the peer we dialed
                     raise DialFailed(node_id, exc.reason, exc.detail) from None
-                await drive.within(rtc.apply_remote(pc, answer.sdp, "answer"))
+                sdp = _RELAY_LINE.sub("", answer.sdp) if direct else answer.sdp
+                await drive.within(rtc.apply_remote(pc, sdp, "answer"))
             except _StageEnded as exc:
                 raise self._answer_timeout(node_id, exc, put, info) from None
             drive.input(machine.answer_received)
-            await self._open(session, drive)
+            await self._open(session, drive, servers, info.nat)
         except BaseException:
             self._resolved.pop(node_id, None)
             await pc.close()
@@ -1051,6 +1234,20 @@ class Peer:
             self.inbox.forget(session_id)
         self._sessions.add(session)
         return session
+
+    def _direct_works(self, remote_nat: str) -> bool:
+        """Whether a direct pair works for sure with a callee behind ``remote_nat``: no
+        side is behind a symmetric NAT and both know their type (RFC 4787
+        endpoint-independent mapping on both sides, so hole punching succeeds). Then a
+        dial uses no TURN: aioice nominates the first pair whose check succeeds, which
+        can be a relay pair while the direct one is still being punched."""
+        good = (nat.OPEN, nat.CONE)
+        return (
+            self.config.prefer_direct
+            and self.nat in good
+            and remote_nat in good
+            and bool(rtc.host_addresses())
+        )
 
     async def _expect_ack(
         self,
@@ -1083,7 +1280,7 @@ class Peer:
                 if not answer.done():
                     answer.set_exception(exc)
                 return
-            if now_info.client_mode:
+            if now_info.client_mode or now_info.nat in (nat.CONE, nat.SYMMETRIC):
                 return
             moved = [
                 a for a in now_info.addresses[: self.config.direct_push_addrs] if a not in addrs
@@ -1180,6 +1377,14 @@ def default_data_dir(node_id: str, environ: Mapping[str, str] | None = None) -> 
 
 class _Superseded(Exception):
     """Glare: our offer gave way to the remote's; the answered session replaces it."""
+
+
+def _stored_ok(fut: asyncio.Future[Any]) -> bool:
+    """Whether a ``ds_store`` of one record was answered as stored."""
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
+        return False
+    result = fut.result()
+    return isinstance(result, list) and result == ["ok"]
 
 
 def _put_ok(task: asyncio.Task[Any]) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dhtsignal.aio.node import DhtNode
@@ -52,6 +53,7 @@ from dhtsignal.signaling.presence import (
     node_addresses,
     owner,
 )
+from dhtsignal.wire.addr import Addr
 
 __all__ = [
     "DEFAULT_ROOM",
@@ -80,6 +82,8 @@ class Presence:
     :param rooms: rooms to announce itself in (default ``lobby``).
     :param ttl: lifetime of presence and room records, seconds.
     :param claim_ttl: lifetime of the node-ID claim, seconds.
+    :param nat: the peer's NAT type (:mod:`dhtsignal.nat`).
+    :param holders: returns the DHT nodes holding the inbox subscription (client mode).
     """
 
     def __init__(
@@ -91,8 +95,12 @@ class Presence:
         *,
         ttl: float = DEFAULT_TTL,
         claim_ttl: float = 3600.0,
+        nat: str = "unknown",
+        holders: Callable[[], list[Addr]] | None = None,
     ) -> None:
         self.node = node
+        self.holders = holders
+        """Called at each publication: the nodes holding our inbox subscription."""
         self.records = PresenceRecords(
             identity,
             node_id,
@@ -102,6 +110,7 @@ class Presence:
             claimed_at=node.wallclock(),
             client_mode=node.config.client_mode,
             network=node.config.network,
+            nat=nat,
         )
         self._task: asyncio.Task[Any] | None = None
 
@@ -145,8 +154,9 @@ class Presence:
         :raises NodeIdTaken: another key holds the node ID.
         """
         node = self.node
+        holders = self.holders() if self.holders is not None else None
         pub = self.records.publication(
-            node.wallclock(), node_addresses(node.address, node.observed)
+            node.wallclock(), node_addresses(node.address, node.observed), holders
         )
         results = await asyncio.gather(
             *(node.put(batch) for batch in pub.batches), return_exceptions=True

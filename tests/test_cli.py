@@ -481,6 +481,7 @@ def test_ping_opens_a_session_and_measures(net: Network) -> None:
     assert out["setup_ms"] > 0 and len(out["rtt_ms"]) == 3
     assert all(0 < r < 1000 for r in out["rtt_ms"])
     assert out["path"] == {"local": "host", "remote": "host"}
+    assert out["nat"] == "open"
     phases = out["phases_ms"]
     assert set(phases) == {"resolve", "signaling", "ice", "dtls_sctp"}
     assert sum(phases.values()) <= out["setup_ms"] + 5  # the split adds up to the whole
@@ -489,7 +490,7 @@ def test_ping_opens_a_session_and_measures(net: Network) -> None:
     assert text.returncode == 0, text.stderr
     first, path, rtt, *_ = text.stdout.splitlines()
     assert first.startswith("connected to bob in ") and "DTLS/SCTP" in first
-    assert path == "path: host -> host" and rtt.startswith("rtt 1: ")
+    assert path == "path: host -> host (NAT here: open)" and rtt.startswith("rtt 1: ")
 
 
 def test_send_is_acknowledged_and_printed_by_the_daemon(net: Network) -> None:

@@ -181,7 +181,8 @@ async def _expect(
     return replies
 
 
-STUN_BINDING = bytes.fromhex("0001 0000 2112a442") + os.urandom(12)
+#: A STUN Allocate request: the node answers only Binding requests (tests/test_stun.py).
+STUN_ALLOCATE = bytes.fromhex("0003 0000 2112a442") + os.urandom(12)
 
 
 async def test_malformed_datagrams_are_counted_by_reason(
@@ -246,7 +247,7 @@ async def test_malformed_datagrams_are_counted_by_reason(
             b"\x00" + os.urandom(20) + codec.pack(["ping", "args"]),
             b"\x00" + os.urandom(20) + codec.pack([b"ping", [b"x" * 20]]),
             b"\x05" + os.urandom(20) + codec.pack(["ping", []]),
-            STUN_BINDING,
+            STUN_ALLOCATE,
         ],
         {"drop:bad-shape": 6, "drop:bad-kind": 1, "drop:stun": 1},
     )

@@ -327,8 +327,11 @@ async def test_ice_failure_is_connect_failed_with_candidate_types(
     exc = failed.value
     assert exc.reason in ("timeout", "ice-failed"), exc
     assert elapsed < connect_deadline + 1.0
-    assert exc.local_types == ("host",) and exc.remote_types == ("host",)
-    assert "local candidates: host; remote candidates: host" in str(exc)
+    # A DHT node (the bootstrap node) served as STUN server: a srflx candidate, which
+    # on loopback is the host address, so the compact SDP leaves it out of the answer.
+    assert exc.local_types == ("host", "srflx") and exc.remote_types == ("host",)
+    assert "local candidates: host, srflx; remote candidates: host" in str(exc)
+    assert "NAT here: open, at bob: open" in str(exc)
     assert isinstance((await asyncio.wait_for(closer.gave_up, STEP)).error, ConnectFailed)
     assert bob.stats["incoming-failed"] == 1
     assert bob._incoming.empty()
@@ -352,7 +355,7 @@ async def test_connect_deadline_comes_from_the_session_machine(
     assert failed.value.reason == "timeout", failed.value
     assert connect_deadline - 0.05 <= failed.value.seconds < connect_deadline + 0.5
     assert connect_deadline <= elapsed < connect_deadline + 1.5
-    assert failed.value.local_types == ("host",)
+    assert failed.value.local_types == ("host", "srflx")
     assert not alice._dials and not alice._sessions
 
 

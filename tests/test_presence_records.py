@@ -135,3 +135,27 @@ def test_a_self_certifying_id_ignores_other_keys() -> None:
     forged = mallory.publication(NOW, ADDRS).batches[0]
     with pytest.raises(PeerNotFound, match="unknown"):
         identify(ALICE.self_id, _held(forged), None, NOW)
+
+
+def test_the_nat_type_and_subscription_holders_travel_in_the_presence() -> None:
+    pres = _alice(ttl=120.0, client_mode=True, nat="symmetric")
+    holders = [("198.18.0.1", 4000), ("198.18.0.2", 4000)]
+    info = identify("alice", _held(pres.publication(NOW, ADDRS, holders).batches[0]), None, NOW)
+    assert info.nat == "symmetric" and info.client_mode and info.holders == holders
+    assert info.to_json()["nat"] == "symmetric"
+    assert info.to_json()["holders"] == [list(h) for h in holders]
+    # Unknown is left out; the next publication follows a changed type.
+    pres.nat = "unknown"
+    info = identify("alice", _held(pres.publication(NOW + 1, ADDRS).batches[0]), None, NOW + 1)
+    assert info.nat == "unknown" and info.holders == []
+
+
+def test_a_bad_nat_type_or_holder_list_reads_as_unknown_and_empty() -> None:
+    pres = _alice(ttl=120.0)
+    for bad_nat, bad_holders in (("mystery", "x"), (7, [["h", "p"], [1, 2], "junk"])):
+        payload = pres._payload(ADDRS, n=bad_nat, h=bad_holders)
+        rec = records.sign(
+            ALICE, RecordType.PRESENCE, node_key("alice"), payload, seq=1, expires=NOW + 60
+        )
+        info = identify("alice", _held([rec]), None, NOW)
+        assert info.nat == "unknown" and info.holders == []

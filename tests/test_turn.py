@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from conftest import StartDht
 
 USER, PASSWORD, REALM = "dhtsignal", "test-secret", "dhtsignal.test"
+SECRET = "shared-turn-secret"
 _MAGIC = 0x2112A442
 
 
@@ -56,6 +57,17 @@ def _answers_stun(port: int, tries: int = 50, timeout: float = 0.1) -> bool:
 @pytest.fixture
 def coturn(tmp_path: Path) -> Iterator[int]:
     """A coturn TURN server on 127.0.0.1 (long-term credentials); yields its port."""
+    yield from _coturn(tmp_path, ["--lt-cred-mech", "--user", f"{USER}:{PASSWORD}"])
+
+
+@pytest.fixture
+def coturn_secret(tmp_path: Path) -> Iterator[int]:
+    """A coturn TURN server on 127.0.0.1 with ``use-auth-secret`` (ephemeral credentials
+    from the shared secret :data:`SECRET`); yields its port."""
+    yield from _coturn(tmp_path, ["--use-auth-secret", "--static-auth-secret", SECRET])
+
+
+def _coturn(tmp_path: Path, auth: list[str]) -> Iterator[int]:
     exe = shutil.which("turnserver")
     if exe is None:
         pytest.skip("coturn's turnserver is not installed (.ci/run installs it)")
@@ -67,7 +79,8 @@ def coturn(tmp_path: Path) -> Iterator[int]:
             "-n",
             *("--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1"),
             *("--listening-port", str(port), "--allow-loopback-peers"),
-            *("--lt-cred-mech", "--user", f"{USER}:{PASSWORD}", "--realm", REALM),
+            *auth,
+            *("--realm", REALM),
             *("--no-tls", "--no-dtls", "--no-tcp", "--no-cli"),
             *("--pidfile", str(tmp_path / "turnserver.pid"), "--log-file", "stdout"),
         ],
@@ -135,6 +148,10 @@ async def test_wrong_turn_credential_fails_fast_with_a_reason(dht: StartDht, cot
         assert loop.time() - began < 3.0
         assert caught.value.reason == "no-candidates"
         assert "TURN credentials" in str(caught.value)
+        assert (
+            f"TURN server turn:127.0.0.1:{coturn} answers but gave no relay candidate: "
+            "it refused the TURN credentials"
+        ) in str(caught.value)
         # The other way round, the callee has no candidate: it refuses with the reason.
         with pytest.raises(DialFailed) as refused:
             await bob.connect("alice")
@@ -143,3 +160,31 @@ async def test_wrong_turn_credential_fails_fast_with_a_reason(dht: StartDht, cot
     finally:
         rtc.use_host_addresses(None)
         await asyncio.gather(alice.close(), bob.close(), return_exceptions=True)
+
+
+@pytest.mark.timeout(60)
+async def test_ephemeral_credentials_from_a_shared_secret(
+    dht: StartDht, coturn_secret: int
+) -> None:
+    """coturn's use-auth-secret: each side mints its own username and password from the
+    secret; a wrong secret is refused and named."""
+    nodes = await dht(3)
+    assert nodes[0].address is not None
+    boot = [nodes[0].address]
+    server = {"urls": f"turn:127.0.0.1:{coturn_secret}", "secret": SECRET}
+    rtc.use_host_addresses([])
+    alice = Peer("alice", boot, ice_servers=[server])
+    bob = Peer("bob", boot, ice_servers=[server])
+    mallory = Peer(None, boot, ice_servers=[{**server, "secret": "guessed"}])
+    try:
+        for p in (alice, bob, mallory):
+            await p.start()
+        session = await asyncio.wait_for(alice.connect("bob"), 20)
+        assert session.path == ("relay", "relay")
+        with pytest.raises(DialFailed) as caught:
+            await mallory.connect("bob")
+        assert caught.value.reason == "no-candidates"
+        assert "refused the TURN credentials" in str(caught.value)
+    finally:
+        rtc.use_host_addresses(None)
+        await asyncio.gather(alice.close(), bob.close(), mallory.close(), return_exceptions=True)

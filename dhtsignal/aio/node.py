@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from dhtsignal.aio import stun
 from dhtsignal.datadir import STATE_FILE, atomic_write, ensure_dir
 from dhtsignal.dht.listen import SlotFilter
 from dhtsignal.dht.node import (
@@ -209,6 +210,7 @@ class DhtNode(asyncio.DatagramProtocol):
     ) -> None:
         self.core = core = Node(node_id, config, wallclock=wallclock)
         core.batch_lookups = True
+        core.stun_responder = stun.binding_response if stun.AVAILABLE else None
         self.config = core.config
         self.id = node_id
         self.wallclock = wallclock
@@ -355,11 +357,23 @@ class DhtNode(asyncio.DatagramProtocol):
             self.core._stats["task-error"] += 1
             self.log.debug("task %s failed: %r", task.get_name(), task.exception())
 
-    async def close(self) -> None:
-        """Cancel every task and timer, fail outstanding RPCs, close the socket."""
+    async def close(self, *, leave: bool = True) -> None:
+        """Cancel every task and timer, fail outstanding RPCs, close the socket.
+
+        :param leave: first tell the routing contacts that this node leaves (one
+            ``ds_leave`` datagram each, bounded by ``leave_notices``), so they stop
+            handing it out at once instead of after ``good_for``.
+        """
         if self._closed:
             return
         self._closed = True
+        notices: list[tuple[bytes, Addr]] = []
+        if leave and self.transport is not None:
+            core = self.core
+            core.datagrams_to_send(self._time())  # what was queued is not sent any more
+            if core.leave(self._time()):
+                notices = core.datagrams_to_send(self._time())
+        # From here on the core answers nothing (a ping confirming our leave must fail).
         self.core.close()
         if self._timer is not None:
             self._timer.cancel()
@@ -375,6 +389,11 @@ class DhtNode(asyncio.DatagramProtocol):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.transport is not None:
+            for data, addr in notices:  # last: nothing of ours follows them
+                try:
+                    self.transport.sendto(data, addr)
+                except OSError as exc:  # best effort: the node is going anyway
+                    self.log.debug("leave notice to %s not sent: %r", addr, exc)
             self.transport.close()
 
     # -- the core's I/O -----------------------------------------------------------------
@@ -625,6 +644,10 @@ class DhtNode(asyncio.DatagramProtocol):
         return self.core.listening(key)
 
     # -- persistence --------------------------------------------------------------------
+
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key``."""
+        return self.core.subscription_holders(key)
 
     def save_state(self, data_dir: Path) -> None:
         """Write contacts, stored records and plain values to ``data_dir`` atomically."""

@@ -52,6 +52,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aioice
+import aioice.ice
 import aioice.stun
 from aiortc import (
     RTCConfiguration,
@@ -70,6 +72,9 @@ logger = logging.getLogger(__name__)
 ICE_CHECK_RETRANSMISSIONS = 3
 """Retransmissions of each ICE connectivity check (RFC 8489 section 6.2.1 ``Rc - 1``):
 with aioice's 0.5 s initial RTO, a check gives up after 7.5 s."""
+GATHER_TIMEOUT = 1.0
+"""Seconds gathering waits for STUN and TURN servers (aioice's own default is 5 s): a
+silent server costs at most this, and :func:`dhtsignal.ice.gathering_problems` names it."""
 DATA_CHANNEL = ("data", 0)
 """Label and SCTP stream of the application's channel."""
 CTL_CHANNEL = ("ctl", 1)
@@ -181,10 +186,49 @@ def use_host_addresses(addresses: Sequence[str] | None) -> None:
     aioice.ice.get_host_addresses = gather
 
 
+def host_addresses() -> list[str]:
+    """The addresses host candidates are gathered on now (see :func:`use_host_addresses`)."""
+    return list(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True))
+
+
 def limit_ice_retransmissions() -> None:
     """Lower aioice's process-wide STUN retransmission count to
     :data:`ICE_CHECK_RETRANSMISSIONS` (a lower value set by the application stays)."""
     aioice.stun.RETRY_MAX = min(aioice.stun.RETRY_MAX, ICE_CHECK_RETRANSMISSIONS)
+
+
+_GET_COMPONENT_CANDIDATES = aioice.ice.Connection.get_component_candidates
+
+
+def limit_gathering(timeout: float = GATHER_TIMEOUT) -> None:
+    """Make aioice wait at most ``timeout`` seconds for STUN and TURN servers while
+    gathering (process-wide: aioice has no per-connection setting, and
+    ``Connection.gather_candidates`` passes none to ``get_component_candidates``).
+
+    :param timeout: seconds; host candidates are never waited for.
+    """
+
+    limit: Any = timeout  # aioice annotates it int; asyncio.wait takes any number
+
+    async def gather(
+        self: aioice.ice.Connection, component: int, addresses: list[str], timeout_: Any = None
+    ) -> list[aioice.Candidate]:
+        candidates: list[aioice.Candidate] = await _GET_COMPONENT_CANDIDATES(
+            self, component, addresses, timeout=limit
+        )
+        return candidates
+
+    aioice.ice.Connection.get_component_candidates = gather  # type: ignore[method-assign,assignment]
+
+
+def has_ipv4_host(pc: RTCPeerConnection) -> bool:
+    """Whether the connection gathered an IPv4 host candidate (the only kind aioice asks
+    a STUN server about).
+
+    :param pc: a connection with a data channel whose local description is set.
+    """
+    ice = _sctp(pc).transport.transport
+    return any(c.type == "host" and ":" not in c.ip for c in ice.iceGatherer.getLocalCandidates())
 
 
 def new_connection(ice_servers: Sequence[IceServerSpec] = ()) -> PeerConnection:
@@ -195,6 +239,7 @@ def new_connection(ice_servers: Sequence[IceServerSpec] = ()) -> PeerConnection:
     """
     configuration = rtc_configuration(ice_servers)
     limit_ice_retransmissions()
+    limit_gathering()
     return PeerConnection(configuration)
 
 

@@ -221,6 +221,11 @@ class Listening:
         sub = self._subs.get(key)
         return 0 if sub is None else sub.count
 
+    def holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted the last subscription of ``key``."""
+        sub = self._subs.get(key)
+        return [] if sub is None else list(sub.at)
+
     def clear(self) -> None:
         """Forget every subscription (the node is closing; nothing is sent)."""
         self._subs = {}

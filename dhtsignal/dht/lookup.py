@@ -14,6 +14,10 @@ it has finished. The driver reports each answer with :meth:`Lookup.on_success`
 * It finishes when the ``k`` closest contacts not known to have failed, and not
   past the soft timeout, have all answered; the result is those contacts, nearest
   first. A slow peer thus delays a lookup by ``peer_timeout`` at most.
+* A *strict* lookup (``strict_wait`` > 0: a put's or a get's) also waits, up to
+  ``strict_wait`` after it was sent, for a peer among the k closest that passed the
+  soft timeout: it no longer holds a slot, but the lookup only ends once the k closest
+  have all answered or failed, so two nodes looking up one key agree on its k closest.
 * No contact is queried twice; the number of candidates kept is bounded.
 * Per-prefix diversity (libp2p's, issue 10): with a ``group`` function, at most
   ``max_per_group`` contacts of one group (an IPv4 /24, IPv6 /48) count among the k
@@ -107,6 +111,8 @@ class Lookup:
     :param own_id: our own ID, never a candidate.
     :param group: a contact's diversity group (None: not limited); None: no limit.
     :param max_per_group: contacts of one group among the k closest.
+    :param strict_wait: seconds after sending that a query past the soft timeout is
+        still waited for before the lookup ends (0: not at all).
     """
 
     def __init__(
@@ -120,7 +126,9 @@ class Lookup:
         own_id: bytes = b"",
         group: Callable[[Contact], str | None] | None = None,
         max_per_group: int = 1,
+        strict_wait: float = 0.0,
     ) -> None:
+        self.strict_wait = max(strict_wait, peer_timeout) if strict_wait > 0 else 0.0
         self.target = int.from_bytes(target, "big")
         self.group = group
         self.max_per_group = max_per_group
@@ -212,11 +220,15 @@ class Lookup:
         # slot until they answer or pass the soft timeout.
         active = 0
         earliest: float | None = None
+        strict = self.strict_wait
         for cand in order:
             if cand.state == _INFLIGHT:
                 due = cand.sent_at + timeout
                 if due > now:
                     active += 1
+                    earliest = due if earliest is None else min(earliest, due)
+                elif strict and cand.sent_at + strict > now:
+                    due = cand.sent_at + strict
                     earliest = due if earliest is None else min(earliest, due)
         waiting = 0
         to_send: list[Contact] = []
@@ -226,7 +238,11 @@ class Lookup:
             state = cand.state
             if state == _FAILED:
                 continue
-            if state == _INFLIGHT and cand.sent_at + timeout <= now:
+            if (
+                state == _INFLIGHT
+                and cand.sent_at + timeout <= now
+                and (not strict or cand.sent_at + strict <= now)
+            ):
                 # Unresponsive past the soft timeout: it may still answer, but the lookup
                 # no longer waits for it (libp2p's "unresponsive" peers).
                 continue

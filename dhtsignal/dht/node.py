@@ -59,6 +59,18 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   and polled records come out as :class:`RecordsReceived`.
 * Maintenance every ``maintenance_interval``: expiry, rate-limiter pruning, cache
   expiry, and lookups refreshing stale buckets.
+* Liveness (BEP 5; :mod:`~dhtsignal.dht.routing`): find replies name only contacts heard
+  from within ``good_for``; the questionable ones (passed over in a reply, silent
+  since ``good_for``, or with a failed RPC) are pinged in rounds of at most
+  ``liveness_pings`` every ``liveness_interval``, and evicted after ``max_failures``.
+  A ``ds_leave`` hides its sender's contact at once and is confirmed by one ping before
+  eviction. :meth:`Node.leave` sends our own notices when we stop.
+* Lookups avoid, for ``recent_failure_ttl``, a contact whose query just went unanswered
+  (its first try); their soft timeout follows the smoothed round-trip time
+  (``adaptive_timeouts``); put and get lookups are strict (``strict_wait``): they end only
+  once the k closest answered or failed (a get only until half of ``replicas`` storing
+  nodes answered with records). A join's self-lookup is followed by refreshes
+  of up to ``join_refreshes`` buckets.
 * :meth:`Node.snapshot` / :meth:`Node.restore`: the persistent state as plain data
   (the adapter writes and reads the file).
 
@@ -159,7 +171,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN = range(5)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED = range(7)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -185,15 +197,27 @@ def replicas_for(cfg: NodeConfig, recs: Iterable[Record]) -> int:
 class _Rpc:
     """One outstanding RPC; ``then`` None: report it as an event."""
 
-    __slots__ = ("addr", "data", "name", "started", "then", "tries")
+    __slots__ = ("addr", "data", "name", "peer", "retries", "started", "then", "tries")
 
-    def __init__(self, addr: Addr, data: bytes, name: str, started: float, then: Then | None):
+    def __init__(
+        self,
+        addr: Addr,
+        data: bytes,
+        name: str,
+        started: float,
+        then: Then | None,
+        retries: int,
+        peer: bytes | None,
+    ):
         self.addr = addr
         self.data = data
         self.name = name
         self.started = started
         self.then = then
         self.tries = 1
+        self.retries = retries
+        #: the routing ID of a lookup query's contact (recently-failed bookkeeping)
+        self.peer = peer
 
 
 class _LookupOp:
@@ -202,6 +226,7 @@ class _LookupOp:
         "dirty",
         "done",
         "found",
+        "holders",
         "key",
         "lk",
         "op_id",
@@ -233,6 +258,8 @@ class _LookupOp:
         self.store = store
         self.then = then
         self.found: dict[bytes, set[bytes]] = {}
+        #: nodes that answered with records (a get relaxes its strictness at a quorum)
+        self.holders = 0
         self.stored: dict[bytes, Any] = {}
         self.done = False
         #: answered since it was last driven, waiting in Node._dirty (batched drive)
@@ -267,13 +294,18 @@ class Node:
         "_first_armed",
         "_flags",
         "_listens",
+        "_live_armed",
+        "_live_last",
         "_lookup_cache",
         "_lookups",
         "_next_op",
         "_pending",
         "_pinging",
         "_pushes",
+        "_recent",
+        "_rttvar",
         "_seq",
+        "_srtt",
         "_stats",
         "_timers",
         "address",
@@ -285,8 +317,10 @@ class Node:
         "legacy",
         "observed",
         "outgoing",
+        "randbytes",
         "rate",
         "store",
+        "stun_responder",
         "subs",
         "table",
         "timer_changed",
@@ -299,7 +333,14 @@ class Node:
         self.config = cfg = config or NodeConfig()
         self.id = node_id
         self.wallclock = wallclock
-        self.table = RoutingTable(node_id, cfg.ksize, cfg.max_failures, cfg.replacements)
+        self.table = RoutingTable(
+            node_id,
+            cfg.ksize,
+            cfg.max_failures,
+            cfg.replacements,
+            good_for=cfg.good_for,
+            max_suspects=cfg.max_suspects,
+        )
         self.store = RecordStore(cfg.limits)
         self.legacy = LegacyStore(cfg.limits)
         self.subs = Subscriptions(cfg.limits)
@@ -325,6 +366,9 @@ class Node:
         self.address: Addr | None = None
         #: our address as others saw it (``ds_ping`` answers), counted
         self.observed: Counter[Addr] = Counter()
+        #: answers a STUN datagram (the driver sets it: :mod:`dhtsignal.aio.stun`); None
+        #: drops STUN
+        self.stun_responder: Callable[[bytes, Addr], bytes | None] | None = None
         #: datagrams to send: (data, address)
         self.outgoing: list[tuple[bytes, Addr]] = []
         #: events not yet taken
@@ -338,6 +382,13 @@ class Node:
         self._flags = FLAG_CLIENT if cfg.client_mode else 0
         self._pending: dict[bytes, _Rpc] = {}
         self._pinging: dict[bytes, None] = {}
+        #: contacts whose lookup query went unanswered: ID -> until when to avoid them
+        self._recent: dict[bytes, float] = {}
+        self._live_armed = False
+        self._live_last = float("-inf")
+        #: smoothed round-trip time of first tries answered, and its deviation (RFC 6298)
+        self._srtt: float | None = None
+        self._rttvar = 0.0
         self._listens = Listening(self, _LISTEN)
         self._pushes = PushBudget(
             cfg.max_pushes, cfg.max_pushes_per_host, cfg.max_pushes_per_prefix
@@ -350,6 +401,8 @@ class Node:
         self._next_op = 0
         self._first_armed = False
         self._closed = False
+        #: random bytes for bucket-refresh targets (the simulator passes a seeded source)
+        self.randbytes: Callable[[int], bytes] = os.urandom
 
     @property
     def stats(self) -> Counter[str]:
@@ -425,6 +478,11 @@ class Node:
                 self._maintain(now)
             elif kind == _LISTEN:
                 self._listens.timer_due(arg, now)
+            elif kind == _LIVE:
+                self._live_armed = False
+                self._liveness_round(now)
+            elif kind == _JOINED:
+                self._refresh_after_join(now)
         if self._dirty:
             self.drive_lookups(now)
 
@@ -470,10 +528,11 @@ class Node:
         :returns: the reply to send to ``addr`` at once, if any (other datagrams wait in
             :attr:`outgoing`).
         """
+        if self._closed:
+            return None
         try:
             if codec.is_stun(data):
-                self._stats["drop:stun"] += 1
-                return None
+                return self._stun(data, addr, now)
             try:
                 msg = codec.decode(data)
             except codec.MalformedDatagram as exc:
@@ -490,6 +549,10 @@ class Node:
             out = self.handler.handle(msg, addr, now)
             if out.ping is not None:
                 self._ping_head(out.ping, now)
+            if out.leaving is not None:
+                self._confirm_leave(out.leaving, now)
+            if self.table.suspects and not self._live_armed:
+                self._arm_liveness(now)
             if out.notify:
                 for listener, key, raws in out.notify:
                     self._send_notify(listener, key, raws, now)
@@ -500,6 +563,22 @@ class Node:
             self._stats["drop:internal"] += 1
             log.debug("%s: internal error on datagram from %s: %r", self, addr, exc)
             return None
+
+    def subscription_holders(self, key: bytes) -> list[Addr]:
+        """The storing nodes that accepted our last subscription of ``key`` (a NATed
+        node keeps its mappings toward them open: they push to it)."""
+        return self._listens.holders(key)
+
+    def _stun(self, data: bytes, addr: Addr, now: float) -> bytes | None:
+        """Answer a STUN datagram with :attr:`stun_responder` (rate-limited per source as
+        requests are; counted ``stun:answered`` or ``drop:stun``)."""
+        responder = self.stun_responder
+        if responder is None or not self.rate.admit(addr, now):
+            self._stats["drop:stun"] += 1
+            return None
+        reply = responder(data, addr)
+        self._stats["stun:answered" if reply is not None else "drop:stun"] += 1
+        return reply
 
     def __repr__(self) -> str:
         return f"<Node {self.id.hex()[:8]}>"
@@ -535,6 +614,9 @@ class Node:
         args: list[Any],
         now: float,
         then: Then | None,
+        *,
+        retries: int | None = None,
+        peer: bytes | None = None,
         reserved: bool = False,
     ) -> bytes:
         cfg = self.config
@@ -549,7 +631,9 @@ class Node:
         data = codec.encode_request(msg_id, name, args)
         if len(data) > codec.MAX_DATAGRAM:
             raise LimitExceeded(f"{name} request is {len(data)} bytes, over {codec.MAX_DATAGRAM}")
-        self._pending[msg_id] = _Rpc(addr, data, name, now, then)
+        self._pending[msg_id] = _Rpc(
+            addr, data, name, now, then, cfg.rpc_retries if retries is None else retries, peer
+        )
         self.outgoing.append((data, addr))
         if not self._first_armed:
             self._first_armed = True
@@ -565,6 +649,16 @@ class Node:
             self._stats["drop:response-from-wrong-address"] += 1
             return
         self._forget(msg.msg_id)
+        if p.tries == 1:
+            sample = now - p.started
+            srtt = self._srtt
+            if srtt is None:
+                self._srtt, self._rttvar = sample, sample / 2
+            else:
+                self._rttvar += (abs(srtt - sample) - self._rttvar) / 4
+                self._srtt = srtt + (sample - srtt) / 8
+        if p.peer is not None and self._recent:
+            self._recent.pop(p.peer, None)
         if p.then is None:
             self.events.append(RequestAnswered(msg.msg_id, msg.result))
         else:
@@ -603,7 +697,9 @@ class Node:
         if p is None:
             return
         cfg = self.config
-        if p.tries <= cfg.rpc_retries:
+        if p.tries == 1 and p.peer is not None:
+            self._failed_recently(p.peer, now)
+        if p.tries <= p.retries:
             p.tries += 1
             self._stats["rpc-retry"] += 1
             self.outgoing.append((p.data, p.addr))
@@ -650,7 +746,111 @@ class Node:
         if error is None:
             self._learned(head, now)
         else:
+            # Not yet evicted: queued again (RoutingTable.failed), pinged next round.
             self.table.failed(head.id)
+            if self.table.suspects and not self._live_armed:
+                self._arm_liveness(now)
+
+    # -- liveness -----------------------------------------------------------------------
+
+    def _arm_liveness(self, now: float) -> None:
+        """Schedule the next round of liveness pings: at once, unless the last round was
+        less than ``liveness_interval`` ago."""
+        if self._closed:
+            return
+        self._live_armed = True
+        self._schedule(max(now, self._live_last + self.config.liveness_interval), _LIVE, None)
+
+    def _liveness_round(self, now: float) -> None:
+        """Ping up to ``liveness_pings`` questionable contacts (the oldest queued first)."""
+        self._live_last = now
+        table = self.table
+        sus = table.suspects
+        started = 0
+        while sus and started < self.config.liveness_pings:
+            nid = next(iter(sus))
+            c = sus.pop(nid)
+            if table.get(nid) is not c or table.is_good(c, now) or nid in self._pinging:
+                continue
+            self._ping_head(c, now)
+            started += 1
+        if not sus:
+            table.suspects = {}  # a dict keeps its largest size
+        else:
+            self._arm_liveness(now)
+
+    def _confirm_leave(self, c: Contact, now: float) -> None:
+        """A contact said it leaves: one ping (``leave_confirm_retries`` retries); evict it
+        unless it answers."""
+        if self._closed or c.id in self._pinging:
+            return
+        if len(self._pending) > self.config.max_inflight // 2:
+            return
+        self._stats["leave-notice"] += 1
+        self._pinging[c.id] = None
+        then = functools.partial(self._leave_confirmed, c)
+        self._rpc(
+            c.addr, "ds_ping", self.ds_args(), now, then, retries=self.config.leave_confirm_retries
+        )
+
+    def _leave_confirmed(
+        self, c: Contact, result: Any, error: DhtSignalError | None, now: float
+    ) -> None:
+        self._pinging.pop(c.id, None)
+        if not self._pinging:
+            self._pinging = {}
+        if error is None:
+            self._learned(c, now)  # still there: the notice was stale or forged
+            return
+        if self.table.get(c.id) is c:
+            self._stats["left"] += 1
+            self.table.remove(c.id)
+
+    def _failed_recently(self, nid: bytes, now: float) -> None:
+        """A lookup query to ``nid`` went unanswered: other lookups avoid it for a while."""
+        cfg = self.config
+        recent = self._recent
+        recent.pop(nid, None)
+        recent[nid] = now + cfg.recent_failure_ttl
+        while len(recent) > cfg.recent_failures_size:
+            del recent[next(iter(recent))]
+
+    def soft_timeout(self) -> float:
+        """The soft per-peer timeout lookups start with now (see ``adaptive_timeouts``)."""
+        cfg = self.config
+        if not cfg.adaptive_timeouts or self._srtt is None:
+            return cfg.peer_timeout
+        rto = self._srtt + 4 * self._rttvar
+        return min(cfg.peer_timeout, max(cfg.min_peer_timeout, rto))
+
+    def avoided(self, nid: bytes, now: float) -> bool:
+        """Whether lookups avoid ``nid`` now (its query went unanswered lately)."""
+        until = self._recent.get(nid)
+        return until is not None and until > now
+
+    def leave(self, now: float) -> int:
+        """Tell routing contacts that this node stops: one ``ds_leave`` datagram each (no
+        answer awaited), to at most ``leave_notices`` of them, the closest to our ID
+        first, then the most recently seen. Returns how many were queued in
+        :attr:`outgoing`; the driver sends them before it closes its socket."""
+        cfg = self.config
+        if self._closed or cfg.client_mode or cfg.leave_notices <= 0:
+            return 0
+        table = self.table
+        half = cfg.leave_notices // 2
+        chosen: dict[bytes, Contact] = {c.id: c for c in table.closest(self.id, half)}
+        for c in sorted(table.contacts(), key=lambda c: c.last_seen, reverse=True):
+            if len(chosen) >= cfg.leave_notices:
+                break
+            chosen.setdefault(c.id, c)
+        data = codec.encode_request(os.urandom(codec.MSG_ID_BYTES), "ds_leave", self.ds_args())
+        sent = 0
+        for c in chosen.values():
+            if c.dialect == DIALECT_DS:
+                self.outgoing.append((data, c.addr))
+                sent += 1
+        self._stats["leave-sent"] += sent
+        return sent
 
     def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes], now: float) -> None:
         if (
@@ -765,7 +965,36 @@ class Node:
     def _boot_looked(
         self, op_id: int, then: Then | None, res: Any, error: DhtSignalError | None, now: float
     ) -> None:
+        cfg = self.config
+        if error is None and not cfg.client_mode and cfg.join_refreshes > 0:
+            # Later, at a random moment: in a mass join every table is nearly empty at
+            # first, and a burst of refreshes from every newcomer at once only loads it.
+            spread = cfg.join_refresh_delay * (1 + self.randbytes(1)[0] / 255) / 2
+            self._schedule(now + spread, _JOINED, None)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
+
+    def _refresh_after_join(self, now: float) -> None:
+        """After a join's self-lookup, refresh every bucket farther than our closest
+        neighbour (paper section 2.3): a lookup of a random ID at each distance 2**i from
+        ours, from the farthest half of the ID space down to our closest neighbour's
+        distance, at most ``join_refreshes`` of them. Our table's far buckets fill, and
+        the nodes there learn us. (The table's own buckets cannot be the guide: a new
+        table is one bucket until it fills.)"""
+        cfg = self.config
+        own = self.table.own_long
+        near = self.table.closest(self.id, 1)
+        if not near:
+            return
+        lowest = (near[0].long_id ^ own).bit_length() - 1  # our neighbour's distance bit
+        for bit in range(159, lowest, -1)[: cfg.join_refreshes]:
+            if len(self._lookups) >= cfg.max_refresh_lookups:
+                break
+            low = int.from_bytes(self.randbytes(20), "big") & ((1 << bit) - 1)
+            target = ((own ^ (1 << bit)) >> bit << bit) | low
+            self.start_lookup(target.to_bytes(20, "big"), now, remember=False, then=ignore)
+
+    def _random_in(self, lo: int, hi: int) -> bytes:
+        return (lo + int.from_bytes(self.randbytes(20), "big") % (hi - lo + 1)).to_bytes(20, "big")
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -801,15 +1030,23 @@ class Node:
             initial, warm = cached[1], True
         else:
             initial, warm = self.table.closest(key, max(k, cfg.ksize)), False
+        if self._recent or any(c.failures for c in initial):
+            # Contacts that just failed (a query of another lookup, or RPCs since they
+            # last answered) only if nothing else is known.
+            fresh = [c for c in initial if not c.failures and not self.avoided(c.id, now)]
+            initial = fresh or initial
+        soft = self.soft_timeout()
+        strict = want_value or store is not None
         lk = Lookup(
             key,
             initial,
             k=k,
             alpha=k if warm else cfg.alpha,
-            peer_timeout=cfg.peer_timeout,
+            peer_timeout=soft,
             own_id=self.id,
             group=_diversity(cfg),
             max_per_group=cfg.max_per_prefix,
+            strict_wait=min(cfg.strict_wait, 3 * soft) if strict else 0.0,
         )
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op
@@ -851,14 +1088,16 @@ class Node:
 
     def _query(self, op: _LookupOp, c: Contact, now: float) -> None:
         then = functools.partial(self._answered, op, c)
+        cid = c.id
         if c.dialect == DIALECT_STOCK:
-            self._rpc(c.addr, "find_node", [self.id, op.key], now, then)
+            self._rpc(c.addr, "find_node", [self.id, op.key], now, then, peer=cid)
         elif op.store is not None:
-            self._rpc(c.addr, "ds_store_find", self.ds_args(op.key, op.store), now, then)
+            args = self.ds_args(op.key, op.store)
+            self._rpc(c.addr, "ds_store_find", args, now, then, peer=cid)
         elif op.want_value:
-            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, 0), now, then)
+            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, 0), now, then, peer=cid)
         else:
-            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then)
+            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then, peer=cid)
 
     def _answered(
         self, op: _LookupOp, c: Contact, reply: Any, error: DhtSignalError | None, now: float
@@ -905,13 +1144,22 @@ class Node:
                 return None
             items, page, nxt = parsed
             collect_records(op.found, page, c.id)
+            if page and op.lk.strict_wait:
+                op.holders += 1
+                if op.holders >= max(1, self.config.replicas // 2):
+                    # Enough storing nodes answered with records: a slow one among the
+                    # k closest no longer holds the get up past the soft timeout.
+                    op.lk.strict_wait = 0.0
             if nxt is not None and nxt > 0 and op.chains < self.config.max_pages:
                 op.chains += 1
                 op.pages += 1
                 self._fetch_page(op, c, nxt, 1, now)
         if type(items) is not list:
             return None
-        return closer_contacts(op.lk, items, self.config.ksize * 2)
+        closer = closer_contacts(op.lk, items, self.config.ksize * 2)
+        if self._recent and closer:
+            closer = [x for x in closer if not self.avoided(x.id, now)]
+        return closer
 
     def _fetch_page(self, op: _LookupOp, c: Contact, cursor: int, n: int, now: float) -> None:
         """Ask ``c`` for the records page at ``cursor`` (the ``n``-th of its chain)."""
@@ -1153,10 +1401,19 @@ class Node:
             self._lookup_cache = {}
         for lo, hi in self.table.stale_buckets(now, cfg.refresh_interval)[:4]:
             if len(self.table) and len(self._lookups) < cfg.max_refresh_lookups:
-                target = (lo + int.from_bytes(os.urandom(20), "big") % (hi - lo + 1)).to_bytes(
-                    20, "big"
-                )
-                self.start_lookup(target, now, remember=False, then=ignore)
+                self.start_lookup(self._random_in(lo, hi), now, remember=False, then=ignore)
+        recent = self._recent
+        for nid in [n for n, until in recent.items() if until <= now]:
+            del recent[nid]
+        if not recent:
+            self._recent = {}
+        # Contacts not heard from within good_for: ping them before handing them out.
+        budget = max(1, int(cfg.liveness_pings * cfg.maintenance_interval / cfg.liveness_interval))
+        for c in self.table.questionable(now, min(budget, cfg.max_suspects)):
+            if c.id not in self._pinging:
+                self.table.suspect(c)
+        if self.table.suspects and not self._live_armed:
+            self._arm_liveness(now)
         self._schedule(now + cfg.maintenance_interval, _MAINT, None)
 
     def snapshot(self) -> dict[str, Any]:
@@ -1197,6 +1454,14 @@ class Node:
                 self._stats["state:bad-entry"] += 1
                 continue
             self.table.add_contact(c, now)
+            known = self.table.get(c.id)
+            if known is not None:
+                # Heard from at some unknown time: questionable until it answers a ping.
+                known.last_seen = float("-inf")
+        for c in self.table.questionable(now, self.config.max_suspects):
+            self.table.suspect(c)
+        if self.table.suspects and not self._live_armed:
+            self._arm_liveness(now)
         wall = self.wallclock()
         good = []
         for item in saved:

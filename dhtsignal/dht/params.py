@@ -28,6 +28,14 @@ class NodeConfig:
     peer_timeout: float = 0.3
     """Soft per-peer timeout of a lookup: a peer slower than this stops holding a
     parallelism slot and the lookup no longer waits for it."""
+    adaptive_timeouts: bool = True
+    """Shorten the soft per-peer timeout to what this node's answers take: the smoothed
+    round-trip time plus four deviations (RFC 6298), between ``min_peer_timeout`` and
+    ``peer_timeout``; a strict lookup then waits three times that, up to
+    ``strict_wait``. A dead contact then costs a lookup about one round trip's worth,
+    not ``peer_timeout``."""
+    min_peer_timeout: float = 0.02
+    """Floor of the adaptive soft timeout, seconds (scheduling jitter on a busy host)."""
     max_failures: int = 3
     """Consecutive failed RPCs before a contact is evicted (one lost reply never evicts)."""
     replacements: int = 5
@@ -89,5 +97,38 @@ class NodeConfig:
     """Keys whose closest nodes are remembered (see ``lookup_cache_ttl``)."""
     max_refresh_lookups: int = 64
     """Operations in progress beyond which maintenance starts no bucket refresh."""
+    good_for: float = 900.0
+    """Seconds a contact stays *good* after we last heard from it (BEP 5's 15 minutes).
+    Find replies (ours and the stock ``find_node``/``find_value``) name only good
+    contacts; an older one is *questionable* and is pinged before it is handed out again."""
+    liveness_interval: float = 1.0
+    """Seconds between rounds of liveness pings of questionable contacts."""
+    liveness_pings: int = 8
+    """Liveness pings started per round at most (questionable contacts wait their turn)."""
+    max_suspects: int = 256
+    """Questionable contacts queued for a liveness ping at most (the oldest go first)."""
+    recent_failure_ttl: float = 30.0
+    """Seconds a contact that just failed a lookup query (its first try unanswered) is
+    not asked again by other lookups, unless it answers meanwhile."""
+    recent_failures_size: int = 1024
+    """Contacts remembered as recently failed at most (the oldest entry goes first)."""
+    strict_wait: float = 0.5
+    """Seconds a put/get lookup keeps waiting for a slow contact among the k closest
+    (past ``peer_timeout`` it no longer holds a parallelism slot, but the lookup only
+    ends once the k closest have answered or failed, or this passed): two nodes then
+    agree on where a key lives."""
+    join_refreshes: int = 16
+    """Bucket refreshes after a join's self-lookup at most: a lookup of a random ID at
+    each distance from the farthest half of the ID space down to our closest
+    neighbour's (about log2 of the network's size), so the nodes that should know a
+    newcomer learn it and its far buckets fill."""
+    join_refresh_delay: float = 30.0
+    """Seconds after a join's self-lookup by which its bucket refreshes start (at a
+    random moment in the second half of it)."""
+    leave_notices: int = 256
+    """``ds_leave`` datagrams a node sends when it stops (its closest contacts first)."""
+    leave_confirm_retries: int = 1
+    """Retries of the ping that confirms a ``ds_leave`` before the contact is evicted
+    (a notice is only a hint: a node that still answers stays)."""
     limits: StorageLimits = field(default_factory=StorageLimits)
     """Bounds on what others can make this node store."""

@@ -26,6 +26,19 @@ order anyway. Corrections:
 * Contacts remember whether they speak our RPCs (:attr:`Contact.dialect`) or only
   the stock ``kademlia`` ones, and client-mode peers never enter the table.
 
+Liveness (BEP 5)
+----------------
+A contact is *good* while it has no failed RPC outstanding against it and we heard
+from it (an answer or a request) within ``good_for`` seconds; otherwise it is
+*questionable*, and after ``max_failures`` consecutive failures *bad* and evicted
+(its place goes to the freshest replacement). :meth:`RoutingTable.closest_good` is
+what find replies name: only good contacts. The questionable ones it passes over,
+those :meth:`RoutingTable.failed` did not evict yet and those a ``ds_leave`` named
+wait in :attr:`RoutingTable.suspects` (bounded) for the node to ping them; a
+contact that answers is good again. Within a bucket, contacts are kept in
+least-recently-seen order, so :meth:`RoutingTable.questionable` finds the stale
+ones by walking each bucket from its head, not the whole table.
+
 How ``closest`` stays exact without sorting the table
 -----------------------------------------------------
 All contacts are also kept in one list sorted by integer ID. The contacts whose
@@ -196,6 +209,8 @@ class RoutingTable:
     :param ksize: bucket size k.
     :param max_failures: consecutive RPC failures before a contact is evicted.
     :param replacements: contacts kept per bucket in its replacement cache.
+    :param good_for: seconds a contact stays good after we last heard from it.
+    :param max_suspects: questionable contacts queued for a ping at most.
     """
 
     def __init__(
@@ -204,7 +219,13 @@ class RoutingTable:
         ksize: int = 20,
         max_failures: int = 3,
         replacements: int = DEFAULT_REPLACEMENTS,
+        good_for: float = 900.0,
+        max_suspects: int = 256,
     ) -> None:
+        self.good_for = good_for
+        self.max_suspects = max_suspects
+        #: questionable contacts to ping, by ID, the oldest first (see :meth:`suspect`)
+        self.suspects: dict[bytes, Contact] = {}
         self.own_id = own_id
         self.own_long = int.from_bytes(own_id, "big")
         self.ksize = ksize
@@ -348,9 +369,70 @@ class RoutingTable:
             return False
         c.failures += 1
         if c.failures < self.max_failures:
+            self.suspect(c)
             return False
         self._evict(c)
         return True
+
+    def is_good(self, c: Contact, now: float) -> bool:
+        """Whether ``c`` is good: no failure since it last answered, heard from within
+        ``good_for`` seconds."""
+        return c.failures == 0 and now - c.last_seen <= self.good_for
+
+    def suspect(self, c: Contact) -> None:
+        """Queue ``c`` for a liveness ping (bounded: the oldest entry goes first)."""
+        sus = self.suspects
+        if c.id in sus:
+            return
+        sus[c.id] = c
+        if len(sus) > self.max_suspects:
+            del sus[next(iter(sus))]
+
+    def left(self, node_id: bytes, ip: str, port: int) -> Contact | None:
+        """A ``ds_leave`` from ``(ip, port)`` named ``node_id``: if that is the contact
+        we know at that address, stop handing it out (it is no longer good) and return
+        it, to be confirmed by one ping before it is evicted. Anyone can send the
+        datagram, so it never evicts by itself."""
+        c = self.get(node_id)
+        if c is None or c.ip != ip or c.port != port:
+            return None
+        c.failures = max(c.failures, 1)
+        self.suspects.pop(node_id, None)
+        return c
+
+    def closest_good(self, target: bytes | int, k: int, now: float) -> list[Contact]:
+        """The k good contacts closest to ``target``, nearest first. Questionable ones
+        met among the nearest are queued in :attr:`suspects` (not handed out)."""
+        found = self.closest(target, k)
+        bound = now - self.good_for
+        for c in found:
+            if c.failures or c.last_seen < bound:
+                break
+        else:
+            return found
+        good: list[Contact] = []
+        for c in self.closest(target, 3 * k):
+            if c.failures == 0 and c.last_seen >= bound:
+                good.append(c)
+                if len(good) == k:
+                    break
+            elif c.failures == 0:
+                self.suspect(c)
+        return good
+
+    def questionable(self, now: float, limit: int) -> list[Contact]:
+        """Up to ``limit`` contacts not heard from within ``good_for`` seconds (each
+        bucket walked from its least recently seen contact)."""
+        bound = now - self.good_for
+        out: list[Contact] = []
+        for b in self.buckets:
+            for c in b.nodes:
+                if c.last_seen >= bound:
+                    break
+                out.append(c)
+                if len(out) >= limit:
+                    return out
+        return out
 
     def remove(self, node_id: bytes) -> None:
         """Drop a contact now (it spoke another network, or was replaced)."""
@@ -359,6 +441,7 @@ class RoutingTable:
             self._evict(c)
 
     def _evict(self, c: Contact) -> None:
+        self.suspects.pop(c.id, None)
         bucket = self.bucket(c)
         bucket.nodes.remove(c)
         self._unlist(c)

@@ -28,7 +28,18 @@ RPC                   arguments after (network, id, flags)       reply
 ``ds_listen``         key, ttl                                   granted ttl or reason
 ``ds_unlisten``       key                                        ``True``
 ``ds_notify``         key, ``[record, ...]``                     ``True`` / ``False``
+``ds_leave``          —                                          none
 ====================  =========================================  =========================
+
+``ds_leave`` is the one datagram a stopping node sends its contacts. It is a hint,
+not a proof: the contact at the sender's address stops being handed out at once
+(:meth:`~dhtsignal.dht.routing.RoutingTable.left`) and the node pings it once
+(:attr:`Outcome.leaving`); only if that ping fails is it evicted. A stranger can
+therefore not evict anyone, and at most hides a live contact for one ping.
+
+Find replies (``ds_find_node``, ``ds_find_value``, ``ds_store_find`` and the stock
+``find_node``/``find_value``) name only *good* contacts
+(:meth:`~dhtsignal.dht.routing.RoutingTable.closest_good`).
 
 ``ds_store_find`` is a put's lookup step: the node stores the records (as
 ``ds_store``) and names its contacts closest to ``key`` (as ``ds_find_node``), so
@@ -85,6 +96,8 @@ class Outcome:
     notify: list[tuple[Addr, bytes, list[bytes]]] | None = None
     raw: bytes | None = None
     """The reply body already msgpack-encoded (then ``reply`` is unused)."""
+    leaving: Contact | None = None
+    """A contact that said it leaves (``ds_leave``): ping it once, evict it if silent."""
 
     def body(self) -> bytes:
         """The reply body, msgpack-encoded."""
@@ -149,6 +162,8 @@ class RequestHandler:
         self._stats: Counter[str] = Counter()
         #: Requests answered, per RPC (plain ints: the hot path does no Counter update).
         self._calls = [0] * len(_RPC_NAMES)
+        #: the time of the request being handled (find replies name good contacts)
+        self._now = 0.0
 
     @property
     def stats(self) -> Counter[str]:
@@ -175,6 +190,7 @@ class RequestHandler:
         name, args = req.name, req.args
         entry = _DS.get(name)
         out = Outcome()
+        self._now = now
         if entry is not None:
             arity, slot, fn = entry
             if len(args) != arity:
@@ -184,7 +200,7 @@ class RequestHandler:
                 return self.drop("wrong-network")
             if type(nid) is not bytes or len(nid) != _ID or type(flags) is not int:
                 return self.drop("bad-args")
-            if not flags & FLAG_CLIENT and nid != self.own_id:
+            if not flags & FLAG_CLIENT and nid != self.own_id and name != "ds_leave":
                 out.ping = self.table.heard_from(nid, addr[0], addr[1], DIALECT_DS, now)
             self._calls[slot] += 1
             fn(self, args, addr, out)
@@ -231,7 +247,7 @@ class RequestHandler:
     def _neighbours(self, key: bytes, addr: Addr) -> list[Contact]:
         """The k contacts closest to ``key``, leaving out any at the requester's address."""
         k = self.table.ksize
-        found = self.table.closest(key, k + 1)
+        found = self.table.closest_good(key, k + 1, self._now)
         ip, port = addr
         if port in map(_PORT, found):  # rarely: only then compare whole addresses
             found = [c for c in found if c.port != port or c.ip != ip]
@@ -362,6 +378,10 @@ class RequestHandler:
         out.reply = self.on_notify(key, good, addr) if self.on_notify is not None else False
         out.has_reply = True
 
+    def _ds_leave(self, args: list[Any], addr: Addr, out: Outcome) -> None:
+        if not args[2] & FLAG_CLIENT:
+            out.leaving = self.table.left(args[1], addr[0], addr[1])
+
 
 _Handler = Callable[[RequestHandler, list[Any], Addr, Outcome], None]
 
@@ -387,6 +407,7 @@ for _name, _arity in (
     ("ds_listen", 2),
     ("ds_unlisten", 1),
     ("ds_notify", 2),
+    ("ds_leave", 0),
 ):
     _register(_DS, _name, 3 + _arity)
 for _name, _arity in (("ping", 1), ("stun", 0), ("store", 3), ("find_node", 2), ("find_value", 2)):

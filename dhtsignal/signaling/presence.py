@@ -30,7 +30,10 @@ Record payloads (msgpack maps)::
     CLAIM     {"id": label, "t": claimed-at}
     PRESENCE  {"id": label or self_id, "sid": self_id, "x": X25519 key,
                "a": [[host, port], ...], "r": rooms, "t": claimed-at,
-               "c": 1 when its DHT node is in client mode (absent otherwise)}
+               "c": 1 when its DHT node is in client mode (absent otherwise),
+               "n": its NAT type, "open", "cone" or "symmetric" (absent: unknown),
+               "h": [[host, port], ...] the DHT nodes holding its inbox subscription
+                    (client mode: a caller stores an offer there at once)}
     ROOM      the PRESENCE fields with "id": label, plus "room": room
 
 Sequence numbers are wall-clock milliseconds, strictly increasing per peer.
@@ -47,7 +50,7 @@ on first sight is the caller's (it writes a file).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dhtsignal.datadir import KnownPeers
@@ -67,6 +70,8 @@ DEFAULT_ROOM = "lobby"
 DEFAULT_TTL = 60.0
 #: Most addresses a presence record carries (and a reader keeps).
 MAX_ADDRESSES = 4
+#: NAT types a presence record may announce (``"n"``, see :mod:`dhtsignal.nat`).
+NAT_TYPES = ("open", "cone", "symmetric")
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,12 @@ class PeerInfo:
     client_mode: bool = False
     """Its DHT node runs in client mode (behind a NAT): an unsolicited push to its
     addresses may not arrive, so a dial does not read silence as a crash."""
+    holders: list[tuple[str, int]] = field(default_factory=list)
+    """The DHT nodes that hold its inbox subscription (client mode): storing an offer
+    there reaches it at once through the mappings its keepalives hold open."""
+    nat: str = "unknown"
+    """Its NAT type as it classified itself (:mod:`dhtsignal.nat`): ``open``, ``cone``,
+    ``symmetric`` or ``unknown``."""
     refreshed_ago: float = 0.0
     """Seconds since the presence record was signed (its last refresh; the record's
     sequence number is its signing time in wall-clock milliseconds). A live peer
@@ -112,6 +123,8 @@ class PeerInfo:
             "expires_in": round(self.expires_in, 1),
             "refreshed_ago": round(self.refreshed_ago, 1),
             "client_mode": self.client_mode,
+            "nat": self.nat,
+            "holders": [[h, p] for h, p in self.holders],
         }
 
 
@@ -162,6 +175,8 @@ class PresenceRecords:
         presence says so (``"c": 1``), and dialers do not expect it to acknowledge an
         unsolicited push.
     :param network: the network id the records are signed for (the DHT's).
+    :param nat: the peer's NAT type (``"n"``; ``unknown`` is left out); may be changed
+        between publications (:attr:`nat`).
     :raises UsageError: a TTL is not positive.
     :raises ValueError: a label or room is not a valid label.
     """
@@ -177,9 +192,12 @@ class PresenceRecords:
         claimed_at: float,
         client_mode: bool = False,
         network: str = records.DEFAULT_NETWORK,
+        nat: str = "unknown",
     ) -> None:
         self.identity = identity
         self.client_mode = client_mode
+        self.nat = nat
+        """The NAT type the next publication announces."""
         self.network = network
         """The network id the records are signed for."""
         self.node_id = records.check_label(node_id)
@@ -192,6 +210,7 @@ class PresenceRecords:
         self.claim_due = 0.0
         """Wall-clock time from which a publication carries the claim again."""
         self._last_seq = 0
+        self._holders: list[list[Any]] = []
 
     @property
     def refresh_interval(self) -> float:
@@ -214,6 +233,10 @@ class PresenceRecords:
         }
         if self.client_mode:
             fields["c"] = 1
+        if self.nat in NAT_TYPES:
+            fields["n"] = self.nat
+        if self._holders:
+            fields["h"] = self._holders
         fields.update(extra)
         return codec.pack(fields)
 
@@ -230,12 +253,19 @@ class PresenceRecords:
             network=self.network,
         )
 
-    def publication(self, now: float, addresses: list[tuple[str, int]]) -> Publication:
+    def publication(
+        self,
+        now: float,
+        addresses: list[tuple[str, int]],
+        holders: list[tuple[str, int]] | None = None,
+    ) -> Publication:
         """The batches to put now (see the module docstring for their order).
 
         :param now: wall-clock time.
         :param addresses: the node's addresses (:func:`node_addresses`).
+        :param holders: the nodes holding its inbox subscription (``"h"``, client mode).
         """
+        self._holders = [[h, p] for h, p in (holders or [])[:MAX_ADDRESSES]]
         label_key = node_key(self.node_id)
         first = [
             self._sign(RecordType.PRESENCE, label_key, self._payload(addresses), self.ttl, now)
@@ -338,6 +368,10 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         [r for r in f.get("r", []) if isinstance(r, str)] if isinstance(f.get("r"), list) else []
     )
     x = f.get("x")
+    holders: list[tuple[str, int]] = []
+    for a in f.get("h", [])[:MAX_ADDRESSES] if isinstance(f.get("h"), list) else []:
+        if isinstance(a, list) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
+            holders.append((a[0], a[1]))
     return PeerInfo(
         node_id=node_id,
         key=rec.signer.hex(),
@@ -348,6 +382,8 @@ def peer_info(node_id: str, rec: Record, now: float) -> PeerInfo:
         expires_in=max(0.0, rec.expires - now),
         refreshed_ago=max(0.0, now - rec.seq / 1000),
         client_mode=f.get("c") == 1,
+        nat=f["n"] if f.get("n") in NAT_TYPES else "unknown",
+        holders=holders,
     )
 
 

@@ -49,7 +49,9 @@ The network
 
     :meth:`SimNetwork.crash` kills a node: it sends nothing more, datagrams addressed to
     it (including those already in flight) are dropped, and its timer never fires
-    again. Nothing is said to anyone, as in a crash.
+    again. Nothing is said to anyone, as in a crash. :meth:`SimNetwork.leave` stops a
+    node cleanly: its ``ds_leave`` notices go out first. :mod:`dhtsignal.testing.churn`
+    drives sessions of random length on top of both.
 
     :meth:`SimNetwork.grow` joins nodes in waves: each new node bootstraps off a random
     node that had already joined when its wave began, and a wave is at most as large as
@@ -58,10 +60,9 @@ The network
 
 Determinism
     All the simulator's choices (node IDs, latencies, losses, bootstrap contacts, crash
-    victims) come from ``random.Random(seed)``. The protocol code draws RPC message IDs
-    and bucket-refresh targets from ``os.urandom``; message IDs do not change behaviour,
-    and refresh targets only matter once buckets go stale (``refresh_interval`` of
-    virtual time).
+    victims) come from ``random.Random(seed)``; the nodes' bucket-refresh targets from a
+    second generator seeded from it (:attr:`Node.randbytes`). The protocol code draws
+    RPC message IDs from ``os.urandom``; they do not change behaviour.
 
 Memory
     A large simulated network holds millions of long-lived objects: a run of thousands
@@ -217,6 +218,8 @@ class SimNetwork:
         """Virtual monotonic time, seconds."""
         self.time_limit = time_limit
         self.rng = random.Random(cfg.seed)
+        #: the nodes' own random choices (refresh targets), apart from the simulator's
+        self.node_rng = random.Random(cfg.seed ^ 0x5EED)
         self.nodes: list[Node] = []
         """Every node ever created, by index."""
         self.alive: list[bool] = []
@@ -441,6 +444,7 @@ class SimNetwork:
         index = len(self.nodes)
         nid = node_id if node_id is not None else self.rng.randbytes(20)
         node = Node(nid, self.config.node_config, wallclock=self.wallclock)
+        node.randbytes = self.node_rng.randbytes
         addr = self.address_of(index)
         self.nodes.append(node)
         self.alive.append(True)
@@ -527,6 +531,19 @@ class SimNetwork:
         if self.alive[index]:
             self.alive[index] = False
             node.close()
+
+    def leave(self, node: Node) -> int:
+        """Stop ``node`` cleanly: it tells its contacts it leaves (``ds_leave``, see
+        :meth:`Node.leave <dhtsignal.dht.node.Node.leave>`), then sends and receives
+        nothing more. Returns how many notices it sent."""
+        index = self.index_of(node)
+        if not self.alive[index]:
+            return 0
+        sent = node.leave(self.now)
+        self._service(index)
+        self.alive[index] = False
+        node.close()
+        return sent
 
     def crash_random(self, fraction: float, *, spare: Iterable[Node] = ()) -> list[Node]:
         """Crash a random ``fraction`` of the live nodes.
