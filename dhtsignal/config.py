@@ -683,11 +683,20 @@ class Settings:
         default=_NODE.rate_per_source,
         metadata=spec(
             number(lo=0.0, metavar="RATE"),
-            "requests per second accepted from one address (0: no limit)",
+            "requests per second accepted from one host, IPv4 address or IPv6 /64 (0: no limit)",
             DAEMONS,
         ),
     )
-    """Per-source request rate limit."""
+    """Per-host request rate limit (every port of the host counts)."""
+    rate_per_prefix: float = field(
+        default=_NODE.rate_per_prefix,
+        metadata=spec(
+            number(lo=0.0, metavar="RATE"),
+            "requests per second accepted from one prefix, IPv4 /24 or IPv6 /48 (0: no limit)",
+            DAEMONS,
+        ),
+    )
+    """Per-prefix request rate limit."""
     daemon: Path | None = field(
         default=None,
         metadata=spec(
@@ -732,14 +741,24 @@ class Settings:
     """Records (slots) one signer holds under one key; its next one is refused."""
     storage_max_bytes: int = _limit("max_bytes", "storage: total record bytes held")
     """Total encoded record bytes held."""
+    storage_max_records: int = _limit("max_records", "storage: records held in total")
+    """Records held in total."""
     storage_max_bytes_per_source: int = _limit(
-        "max_bytes_per_source", "storage: record bytes per source address"
+        "max_bytes_per_source", "storage: record bytes per source host (IPv4 address, IPv6 /64)"
     )
-    """Encoded record bytes stored on behalf of one source address."""
+    """Encoded record bytes stored on behalf of one source host, whatever its ports."""
     storage_max_records_per_source: int = _limit(
-        "max_records_per_source", "storage: records per source address"
+        "max_records_per_source", "storage: records per source host (IPv4 address, IPv6 /64)"
     )
-    """Records stored on behalf of one source address."""
+    """Records stored on behalf of one source host."""
+    storage_max_bytes_per_prefix: int = _limit(
+        "max_bytes_per_prefix", "storage: record bytes per source prefix (IPv4 /24, IPv6 /48)"
+    )
+    """Encoded record bytes stored on behalf of one source prefix."""
+    storage_max_records_per_prefix: int = _limit(
+        "max_records_per_prefix", "storage: records per source prefix (IPv4 /24, IPv6 /48)"
+    )
+    """Records stored on behalf of one source prefix."""
     storage_legacy_max_keys: int = _limit(
         "legacy_max_keys", "storage: plain values kept for stock kademlia nodes"
     )
@@ -755,9 +774,15 @@ class Settings:
     )
     """Subscriptions per key."""
     storage_max_listens_per_source: int = _limit(
-        "max_listens_per_source", "storage: subscriptions per source address"
+        "max_listens_per_source", "storage: subscriptions per source host (IPv4 address, IPv6 /64)"
     )
-    """Subscriptions held for one source address."""
+    """Subscriptions held for one source host."""
+    storage_max_listens_per_prefix: int = _limit(
+        "max_listens_per_prefix", "storage: subscriptions per source prefix (IPv4 /24, IPv6 /48)"
+    )
+    """Subscriptions held for one source prefix."""
+    storage_max_listens: int = _limit("max_listens", "storage: subscriptions held in total")
+    """Subscriptions held in total."""
     storage_max_listen_ttl: float = _limit(
         "max_listen_ttl", "storage: longest subscription granted, seconds"
     )
@@ -796,6 +821,8 @@ class Settings:
             rpc_timeout=self.rpc_timeout,
             rpc_retries=self.rpc_retries,
             rate_per_source=self.rate_per_source,
+            rate_per_prefix=self.rate_per_prefix,
+            rate_prefix_burst=2.0 * self.rate_per_prefix,
             refresh_interval=self.refresh_interval,
             good_for=self.refresh_interval,
             maintenance_interval=min(_NODE.maintenance_interval, self.refresh_interval / 4),

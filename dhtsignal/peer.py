@@ -47,6 +47,7 @@ Each session (:class:`~dhtsignal.session.Session`) has two pre-negotiated data c
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
@@ -64,6 +65,7 @@ from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
 from dhtsignal.dht import records
 from dhtsignal.dht.events import SubscriptionRenewed
+from dhtsignal.dht.hosts import host_of
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record
 from dhtsignal.errors import (
@@ -144,6 +146,9 @@ class PeerConfig:
     max_pending_incoming: int = 32
     """Incoming handshakes in progress at once; more offers are dropped and counted
     (``refused:too-many-handshakes``)."""
+    max_pending_incoming_per_host: int = 8
+    """Incoming handshakes in progress at once whose offer one host delivered (IPv4
+    address, IPv6 /64); more are dropped and counted (``refused:too-many-from-host``)."""
     max_seen: int = inbox_protocol.DEFAULT_MAX_SEEN
     """Inbox records remembered to drop the second copy (direct push and DHT push)."""
     keep_state: bool = False
@@ -185,7 +190,12 @@ class PeerConfig:
     daemon does (``--rejoin-interval``)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_unread_bytes", "max_pending_incoming", "max_seen"):
+        for name in (
+            "max_unread_bytes",
+            "max_pending_incoming",
+            "max_pending_incoming_per_host",
+            "max_seen",
+        ):
             if not getattr(self, name) >= 1:
                 raise ConfigError(f"peer.{name}", "must be at least 1")
         if not self.direct_push_addrs >= 0:
@@ -451,6 +461,8 @@ class Peer:
         self._incoming: asyncio.Queue[Session] = asyncio.Queue()
         self._sessions: set[Session] = set()
         self._pending_incoming = 0
+        #: handshakes in progress per host that delivered their offer
+        self._pending_by_host: Counter[str] = Counter()
         self._resolved: dict[str, tuple[float, PeerInfo]] = {}
         self._state_loaded = False
         self._started = False
@@ -829,18 +841,19 @@ class Peer:
             pass
         self.stats["inbox-store-skipped"] += 1
 
-    def _reject(self, offer: OfferReceived, why: str) -> None:
+    def _reject(self, offer: OfferReceived, why: str, via: Addr | None) -> None:
         rec = self.inbox.seal_reject(
             offer.sender, offer.x25519, offer.session_id, why, self.node.wallclock()
         )
-        self._deliver(rec, MessageType.REJECT, offer.dht)
+        self._deliver(rec, MessageType.REJECT, reply_addrs(offer, via))
 
     def _my_addrs(self) -> list[Addr]:
         out: list[Addr] = []
-        if self.node.address is not None:
-            out.append((self.node.address[0], self.node.address[1]))
-        for a, _ in self.node.observed.most_common(2):
-            if (a[0], a[1]) not in out:
+        mine = [self.node.address] if self.node.address is not None else []
+        for a in [*mine, *(a for a, _ in self.node.observed.most_common(2))]:
+            # A wildcard bind (0.0.0.0, ::) is no address anyone can send to: a callee
+            # pushing there reaches itself (a response from the wrong address).
+            if (a[0], a[1]) not in out and not _unspecified(a[0]):
                 out.append((a[0], a[1]))
         return out[: inbox_protocol.MAX_BODY_ADDRS]
 
@@ -864,7 +877,7 @@ class Peer:
         if isinstance(outcome, Refused):
             self.stats[outcome.counter] += 1
         elif isinstance(outcome, OfferReceived):
-            self._on_offer(outcome)
+            self._on_offer(outcome, self.node.core.pushed_by(rec))
         elif outcome is not None:
             dial = self._dials.get(outcome.session_id)
             if dial is not None and not dial.answer.done():
@@ -878,7 +891,8 @@ class Peer:
 
     # -- answering ----------------------------------------------------------------------
 
-    def _on_offer(self, offer: OfferReceived) -> None:
+    def _on_offer(self, offer: OfferReceived, via: Addr | None) -> None:
+        """An offer, pushed to us by ``via`` (None: found by a poll)."""
         for dial in self._dials.values():
             if dial.remote_key == offer.sender and not dial.answer.done():
                 if glare_winner(self.public_key, offer.sender, dial.session_id, offer.session_id):
@@ -888,7 +902,8 @@ class Peer:
                 dial.superseded = asyncio.get_running_loop().create_future()
                 dial.answer.set_exception(_Superseded())
                 self._pending_incoming += 1
-                self.node.spawn(self._answer(offer, dial.superseded), name="answer")
+                self._pending_by_host[_host(via)] += 1
+                self.node.spawn(self._answer(offer, dial.superseded, via), name="answer")
                 return
         if self._pending_incoming >= self.config.max_pending_incoming:
             self.stats["refused:too-many-handshakes"] += 1
@@ -899,8 +914,20 @@ class Peer:
                 self.config.max_pending_incoming,
             )
             return
+        host = _host(via)
+        if self._pending_by_host[host] >= self.config.max_pending_incoming_per_host:
+            self.stats["refused:too-many-from-host"] += 1
+            log.info(
+                "incoming session %s from %s refused: over %d handshakes delivered by %s",
+                offer.session_id.hex(),
+                self_certifying_id(offer.sender),
+                self.config.max_pending_incoming_per_host,
+                host or "polls",
+            )
+            return
         self._pending_incoming += 1
-        self.node.spawn(self._answer(offer, None), name="answer")
+        self._pending_by_host[host] += 1
+        self.node.spawn(self._answer(offer, None, via), name="answer")
 
     async def _check_policy(self, sender: bytes, label: str) -> str | None:
         """The verified node ID of ``sender`` if the accept policy lets it in, else None."""
@@ -924,9 +951,15 @@ class Peer:
         return sid if self.accept is None else None
 
     async def _answer(
-        self, offer: OfferReceived, superseded: asyncio.Future[Session] | None
+        self,
+        offer: OfferReceived,
+        superseded: asyncio.Future[Session] | None,
+        via: Addr | None,
     ) -> None:
-        """Answer ``offer`` (``_pending_incoming`` was counted up for it)."""
+        """Answer ``offer`` (``_pending_incoming`` was counted up for it). The answer or
+        reject is pushed directly only to ``via``, the node that pushed the offer, and
+        only if the offer names it as the caller's (:func:`reply_addrs`); else it only
+        goes through the DHT (the caller's inbox key)."""
         loop = asyncio.get_running_loop()
         drive = _Drive(SessionMachine(time.monotonic(), caller=False, timeouts=self.timeouts))
         machine = drive.machine
@@ -948,7 +981,7 @@ class Peer:
                     self_certifying_id(sender),
                     offer.label,
                 )
-                self._reject(offer, "not accepted")
+                self._reject(offer, "not accepted", via)
                 drive.fail("refused")
                 return
             servers = self.ice_servers_now()
@@ -959,7 +992,7 @@ class Peer:
             if _CANDIDATE_LINE.search(answer) is None:
                 self.stats["incoming-failed:no-candidates"] += 1
                 why = "the callee " + NO_CANDIDATES
-                self._reject(offer, why)
+                self._reject(offer, why, via)
                 log.warning("incoming session %s: %s", session_id.hex(), why)
                 drive.fail("no-candidates")
                 return
@@ -967,7 +1000,7 @@ class Peer:
             rec = self.inbox.seal_answer(
                 sender, offer.x25519, session_id, answer, self.node.wallclock()
             )
-            self._deliver(rec, MessageType.ANSWER, offer.dht, opened)
+            self._deliver(rec, MessageType.ANSWER, reply_addrs(offer, via), opened)
             drive.input(machine.answer_sent)
             try:
                 await self._open(session, drive, servers, nat.UNKNOWN)
@@ -992,6 +1025,10 @@ class Peer:
                 superseded.set_exception(error)
         finally:
             self._pending_incoming -= 1
+            host = _host(via)
+            self._pending_by_host[host] -= 1
+            if self._pending_by_host[host] <= 0:
+                del self._pending_by_host[host]
             drive.abandon("cancelled")
             if pc is not None:
                 await pc.close()
@@ -1298,6 +1335,30 @@ class Peer:
         return DialFailed(
             node_id, exc.reason, f"{within} (offer {stored}, pushed to {pushed} address(es))"
         )
+
+
+def reply_addrs(offer: OfferReceived, via: Addr | None) -> list[Addr]:
+    """Where an answer or reject to ``offer`` may be pushed directly: the node that
+    pushed the offer to us, if the offer names it as the caller's DHT address. Never an
+    address the offer merely names: a sealed offer from a throwaway key could name a
+    victim's (issue 10, item 7). Anything else goes through the DHT only.
+
+    :param via: the address that pushed the offer (None: found by a poll).
+    """
+    if via is None:
+        return []
+    return [a for a in offer.dht if (a[0], a[1]) == (via[0], via[1])][:1]
+
+
+def _host(via: Addr | None) -> str:
+    return "" if via is None else host_of(via)
+
+
+def _unspecified(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_unspecified
+    except ValueError:
+        return False
 
 
 def default_data_dir(node_id: str, environ: Mapping[str, str] | None = None) -> Path:

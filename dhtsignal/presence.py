@@ -214,7 +214,9 @@ async def resolve(
         records.check_label(node_id)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    held = await node.get_held(node_key(node_id), include_tombstones=True)
+    held = await node.get_held(
+        node_key(node_id), include_tombstones=True, k=node.config.name_replicas
+    )
     try:
         info = identify(node_id, held, known, node.wallclock())
     except PinnedKeyChanged as exc:
@@ -240,7 +242,9 @@ async def label_owner(node: DhtNode, node_id: str, known: KnownPeers | None = No
         records.check_label(node_id)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    held = await node.get_held(node_key(node_id), include_tombstones=True)
+    held = await node.get_held(
+        node_key(node_id), include_tombstones=True, k=node.config.name_replicas
+    )
     recs = held.records
     if is_self_certifying(node_id):
         recs = [r for r in recs if self_certifying_id(r.signer) == node_id]

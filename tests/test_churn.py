@@ -24,6 +24,7 @@ from test_cli import Launcher, Proc, _bootstrap, _peer
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.rpc import parse_contact
+from dhtsignal.errors import DhtSignalError
 from dhtsignal.presence import resolve
 from dhtsignal.wire.addr import Addr, parse_addr
 
@@ -95,10 +96,17 @@ def _start_churners(lau: Launcher, entry: str, *extra: str) -> tuple[list[Proc],
 def _until_handed_out(entry: Addr, target: str, want: set[Addr], timeout: float) -> Probe:
     """Probe until the entry node hands out every address of ``want`` (bounded)."""
     deadline = time.monotonic() + timeout
-    probe = asyncio.run(_probe(entry, target))
-    while not want <= probe.handed_out and time.monotonic() < deadline:
-        probe = asyncio.run(_probe(entry, target))
-    return probe
+    while True:
+        try:
+            probe = asyncio.run(_probe(entry, target))
+        except DhtSignalError:
+            # Twelve interpreters starting at once on two cores can starve the entry
+            # node for a few seconds: poll again until the deadline, then fail.
+            if time.monotonic() >= deadline:
+                raise
+            continue
+        if want <= probe.handed_out or time.monotonic() >= deadline:
+            return probe
 
 
 def test_peers_leaving_on_sigterm_are_not_handed_out(own_launcher: Launcher) -> None:

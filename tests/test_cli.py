@@ -728,3 +728,35 @@ def test_version_and_help_of_every_command(own_launcher: Launcher) -> None:
             assert out.strip() == f"dhtsignal {__version__}"
         else:
             assert out.startswith("usage: dhtsignal") and "--version" in out
+
+
+def test_pings_between_wildcard_listeners_drop_nothing(net: Network) -> None:
+    """Two daemons and a pinger listening on 0.0.0.0: an offer never names the wildcard
+    address, and the callee pushes its answer only to the node that pushed the offer,
+    so no reply comes back from an address other than the one asked (before issue 10
+    the callee counted ``drop:response-from-wrong-address`` on every such ping)."""
+    x = _peer(net.lau, "wild-a", net.entry, "--listen", "0.0.0.0:0")
+    y = _peer(net.lau, "wild-b", net.entry, "--listen", "0.0.0.0:0")
+    x.ready()
+    y.ready()
+    daemon = str(net.lau.workdir / "peer-wild-a")
+    res = net.lau.run("ping", "wild-b", "--daemon", daemon, "--count", "1")
+    assert res.returncode == 0, res.stderr
+    res = net.lau.run(
+        "ping",
+        "wild-b",
+        "--bootstrap",
+        net.entry,
+        "--count",
+        "1",
+        "--listen",
+        "0.0.0.0:0",
+        *LOOPBACK_RTC,
+    )
+    assert res.returncode == 0, res.stderr
+    for who in ("wild-a", "wild-b"):
+        st = net.lau.run("status", "--daemon", str(net.lau.workdir / f"peer-{who}"), "--json")
+        assert st.returncode == 0, st.stderr
+        status = json.loads(st.stdout)
+        assert status["address"].startswith("0.0.0.0:")
+        assert "response-from-wrong-address" not in status["dropped"], (who, status["dropped"])

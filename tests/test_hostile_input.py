@@ -830,22 +830,24 @@ def test_rate_limiter_keeps_only_sources_it_is_limiting() -> None:
     now = 100.0
     admitted = sum(rate.admit(flooder, now) for _ in range(20))
     assert admitted == 5 and not rate.admit(flooder, now)
-    for i in range(1000):  # one request each from many sources, 1 s apart
+    # Cycling ports does not help: the bucket is the host's.
+    assert not any(rate.admit(("10.0.0.1", port), now) for port in range(2, 2000))
+    for i in range(1000):  # one request each from many hosts, 1 s apart
         now += 1.0
-        assert rate.admit(("10.1.0.0", 1000 + i), now)
-        assert len(rate) <= 3
+        assert rate.admit((f"10.1.{i // 200}.{i % 200 + 1}", 1000 + i), now)
+        assert len(rate) <= 4  # hosts and prefixes being limited
     # The flooder's entry went once it refilled; flooding again hits the burst again.
     assert sum(rate.admit(flooder, now) for _ in range(20)) == 5
     # Within a burst of new sources nothing is refilled yet, so all are kept...
     for i in range(50):
-        rate.admit(("10.2.0.0", i), now)
-        rate.admit(("10.2.0.0", i), now)
+        rate.admit((f"10.2.0.{i}", i), now)
+        rate.admit((f"10.2.0.{i}", i), now)
     assert len(rate) >= 50
     # ... until the maintenance round drops the refilled ones: the flooder, still
     # limited at that moment, stays.
     rate.admit(flooder, now + 0.45)
     rate.prune(now + 0.5)
-    assert rate.sources() == [flooder]
+    assert rate.sources() == [flooder[0]]  # hosts, not ports
 
 
 class _Recorder(asyncio.DatagramTransport):

@@ -53,11 +53,16 @@ def test_the_limit_named_is_the_most_frequent_first_on_a_tie() -> None:
     assert info.value.limit == "key-full"
 
 
-def test_one_id_taken_is_enough() -> None:
+def test_id_taken_is_decisive_only_from_more_nodes_than_stored() -> None:
+    """One storing node's refusal is never decisive (a Sybil node near the key)."""
+    assert put_result([["ok"], ["ok"], ["id-taken"]], 1).stored == 2
+    assert put_result([["id-taken"]], 1, stored=1).stored == 1  # a tie: kept
     with pytest.raises(NodeIdTaken):
-        put_result([["ok"], ["ok"], ["id-taken"]], 1)
+        put_result([["id-taken"], ["id-taken"], ["ok"]], 1)
     with pytest.raises(NodeIdTaken):
-        put_result([["quota"]], 1, stored=1, refused=Counter({"id-taken": 1}))
+        put_result([["quota"]], 1, stored=1, refused=Counter({"id-taken": 2}))
+    with pytest.raises(NodeIdTaken):
+        put_result([["id-taken"]], 1)
 
 
 @pytest.mark.parametrize(

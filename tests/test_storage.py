@@ -155,9 +155,9 @@ def test_first_live_claim_wins_until_it_expires(first: RecordType, second: Recor
     other = RecordType.PRESENCE if first == RecordType.CLAIM else RecordType.CLAIM
     assert st_.put(node_record(A, other, "alice", ttl=10), SRC, NOW + 30)
     assert refused(st_.put, node_record(B, second, "alice", ttl=90), SRC2, NOW + 50) == "id-taken"
-    # Another label is free; other record types under the key are not claims.
+    # Another label is free; other record types under a node key are refused.
     assert st_.put(node_record(B, second, "bob"), SRC2, NOW + 50)
-    assert st_.put(data(B, key=node_key("alice")), SRC2, NOW + 50)
+    assert refused(st_.put, data(B, key=node_key("alice")), SRC2, NOW + 50) == "wrong-type"
     # Once every claim of A has expired (refreshed one: NOW + 30 + 60), B may take the label.
     later = NOW + 91
     assert st_.owner(node_key("alice"), later) is None
@@ -319,9 +319,11 @@ def test_accounting_matches_what_is_held(ops: list[tuple[int, int, int, int, int
         for source in (SRC, SRC2):
             mine = [raw for raw, s in held if s == source]
             assert len(mine) <= lim.max_records_per_source
-            use = st_._usage.get(source)
-            assert (use.records if use else 0) == len(mine)
-            assert (use.bytes if use else 0) == sum(map(len, mine))
+            hb, hr, _, _ = st_.usage(source)
+            assert hr == len(mine)
+            assert hb == sum(map(len, mine))
+        # SRC and SRC2 share a /24: the prefix holds what both hosts hold
+        assert st_.usage(SRC)[3] == len(held) and st_.usage(SRC)[2] == st_.total_bytes
         assert len(list(st_.keys())) <= lim.max_keys
         for k in list(st_.keys()):
             assert len(st_.get(k, now)) <= lim.max_values_per_key
@@ -363,7 +365,7 @@ def test_subscriptions_are_bounded_per_key_and_per_source() -> None:
     assert len(subs) == 1  # the 90 s refresh of 10.0.0.1
     for i in range(3):
         subs.add(records.data_key(f"new{i}"), SRC, 60, NOW + 61)
-    assert subs._per_source[SRC] == 3
+    assert subs._per_source[SRC[0]] == 3
 
 
 # -- legacy values from stock kademlia nodes --------------------------------------------------
@@ -454,14 +456,17 @@ async def test_a_put_past_a_storage_limit_names_the_limit(dht: StartDht) -> None
     assert "max_records_per_source" in str(exc.value)
     assert [r.payload for r in await nodes[3].get(records.data_key("quota-1"))] == [b"v1"]
 
+    # Every node here sends from 127.0.0.1, one host: its quota is used up for all of
+    # them (quotas count hosts, not ports). A second cluster shows the per-key cap.
+    nodes = await dht(4, config=NodeConfig(limits=limits(max_values_per_key=2)))
     shared = records.data_key("crowded")
-    for i, n in enumerate((nodes[0], nodes[2])):  # the writer has no quota left
+    for i, n in enumerate((nodes[0], nodes[2])):
         await n.put([rec(10 + i, Identity.generate(), shared)])
     with pytest.raises(StoreLimitExceeded) as exc:
         await nodes[3].put([rec(12, Identity.generate(), shared)])
     assert exc.value.limit == "key-full"
     assert "max_values_per_key" in str(exc.value)
-    assert len(await writer.get(shared)) == 2
+    assert len(await nodes[1].get(shared)) == 2
 
 
 async def test_a_put_stores_on_the_k_closest_with_one_rpc_per_node_asked(dht: StartDht) -> None:
@@ -493,3 +498,20 @@ async def test_a_put_stores_on_the_k_closest_with_one_rpc_per_node_asked(dht: St
     assert all(n.store.get(rec.key, time.time()) for n in closest)
     spare = sum(1 for n in others[writer.config.replicas :] if n.store.get(rec.key, time.time()))
     assert spare == writer.stats["put:spare-copies"] == asked - remote
+
+
+def test_records_are_bound_to_the_kind_of_key_they_live_under() -> None:
+    """64 DATA records from throwaway keys under a label's key before its owner claims
+    it: the owner's claim is stored all the same (the junk is dropped: a claim proves
+    the key is a node key), and DATA under it is refused from then on."""
+    st_ = RecordStore(limits(max_values_per_key=64))
+    key = node_key("alice")
+    for i in range(64):
+        junk = data(Identity.generate(), 1, key=key, payload=b"junk %d" % i)
+        assert st_.put(junk, (f"198.51.100.{i % 200 + 1}", 1), NOW)
+    assert refused(st_.put, data(Identity.generate(), 1, key=key), SRC2, NOW) == "key-full"
+    assert st_.put(node_record(A, RecordType.CLAIM, "alice"), SRC, NOW)
+    assert st_.put(node_record(A, RecordType.PRESENCE, "alice"), SRC, NOW)
+    assert {r.type for r in st_.get(key, NOW)} == {RecordType.CLAIM, RecordType.PRESENCE}
+    assert st_.evicted == 64 and len(st_) == 2
+    assert refused(st_.put, data(Identity.generate(), 1, key=key), SRC2, NOW) == "wrong-type"

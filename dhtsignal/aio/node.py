@@ -39,6 +39,7 @@ from typing import Any
 
 from dhtsignal.aio import stun
 from dhtsignal.datadir import STATE_FILE, atomic_write, ensure_dir
+from dhtsignal.dht.listen import SlotFilter
 from dhtsignal.dht.node import (
     STORE_LIMITS,
     Bootstrapped,
@@ -583,14 +584,18 @@ class DhtNode(asyncio.DatagramProtocol):
         """All live records under ``key`` from the nodes closest to it, verified and merged."""
         return (await self.get_held(key, include_tombstones=include_tombstones)).records
 
-    async def get_held(self, key: bytes, *, include_tombstones: bool = False) -> HeldRecords:
+    async def get_held(
+        self, key: bytes, *, include_tombstones: bool = False, k: int | None = None
+    ) -> HeldRecords:
         """Like :meth:`get`, and count for each signer the distinct storing nodes whose
         answers held a live (not tombstoned) record of theirs; our own store counts as one.
 
         A node-ID's owner is the claimant most storing nodes hold (each refuses a second
         claimant), which a single hostile or newly joined storing node cannot change.
+
+        :param k: storing nodes to read (default ``replicas``).
         """
-        op = self.core.start_get(key, self.loop.time(), include_tombstones=include_tombstones)
+        op = self.core.start_get(key, self.loop.time(), include_tombstones=include_tombstones, k=k)
         held: HeldRecords = await self._op(op)
         return held
 
@@ -613,7 +618,7 @@ class DhtNode(asyncio.DatagramProtocol):
         """
         queue: asyncio.Queue[Record] = asyncio.Queue()
         self._listeners.setdefault(key, []).append(queue)
-        seen: dict[tuple[bytes, int, bytes], int] = {}
+        seen = SlotFilter(16 * self.config.listen_queue_size)
         self.core.listen(key, self.loop.time())
         self._service()
         try:
@@ -622,10 +627,8 @@ class DhtNode(asyncio.DatagramProtocol):
                     queue.put_nowait(r)
             while True:
                 rec = await queue.get()
-                if rec.expires <= self.wallclock() or seen.get(rec.slot, -1) >= rec.seq:
-                    continue
-                seen[rec.slot] = rec.seq
-                yield rec
+                if seen.fresh(rec, self.wallclock()):
+                    yield rec
         finally:
             qs = self._listeners.get(key, [])
             if queue in qs:

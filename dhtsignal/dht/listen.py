@@ -34,6 +34,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from dhtsignal.dht.events import RecordsReceived, SubscriptionRenewed, ignore
+from dhtsignal.dht.hosts import keys_of
 from dhtsignal.dht.records import Record
 from dhtsignal.dht.routing import DIALECT_DS, Contact
 from dhtsignal.errors import DhtSignalError
@@ -43,6 +44,99 @@ if TYPE_CHECKING:
     from dhtsignal.dht.node import Node
 
 log = logging.getLogger(__name__)
+
+
+class SlotFilter:
+    """The newest sequence number seen per slot, for one ``listen`` iterator: a record
+    passes once, and never after a newer one of its slot. Bounded: an entry is dropped
+    once its record has expired (a later copy of it is expired too, and refused as
+    such), and past ``max_slots`` the oldest entry goes, so a stranger writing to ever
+    new slots cannot grow it for the life of the listener.
+
+    :param max_slots: slots remembered at most.
+    """
+
+    __slots__ = ("_seen", "max_slots")
+
+    def __init__(self, max_slots: int = 4096) -> None:
+        self.max_slots = max_slots
+        self._seen: dict[tuple[bytes, int, bytes], tuple[int, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def fresh(self, rec: Record, wallnow: float) -> bool:
+        """Whether ``rec`` is live and newer than what its slot passed; if so it is noted.
+
+        :param wallnow: wall-clock UNIX time.
+        """
+        if rec.expires <= wallnow:
+            return False
+        seen = self._seen
+        old = seen.get(rec.slot)
+        if old is not None and old[0] >= rec.seq and old[1] > wallnow:
+            return False
+        seen.pop(rec.slot, None)
+        seen[rec.slot] = (rec.seq, rec.expires)
+        if len(seen) > self.max_slots:
+            for slot in [s for s, (_, exp) in seen.items() if exp <= wallnow]:
+                del seen[slot]
+            while len(seen) > self.max_slots:
+                del seen[next(iter(seen))]
+        return True
+
+
+class PushBudget:
+    """Pushes (``ds_notify``) awaiting an answer: in total, per listener host and per
+    listener prefix. A listener that does not answer (a spoofed subscription, a flood of
+    them from one block of addresses) holds at most its host's and its prefix's share, so
+    pushes to listeners elsewhere keep flowing.
+
+    :param total: pushes in flight at most.
+    :param per_host: per listener host (IPv4 address, IPv6 /64).
+    :param per_prefix: per listener prefix (IPv4 /24, IPv6 /48).
+    """
+
+    __slots__ = ("_hosts", "_prefixes", "in_flight", "per_host", "per_prefix", "total")
+
+    def __init__(self, total: int, per_host: int, per_prefix: int) -> None:
+        self.total = total
+        self.per_host = per_host
+        self.per_prefix = per_prefix
+        self.in_flight = 0
+        self._hosts: dict[str, int] = {}
+        self._prefixes: dict[str, int] = {}
+
+    def take(self, listener: Addr) -> bool:
+        """One more push to ``listener``; False (nothing taken) when a bound is reached."""
+        host, prefix = keys_of(listener[0])
+        if (
+            self.in_flight >= self.total
+            or self._hosts.get(host, 0) >= self.per_host
+            or self._prefixes.get(prefix, 0) >= self.per_prefix
+        ):
+            return False
+        self.in_flight += 1
+        self._hosts[host] = self._hosts.get(host, 0) + 1
+        self._prefixes[prefix] = self._prefixes.get(prefix, 0) + 1
+        return True
+
+    def release(self, listener: Addr) -> None:
+        """A push to ``listener`` was answered or failed."""
+        host, prefix = keys_of(listener[0])
+        self.in_flight -= 1
+        for table, k in ((self._hosts, host), (self._prefixes, prefix)):
+            n = table.get(k, 0) - 1
+            if n > 0:
+                table[k] = n
+            else:
+                table.pop(k, None)
+
+    def clear(self) -> None:
+        """Forget every push (the node is closing)."""
+        self.in_flight = 0
+        self._hosts = {}
+        self._prefixes = {}
 
 
 class Subscription:
@@ -79,12 +173,21 @@ class Listening:
         next step; when one falls due, the node calls :meth:`timer_due`.
     """
 
-    __slots__ = ("_kind", "_node", "_subs")
+    __slots__ = ("_kind", "_node", "_subs", "_via")
+
+    #: pushed records whose pusher is remembered (:meth:`pushed_by`)
+    MAX_VIA = 1024
 
     def __init__(self, node: Node, timer_kind: int) -> None:
         self._node = node
         self._kind = timer_kind
         self._subs: dict[bytes, Subscription] = {}
+        self._via: dict[tuple[bytes, tuple[bytes, int, bytes], int], Addr] = {}
+
+    def pushed_by(self, rec: Record) -> Addr | None:
+        """The address that pushed ``rec`` to us (``ds_notify``), if it was pushed
+        recently: the one address a reply to it may go to unasked (issue 10, item 7)."""
+        return self._via.get((rec.key, rec.slot, rec.seq))
 
     def listen(self, key: bytes, now: float) -> None:
         """One more listener on ``key``: the first starts the subscription cycle."""
@@ -126,6 +229,7 @@ class Listening:
     def clear(self) -> None:
         """Forget every subscription (the node is closing; nothing is sent)."""
         self._subs = {}
+        self._via = {}
 
     def timer_due(self, sub: Subscription, now: float) -> None:
         """A subscription's wait is over: subscribe again (if it is still live)."""
@@ -136,6 +240,11 @@ class Listening:
         """Records pushed to us (``ds_notify``); False: we do not listen to ``key``."""
         if key not in self._subs:
             return False
+        via = self._via
+        for rec in recs:
+            via[(rec.key, rec.slot, rec.seq)] = addr
+        while len(via) > self.MAX_VIA:
+            del via[next(iter(via))]
         if recs:
             self._node.events.append(RecordsReceived(key, recs, True))
         return True

@@ -19,6 +19,13 @@ it has finished. The driver reports each answer with :meth:`Lookup.on_success`
   soft timeout: it no longer holds a slot, but the lookup only ends once the k closest
   have all answered or failed, so two nodes looking up one key agree on its k closest.
 * No contact is queried twice; the number of candidates kept is bounded.
+* Per-prefix diversity (libp2p's, issue 10): with a ``group`` function, at most
+  ``max_per_group`` contacts of one group (an IPv4 /24, IPv6 /48) count among the k
+  closest, are queried as such and are in the result; the others wait behind them and
+  move up only if one fails. So Sybil nodes with IDs chosen next to a key take at most
+  one place per prefix the attacker holds, whatever number of addresses, ports and
+  keys it uses there. Candidates kept per group are bounded too, so a flood of one
+  group's contacts cannot push the others out of the candidate list.
 
 Each candidate remembers the hop at which it was learned (initial contacts are
 hop 1), so a finished lookup reports the hop count of its closest result.
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from dhtsignal.dht.routing import Contact
@@ -57,6 +64,7 @@ class _Cand:
     hop: int
     state: _St = _St.NEW
     sent_at: float = 0.0
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,8 @@ class Lookup:
     :param alpha: queries in flight.
     :param peer_timeout: soft per-peer timeout, seconds.
     :param own_id: our own ID, never a candidate.
+    :param group: a contact's diversity group (None: not limited); None: no limit.
+    :param max_per_group: contacts of one group among the k closest.
     :param strict_wait: seconds after sending that a query past the soft timeout is
         still waited for before the lookup ends (0: not at all).
     """
@@ -114,10 +124,15 @@ class Lookup:
         alpha: int = 3,
         peer_timeout: float = 0.5,
         own_id: bytes = b"",
+        group: Callable[[Contact], str | None] | None = None,
+        max_per_group: int = 1,
         strict_wait: float = 0.0,
     ) -> None:
         self.strict_wait = max(strict_wait, peer_timeout) if strict_wait > 0 else 0.0
         self.target = int.from_bytes(target, "big")
+        self.group = group
+        self.max_per_group = max_per_group
+        self._group_n: dict[str, int] = {}
         self.k = k
         self.alpha = alpha
         self.peer_timeout = peer_timeout
@@ -139,8 +154,16 @@ class Lookup:
             cid = c.id
             if cid == own or cid in cands:
                 continue
+            g = None
+            if self.group is not None:
+                g = self.group(c)
+                if g is not None:
+                    n = self._group_n.get(g, 0)
+                    if n >= self.max_per_group * MAX_CANDIDATES_FACTOR:
+                        continue
+                    self._group_n[g] = n + 1
             d = c.long_id ^ target
-            cand = _Cand(c, d, hop)
+            cand = _Cand(c, d, hop, group=g)
             cands[cid] = cand
             order.append(cand)
             added = True
@@ -158,6 +181,8 @@ class Lookup:
                         keep.append(cand)
                     else:
                         del cands[cand.contact.id]
+                        if cand.group is not None:
+                            self._group_n[cand.group] -= 1
                 self._order = keep
         return progressed
 
@@ -208,6 +233,7 @@ class Lookup:
         waiting = 0
         to_send: list[Contact] = []
         seen = 0
+        groups: dict[str, int] | None = {} if self.group is not None else None
         for cand in order:
             state = cand.state
             if state == _FAILED:
@@ -220,6 +246,11 @@ class Lookup:
                 # Unresponsive past the soft timeout: it may still answer, but the lookup
                 # no longer waits for it (libp2p's "unresponsive" peers).
                 continue
+            if groups is not None and cand.group is not None:
+                n = groups.get(cand.group, 0)
+                if n >= self.max_per_group:
+                    continue  # its group has its places among the closest
+                groups[cand.group] = n + 1
             if seen >= k:
                 break
             seen += 1
@@ -258,7 +289,19 @@ class Lookup:
         )
 
     def _finish(self) -> Finished:
-        ok = [c for c in self._order if c.state == _OK][: self.k]
+        ok = [c for c in self._order if c.state == _OK]
+        if self.group is not None:
+            groups: dict[str, int] = {}
+            kept = []
+            for c in ok:
+                if c.group is not None:
+                    n = groups.get(c.group, 0)
+                    if n >= self.max_per_group:
+                        continue
+                    groups[c.group] = n + 1
+                kept.append(c)
+            ok = kept
+        ok = ok[: self.k]
         return Finished([c.contact for c in ok], ok[0].hop if ok else 0, self.queried)
 
     def skip_state(self) -> tuple[Container[bytes], int | None]:

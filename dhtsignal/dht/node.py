@@ -32,10 +32,13 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   all (an RPC answered in time costs none); a retried RPC has its own entry, the
   n-th try waiting ``n * rpc_timeout``; after ``rpc_retries`` retries it fails with
   :class:`~dhtsignal.errors.RpcTimeout` (counted ``rpc-timeout``).
-* Requests are rate-limited per source (:class:`~dhtsignal.dht.ratelimit.RateLimiter`)
-  and answered by the I/O-free :class:`~dhtsignal.dht.rpc.RequestHandler`; a contact
-  waiting for a full bucket's place makes the node ping that bucket's head (one ping
-  per head at a time); new records are pushed to subscribers (``ds_notify``).
+* Requests are rate-limited per source host and prefix
+  (:class:`~dhtsignal.dht.ratelimit.HostRateLimiter`) and answered by the I/O-free
+  :class:`~dhtsignal.dht.rpc.RequestHandler`; a contact waiting for a full bucket's
+  place makes the node ping that bucket's head (one ping per head at a time); new
+  records are pushed to subscribers (``ds_notify``), within a
+  :class:`~dhtsignal.dht.listen.PushBudget` per listener host and prefix. The last
+  ``inflight_reserve`` places of the pending table are for those pings and pushes.
 * Lookups drive :class:`~dhtsignal.dht.lookup.Lookup` machines: each answer is
   parsed (:mod:`~dhtsignal.dht.replies`), fed to the machine, and the
   machine's next step sent at once; or, with :attr:`Node.batch_lookups` (the asyncio
@@ -75,7 +78,7 @@ Nothing a remote party sends raises out of :meth:`Node.receive_datagram`: every
 refusal is counted in :attr:`Node.stats` by reason.
 
 Around it, in modules of their own: the events and results it reports
-(:mod:`~dhtsignal.dht.events`), the per-source rate limiter
+(:mod:`~dhtsignal.dht.events`), the per-host and per-prefix rate limiter
 (:mod:`~dhtsignal.dht.ratelimit`), reply parsing (:mod:`~dhtsignal.dht.replies`) and
 the put-result policy (:mod:`~dhtsignal.dht.putpolicy`), each pure; and the listen
 cycle (:mod:`~dhtsignal.dht.listen`), which works through this node. This module
@@ -112,11 +115,12 @@ from dhtsignal.dht.events import (
     Then,
     ignore,
 )
-from dhtsignal.dht.listen import Listening
+from dhtsignal.dht.hosts import diversity_group
+from dhtsignal.dht.listen import Listening, PushBudget
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.putpolicy import STORE_LIMITS, put_result
-from dhtsignal.dht.ratelimit import RateLimiter
+from dhtsignal.dht.ratelimit import HostRateLimiter, RateLimiter
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.dht.replies import (
     MAX_PAGE_RECORDS,
@@ -147,6 +151,7 @@ __all__ = [
     "Bootstrapped",
     "Event",
     "HeldRecords",
+    "HostRateLimiter",
     "LookupFinished",
     "LookupResult",
     "Node",
@@ -177,6 +182,21 @@ _FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED = range(7)
 def routing_id(public_key: bytes) -> bytes:
     """A node's 20-byte routing ID, derived from its identity key (stable across restarts)."""
     return hashlib.sha256(b"dhtsignal/routing/" + public_key).digest()[:20]
+
+
+def _diversity(cfg: NodeConfig) -> Callable[[Contact], str | None] | None:
+    """The per-prefix diversity group of a contact under ``cfg`` (None: no limit)."""
+    if cfg.max_per_prefix <= 0:
+        return None
+    private_too = cfg.diversity_on_private
+    return lambda c: diversity_group(c.ip, private_too)
+
+
+def replicas_for(cfg: NodeConfig, recs: Iterable[Record]) -> int:
+    """Storing nodes of a put of ``recs``: ``name_replicas`` for node-ID records."""
+    if any(r.type in (RecordType.CLAIM, RecordType.PRESENCE) for r in recs):
+        return max(cfg.replicas, cfg.name_replicas)
+    return cfg.replicas
 
 
 class _Rpc:
@@ -287,13 +307,13 @@ class Node:
         "_pending",
         "_ping_size",
         "_pinging",
+        "_pushes",
         "_recent",
         "_rttvar",
         "_seq",
         "_srtt",
         "_stats",
         "_timers",
-        "_unacked",
         "_validating",
         "address",
         "addrs",
@@ -343,7 +363,13 @@ class Node:
             accept_stock=cfg.accept_stock,
         )
         self._stats: Counter[str] = self.handler._stats
-        self.rate = RateLimiter(cfg.rate_per_source, cfg.rate_burst, cfg.max_rate_entries)
+        self.rate = HostRateLimiter(
+            cfg.rate_per_source,
+            cfg.rate_burst,
+            cfg.rate_per_prefix,
+            cfg.rate_prefix_burst,
+            cfg.max_rate_entries,
+        )
         #: validated addresses and the amplification limit (:mod:`~dhtsignal.dht.validation`)
         self.addrs = AddressBook(
             cfg.amplification_factor,
@@ -358,8 +384,6 @@ class Node:
         )
         #: addresses a validation ping is outstanding to
         self._validating: dict[Addr, None] = {}
-        #: ``ds_notify`` pushes awaiting acknowledgement, per listener
-        self._unacked: dict[Addr, int] = {}
         #: our address as the driver bound it (None: not yet)
         self.address: Addr | None = None
         #: our address as others saw it (``ds_ping`` answers), counted
@@ -388,6 +412,9 @@ class Node:
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._listens = Listening(self, _LISTEN)
+        self._pushes = PushBudget(
+            cfg.max_pushes, cfg.max_pushes_per_host, cfg.max_pushes_per_prefix
+        )
         self.handler.on_notify = self._listens.on_notify
         self._lookup_cache: dict[bytes, tuple[float, list[Contact]]] = {}
         self._lookups: dict[int, _LookupOp] = {}
@@ -421,10 +448,10 @@ class Node:
         self._closed = True
         self._pending = {}
         self._validating = {}
-        self._unacked = {}
         self._lookups = {}
         self._dirty = []
         self._listens.clear()
+        self._pushes.clear()
         self._timers = []
         self.outgoing = []
 
@@ -629,7 +656,11 @@ class Node:
         self._stats["validation-ping"] += 1
         admit = None if out.newcomer is None else out.newcomer
         then = functools.partial(self._sender_pinged, addr, dialect, admit)
-        self._rpc(addr, name, args, now, then, retries=0)
+        try:
+            self._rpc(addr, name, args, now, then, retries=0)
+        except LimitExceeded:
+            self._validating.pop(addr, None)
+            self._stats["validation-skipped"] += 1
 
     def _sender_pinged(
         self,
@@ -695,10 +726,16 @@ class Node:
         retries: int | None = None,
         peer: bytes | None = None,
         pad: bool = False,
+        reserved: bool = False,
     ) -> bytes:
         cfg = self.config
-        if len(self._pending) >= cfg.max_inflight:
-            raise LimitExceeded(f"{cfg.max_inflight} RPCs already outstanding")
+        cap = cfg.max_inflight if reserved else cfg.max_inflight - cfg.inflight_reserve
+        if len(self._pending) >= cap:
+            raise LimitExceeded(
+                f"{cap} RPCs already outstanding (max_inflight less inflight_reserve)"
+                if not reserved
+                else f"{cap} RPCs already outstanding (max_inflight)"
+            )
         msg_id = os.urandom(codec.MSG_ID_BYTES)
         # A first request to an address (it has not answered us, so it has most likely
         # not validated us either) whose answer may be large is padded so the answer
@@ -803,14 +840,19 @@ class Node:
         One ping per head at a time, however many newcomers wait for its place."""
         if self._closed or head.id in self._pinging:
             return
-        if len(self._pending) > self.config.max_inflight // 2:
+        cfg = self.config
+        if (
+            len(self._pinging) >= cfg.inflight_reserve // 2
+            or len(self._pending) >= cfg.max_inflight
+        ):
+            self._stats["ping-skipped"] += 1
             return
         self._pinging[head.id] = None
         then = functools.partial(self._head_pinged, head)
         if head.dialect == DIALECT_DS:
-            self._rpc(head.addr, "ds_ping", self.ds_args(), now, then)
+            self._rpc(head.addr, "ds_ping", self.ds_args(), now, then, reserved=True)
         else:
-            self._rpc(head.addr, "ping", [self.id], now, then)
+            self._rpc(head.addr, "ping", [self.id], now, then, reserved=True)
 
     def _head_pinged(
         self, head: Contact, result: Any, error: DhtSignalError | None, now: float
@@ -928,31 +970,26 @@ class Node:
         return sent
 
     def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes], now: float) -> None:
-        if self._closed or len(self._pending) > self.config.max_inflight // 2:
-            self._stats["notify-skipped"] += 1
-            return
         if not self.addrs.is_validated(listener):
             # It stopped answering (an RPC of ours timed out) or was forgotten: no push
             # to an address that did not just prove it asks.
             self._stats["notify-unvalidated"] += 1
             self.subs.remove(key, listener)
             return
-        unacked = self._unacked.get(listener, 0)
-        if unacked >= self.config.max_unacked_pushes:
-            self._stats["notify-unacked"] += 1
+        if (
+            self._closed
+            or len(self._pending) >= self.config.max_inflight
+            or not self._pushes.take(listener)
+        ):
+            self._stats["notify-skipped"] += 1
             return
-        self._unacked[listener] = unacked + 1
         then = functools.partial(self._notified, key, listener)
-        self._rpc(listener, "ds_notify", self.ds_args(key, raws), now, then)
+        self._rpc(listener, "ds_notify", self.ds_args(key, raws), now, then, reserved=True)
 
     def _notified(
         self, key: bytes, listener: Addr, result: Any, error: DhtSignalError | None, now: float
     ) -> None:
-        left = self._unacked.pop(listener, 1) - 1
-        if left > 0:
-            self._unacked[listener] = left
-        elif not self._unacked:
-            self._unacked = {}
+        self._pushes.release(listener)
         if error is not None or result is False:
             self.subs.remove(key, listener)
 
@@ -1130,7 +1167,14 @@ class Node:
             alpha=k if warm else cfg.alpha,
             peer_timeout=soft,
             own_id=self.id,
-            strict_wait=min(cfg.strict_wait, 3 * soft) if strict else 0.0,
+            group=_diversity(cfg),
+            max_per_group=cfg.max_per_prefix,
+            # A get that has no record yet waits the whole strict_wait for a slow peer
+            # among the k closest (a loaded holder must not turn into "unknown"); once
+            # records arrive it waits as a put does, 3 soft timeouts at most.
+            strict_wait=(cfg.strict_wait if want_value else min(cfg.strict_wait, 3 * soft))
+            if strict
+            else 0.0,
         )
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op
@@ -1231,6 +1275,10 @@ class Node:
             collect_records(op.found, page, c.id)
             if page and op.lk.strict_wait:
                 op.holders += 1
+                if op.holders == 1:
+                    op.lk.strict_wait = max(
+                        op.lk.peer_timeout, min(op.lk.strict_wait, 3 * op.lk.peer_timeout)
+                    )
                 if op.holders >= max(1, self.config.replicas // 2):
                     # Enough storing nodes answered with records: a slow one among the
                     # k closest no longer holds the get up past the soft timeout.
@@ -1338,7 +1386,7 @@ class Node:
         self.start_lookup(
             recs[0].key,
             now,
-            k=self.config.replicas,
+            k=replicas_for(self.config, recs),
             store=[r.raw for r in recs],
             then=functools.partial(self._put_looked_up, op_id, recs, then),
         )
@@ -1398,16 +1446,20 @@ class Node:
         *,
         include_tombstones: bool = False,
         then: Then | None = None,
+        k: int | None = None,
     ) -> int:
         """All live records under ``key`` from the nodes closest to it, verified and
         merged, with our own; ends as :class:`RecordsFound`. The support of each signer
         is the number of distinct storing nodes whose answers held a live (not
-        tombstoned) record of theirs; our own store counts as one."""
+        tombstoned) record of theirs; our own store counts as one.
+
+        :param k: storing nodes to read (default ``replicas``; ``name_replicas`` for a
+            node ID's key)."""
         op_id = self._new_op()
         self.start_lookup(
             key,
             now,
-            k=self.config.replicas,
+            k=k or self.config.replicas,
             want_value=True,
             then=functools.partial(self._got, op_id, key, include_tombstones, then),
         )
@@ -1428,9 +1480,13 @@ class Node:
             return
         merged = list(res.records)
         holders: dict[bytes, set[bytes]] = {}
+        # Support counts only the storing nodes of the result (one per prefix under the
+        # diversity limit), not others the lookup asked on the way.
+        closest = {c.id for c in res.closest}
         for r in res.records:
             if not r.is_tombstone:
-                holders.setdefault(r.signer, set()).update(res.held_by.get(r.raw, ()))
+                ids = closest.intersection(res.held_by.get(r.raw, ()))
+                holders.setdefault(r.signer, set()).update(ids)
         if not self.config.client_mode:
             mine = self.store.get(key, self.wallclock())
             merged.extend(mine)
@@ -1455,6 +1511,10 @@ class Node:
         """One listener fewer on ``key``; the last one leaving unsubscribes (no answer
         awaited)."""
         self._listens.unlisten(key, now)
+
+    def pushed_by(self, rec: Record) -> Addr | None:
+        """The address that pushed ``rec`` to us, if recent (see :class:`Listening`)."""
+        return self._listens.pushed_by(rec)
 
     def listening(self, key: bytes) -> int:
         """How many listeners ``key`` has."""

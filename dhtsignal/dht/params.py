@@ -52,17 +52,43 @@ class NodeConfig:
     lookup_cache_ttl: float = 30.0
     """Seconds a key's closest nodes are remembered to start the next lookup from."""
     rate_per_source: float = 1000.0
-    """Requests per second accepted from one source address (0 disables)."""
+    """Requests per second accepted from one source host, an IPv4 address or IPv6 /64,
+    whatever its ports (0 disables)."""
     rate_burst: float = 2000.0
-    """Token-bucket burst for the per-source rate."""
+    """Token-bucket burst for the per-host rate."""
+    rate_per_prefix: float = 4000.0
+    """Requests per second accepted from one source prefix, an IPv4 /24 or IPv6 /48
+    (0 disables)."""
+    rate_prefix_burst: float = 8000.0
+    """Token-bucket burst for the per-prefix rate."""
     max_inflight: int = 4096
     """Outstanding RPCs this node may have."""
+    inflight_reserve: int = 512
+    """Of ``max_inflight``, the RPCs kept for bucket-head pings and pushes to listeners:
+    lookups, puts and subscriptions stop short of them, so a full table still pings and
+    pushes (issue 10, fairness when full)."""
+    max_pushes: int = 1024
+    """Pushes (``ds_notify``) awaiting an answer, in total."""
+    max_pushes_per_host: int = 16
+    """Pushes awaiting an answer from one listener host (IPv4 address, IPv6 /64)."""
+    max_pushes_per_prefix: int = 64
+    """Pushes awaiting an answer from one listener prefix (IPv4 /24, IPv6 /48)."""
     client_mode: bool = False
     """Behind NAT: never enter others' routing tables, never store for others."""
     accept_stock: bool = True
     """Answer the stock kademlia RPCs (ping, find_node, find_value, store)."""
+    max_per_prefix: int = 1
+    """Contacts of one prefix (IPv4 /24, IPv6 /48) among a lookup's closest (0: no
+    limit); only public addresses count unless ``diversity_on_private`` (issue 10)."""
+    diversity_on_private: bool = False
+    """Apply ``max_per_prefix`` to private and loopback addresses too (the switch for
+    tests and the simulator)."""
+    name_replicas: int = 33
+    """Storing nodes of a node ID's claim and presence (``node_key``), and nodes a name is
+    read from: with one place per prefix among them, an attacker needs more than 16
+    /24 prefixes to outnumber the honest storing nodes (``bench/sybil.py``)."""
     max_rate_entries: int = 10_000
-    """Sources the per-source rate limiter tracks at most (the oldest entry goes first)."""
+    """Hosts (and prefixes) the rate limiter tracks at most (the oldest entry goes first)."""
     max_pages: int = 16
     """``ds_find_value`` pages fetched per answering node and page chains per lookup."""
     listen_queue_size: int = 256
@@ -114,8 +140,5 @@ class NodeConfig:
     """Byte accounts of addresses not yet validated kept at most (oldest first out)."""
     validation_pings: float = 1000.0
     """Pings per second at most to validate new senders (and admit them as contacts)."""
-    max_unacked_pushes: int = 4
-    """``ds_notify`` pushes to one listener awaiting its acknowledgement at most; more
-    are skipped (counted ``notify-unacked``)."""
     limits: StorageLimits = field(default_factory=StorageLimits)
     """Bounds on what others can make this node store."""

@@ -10,8 +10,11 @@ copies). :func:`put_result` turns those answers into a :class:`PutResult` or an 
 * a node answering with every tag ``"ok"`` stored the put; any other tag is a refusal,
   counted by reason (cut to 32 characters); an answer that is not a list is counted as
   ``bad-reply``, as is a node that never answered;
-* one ``id-taken`` refusal is enough: another key holds a live claim on the node ID
-  (:class:`~dhtsignal.errors.NodeIdTaken`), however many others stored;
+* ``id-taken`` (another key holds a live claim on the node ID) is decisive only from
+  more storing nodes than stored the put (:class:`~dhtsignal.errors.NodeIdTaken`): one
+  storing node's refusal never is (issue 10: a single Sybil node answering ``id-taken``
+  must not block an owner's first claim; readers take the claimant most storing nodes
+  hold, so a claim stored by most of them is the one that counts);
 * no node stored: :class:`~dhtsignal.errors.StoreLimitExceeded` naming the refusal of
   :data:`STORE_LIMITS` given most often (the first such on a tie), else
   :class:`~dhtsignal.errors.PutFailed` listing the refusals;
@@ -35,12 +38,14 @@ log = logging.getLogger(__name__)
 
 #: Refusal reasons of storing nodes that mean "a limit is used up", and what they mean.
 STORE_LIMITS = {
-    "quota": "the storing nodes' quota for this source address (records or bytes, "
-    "StorageLimits.max_records_per_source / max_bytes_per_source)",
+    "quota": "the storing nodes' quota for this source host or its prefix (records or bytes, "
+    "StorageLimits.max_records_per_source / max_bytes_per_source per host, "
+    "max_records_per_prefix / max_bytes_per_prefix per /24 or /48)",
     "key-full": "the values-per-key cap of the storing nodes (StorageLimits.max_values_per_key)",
     "signer-full": "the storing nodes' cap of slots per signer under one key "
     "(StorageLimits.max_slots_per_signer)",
-    "store-full": "the storing nodes' total capacity (StorageLimits.max_keys / max_bytes)",
+    "store-full": "the storing nodes' total capacity "
+    "(StorageLimits.max_keys / max_records / max_bytes)",
 }
 
 
@@ -58,7 +63,7 @@ def put_result(
     :param hops: the storing lookup's hops.
     :param stored: storing nodes that already count as having stored it (our own copy).
     :param refused: refusals already counted, by reason (our own store's); not modified.
-    :raises NodeIdTaken: a storing node refused with ``id-taken``.
+    :raises NodeIdTaken: more storing nodes refused with ``id-taken`` than stored.
     :raises StoreLimitExceeded: no node stored, and some refused for a storage limit.
     :raises PutFailed: no node stored, for other reasons.
     """
@@ -72,9 +77,15 @@ def put_result(
                     refused[str(x)[:32]] += 1
         else:
             refused["bad-reply"] += 1
-    if refused.get("id-taken"):
-        # One storing node holding another key's live claim is enough: the ID is taken.
-        raise NodeIdTaken("another key holds a live claim on this node id")
+    taken = refused.get("id-taken", 0)
+    if taken > stored:
+        # Most storing nodes hold another key's live claim: the ID is taken.
+        raise NodeIdTaken(
+            f"another key holds a live claim on this node id ({taken} storing nodes "
+            f"refused id-taken, {stored} stored)"
+        )
+    if taken:
+        log.warning("put: %d storing nodes refused id-taken, %d stored: kept", taken, stored)
     detail = ", ".join(f"{k}={v}" for k, v in refused.items()) or "no storing node found"
     limits = [r for r in refused if r in STORE_LIMITS]
     if stored == 0:

@@ -1,4 +1,4 @@
-"""Per-source token buckets for the requests a node answers, bounded and pruned.
+"""Per-host and per-prefix token buckets for the requests a node answers, bounded and pruned.
 
 Theory of operation
 -------------------
@@ -10,17 +10,24 @@ from a new one, so the table only needs the sources that are being limited: a ne
 source evicts the oldest entry if that one has refilled (or the table is full,
 ``max_entries``), and :meth:`RateLimiter.prune` (the node's maintenance) drops every
 refilled entry. No clock is read: ``now`` is an argument.
+
+A source is not an address and port (a sender cycles ports for free) but a host and its
+prefix (:mod:`dhtsignal.dht.hosts`): :class:`HostRateLimiter` keeps one table per host
+(IPv4 address, IPv6 /64) and one per prefix (IPv4 /24, IPv6 /48), and a request needs a
+token from both.
 """
 
 from __future__ import annotations
 
+from dhtsignal.dht.hosts import keys_of
 from dhtsignal.wire.addr import Addr
 
 
 class RateLimiter:
-    """Per-source token buckets. An entry whose bucket has refilled carries no
-    information (a new source starts full), so such entries are dropped: the oldest
-    ones as new sources arrive, all of them at each :meth:`prune`.
+    """Token buckets, one per source (any hashable name: a host, a prefix). An entry
+    whose bucket has refilled carries no information (a new source starts full), so
+    such entries are dropped: the oldest ones as new sources arrive, all of them at
+    each :meth:`prune`.
 
     :param rate: tokens per second (0 or less: no limit).
     :param burst: bucket size.
@@ -33,16 +40,16 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst
         self.max_entries = max_entries
-        self._table: dict[Addr, list[float]] = {}
+        self._table: dict[object, list[float]] = {}
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def sources(self) -> list[Addr]:
+    def sources(self) -> list[object]:
         """The sources tracked, oldest first."""
         return list(self._table)
 
-    def admit(self, src: Addr, now: float) -> bool:
+    def admit(self, src: object, now: float) -> bool:
         """Take a token for ``src``; False if it has none.
 
         :param src: the source address.
@@ -81,3 +88,50 @@ class RateLimiter:
             del self._table[src]
         if not self._table:
             self._table = {}
+
+
+class HostRateLimiter:
+    """A request needs a token of its host's bucket and of its prefix's.
+
+    :param rate: requests per second per host (0 or less: no limit).
+    :param burst: a host's bucket size.
+    :param prefix_rate: requests per second per prefix (0 or less: no limit).
+    :param prefix_burst: a prefix's bucket size.
+    :param max_entries: hosts (and prefixes) tracked at most.
+    """
+
+    __slots__ = ("hosts", "prefixes")
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        prefix_rate: float,
+        prefix_burst: float,
+        max_entries: int,
+    ) -> None:
+        self.hosts = RateLimiter(rate, burst, max_entries)
+        self.prefixes = RateLimiter(prefix_rate, prefix_burst, max_entries)
+
+    def __len__(self) -> int:
+        return len(self.hosts) + len(self.prefixes)
+
+    def sources(self) -> list[object]:
+        """The hosts tracked, oldest first."""
+        return self.hosts.sources()
+
+    def admit(self, src: Addr, now: float) -> bool:
+        """Take a token for ``src``'s host and one for its prefix; False if either has none.
+
+        :param src: the source address.
+        :param now: monotonic time, seconds.
+        """
+        host, prefix = keys_of(src[0])
+        if not self.hosts.admit(host, now):
+            return False
+        return self.prefixes.admit(prefix, now)
+
+    def prune(self, now: float) -> None:
+        """Drop every entry whose bucket has refilled."""
+        self.hosts.prune(now)
+        self.prefixes.prune(now)

@@ -5,8 +5,15 @@ Theory of operation
 :class:`RecordStore` keeps verified records per key, one per slot (see
 :mod:`dhtsignal.dht.records`). Everything a remote party can grow is bounded:
 records per key, slots per signer under one key, keys, total bytes, and bytes and
-records per source address.
+records per source host (IPv4 address, IPv6 /64) and per source prefix (IPv4 /24, IPv6
+/48; :mod:`dhtsignal.dht.hosts`), whatever ports the sender uses.
 Expired records are dropped lazily on access and by :meth:`RecordStore.expire`.
+
+Fairness when full: a record that finds the store full (keys or bytes) is not refused
+if it comes from a prefix lighter than the heaviest one; the heaviest prefix's oldest
+records make room instead. A flood from a few prefixes therefore fills the store only
+with itself, and an honest new key from elsewhere is still stored; the flooding
+prefix's own next record is refused ``store-full``.
 
 Node-ID keys enforce "first live claim wins": while a live CLAIM or PRESENCE
 record of one signer is held under a node key, records of any other signer under
@@ -17,7 +24,14 @@ that key are refused with ``id-taken``.
 and expiring. Our own nodes never read it for their records.
 
 :class:`Subscriptions` remembers who listens on which key until when, bounded
-per key and per source.
+per key, per host, per prefix and in total.
+
+Record types are bound to the keys they may live under. A live CLAIM or PRESENCE record
+proves its key is a node key (it was checked to be ``node_key`` of its label), a ROOM
+record that its key is a room key. Under a proven key, records of other types are junk:
+they are refused (``wrong-type``), and those stored before the proof came are dropped
+when it comes. So records from strangers' keys cannot fill a label's key before its
+owner claims it (``key-full``): the claim evicts them.
 
 No I/O here; every method takes ``now``.
 """
@@ -25,15 +39,27 @@ No I/O here; every method takes ``now``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from dhtsignal.dht.hosts import keys_of
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.errors import RecordRejected
 from dhtsignal.wire.addr import Addr
 
 _NODE_TYPES = (RecordType.CLAIM, RecordType.PRESENCE)
+#: The types that may live under a key a record of each type proves the kind of.
+_KIND: dict[int, tuple[int, ...]] = {
+    RecordType.CLAIM: _NODE_TYPES,
+    RecordType.PRESENCE: _NODE_TYPES,
+    RecordType.ROOM: (RecordType.ROOM,),
+}
+
+
+def _proves(record: Record) -> tuple[int, ...] | None:
+    """The types allowed under ``record``'s key if it proves the key's kind, else None."""
+    return None if record.is_tombstone else _KIND.get(record.type)
 
 
 @dataclass(frozen=True)
@@ -50,10 +76,17 @@ class StorageLimits:
     node ID's claim and presence, and a peer's offer and answer crossing in glare."""
     max_bytes: int = 64 * 1024 * 1024
     """Total encoded record bytes held."""
+    max_records: int = 50_000
+    """Records held in total (each costs about 2 KiB of memory beyond its encoding)."""
     max_bytes_per_source: int = 512 * 1024
-    """Encoded record bytes stored on behalf of one source address."""
+    """Encoded record bytes stored on behalf of one source host (an IPv4 address or
+    IPv6 /64, whatever its ports)."""
     max_records_per_source: int = 2_000
-    """Records stored on behalf of one source address."""
+    """Records stored on behalf of one source host."""
+    max_bytes_per_prefix: int = 2 * 1024 * 1024
+    """Encoded record bytes stored on behalf of one source prefix (IPv4 /24, IPv6 /48)."""
+    max_records_per_prefix: int = 8_000
+    """Records stored on behalf of one source prefix."""
     legacy_max_keys: int = 10_000
     """Plain values kept for stock kademlia nodes."""
     legacy_max_value: int = 1_024
@@ -63,7 +96,11 @@ class StorageLimits:
     max_listeners_per_key: int = 64
     """Subscriptions per key."""
     max_listens_per_source: int = 256
-    """Subscriptions held for one source address."""
+    """Subscriptions held for one source host (IPv4 address, IPv6 /64)."""
+    max_listens_per_prefix: int = 1_024
+    """Subscriptions held for one source prefix (IPv4 /24, IPv6 /48)."""
+    max_listens: int = 20_000
+    """Subscriptions held in total."""
     max_listen_ttl: float = 120.0
     """Longest subscription granted, seconds."""
 
@@ -89,9 +126,16 @@ class RecordStore:
     def __init__(self, limits: StorageLimits) -> None:
         self.limits = limits
         self._keys: dict[bytes, dict[tuple[bytes, int, bytes], _Held]] = {}
-        self._usage: dict[Addr, _Usage] = {}
+        self._usage: dict[str, _Usage] = {}
+        self._prefix_usage: dict[str, _Usage] = {}
+        #: each prefix's records, oldest first (the ones evicted when the store is full)
+        self._by_prefix: dict[str, dict[tuple[bytes, tuple[bytes, int, bytes]], None]] = {}
         self.total_bytes = 0
         self.total_records = 0
+        #: records dropped to make room for a lighter prefix
+        self.evicted = 0
+        #: the prefix holding the most records, if known (None: scan when needed)
+        self._heavy: str | None = None
 
     def __len__(self) -> int:
         return self.total_records
@@ -100,21 +144,50 @@ class RecordStore:
         """Keys with at least one record (possibly expired)."""
         return iter(list(self._keys))
 
-    def _account(self, source: Addr, record: Record, sign: int) -> None:
-        use = self._usage.get(source)
-        if use is None:
-            use = self._usage[source] = _Usage()
-        use.bytes += sign * len(record.raw)
-        use.records += sign
-        self.total_bytes += sign * len(record.raw)
+    def usage(self, source: Addr) -> tuple[int, int, int, int]:
+        """``(host bytes, host records, prefix bytes, prefix records)`` held for ``source``'s
+        host and prefix."""
+        host, prefix = keys_of(source[0])
+        h = self._usage.get(host) or _Usage()
+        p = self._prefix_usage.get(prefix) or _Usage()
+        return h.bytes, h.records, p.bytes, p.records
+
+    def _account(self, key: bytes, source: Addr, record: Record, sign: int) -> None:
+        host, prefix = keys_of(source[0])
+        size = sign * len(record.raw)
+        for table, k in ((self._usage, host), (self._prefix_usage, prefix)):
+            use = table.get(k)
+            if use is None:
+                use = table[k] = _Usage()
+            use.bytes += size
+            use.records += sign
+            if use.records <= 0:
+                del table[k]
+        heavy = self._heavy
+        if sign > 0:
+            if heavy is not None and heavy != prefix:
+                h = self._prefix_usage.get(heavy)
+                p = self._prefix_usage.get(prefix)
+                if h is None or (p is not None and p.records > h.records):
+                    self._heavy = prefix
+        elif prefix == heavy:
+            self._heavy = None  # it shrank: another may be heavier now
+        order = self._by_prefix.get(prefix)
+        if sign > 0:
+            if order is None:
+                order = self._by_prefix[prefix] = {}
+            order[(key, record.slot)] = None
+        elif order is not None:
+            order.pop((key, record.slot), None)
+            if not order:
+                del self._by_prefix[prefix]
+        self.total_bytes += size
         self.total_records += sign
-        if use.records <= 0:
-            del self._usage[source]
 
     def _drop(self, key: bytes, slot: tuple[bytes, int, bytes]) -> None:
         slots = self._keys[key]
         held = slots.pop(slot)
-        self._account(held.source, held.record, -1)
+        self._account(key, held.source, held.record, -1)
         if not slots:
             del self._keys[key]
 
@@ -155,6 +228,18 @@ class RecordStore:
             owner = self.owner(record.key, now)
             if owner is not None and owner != record.signer:
                 raise RecordRejected("id-taken", "another key holds a live claim on this node id")
+        allowed = _proves(record)
+        if allowed is not None:
+            junk = [slot for slot, h in slots.items() if h.record.type not in allowed]
+            for slot in junk:
+                self._drop(record.key, slot)
+                self.evicted += 1
+            slots = self._keys.get(record.key, {})
+        else:
+            for h in slots.values():
+                proven = _proves(h.record)
+                if proven is not None and record.type not in proven:
+                    raise RecordRejected("wrong-type", "this key holds another kind of record")
         lim = self.limits
         if held is None:
             mine = sum(1 for signer, _, _ in slots if signer == record.signer)
@@ -164,28 +249,70 @@ class RecordStore:
                 )
             if len(slots) >= lim.max_values_per_key:
                 raise RecordRejected("key-full", f"{lim.max_values_per_key} values per key")
-            if not slots and len(self._keys) >= lim.max_keys:
-                raise RecordRejected("store-full", f"{lim.max_keys} keys")
         grow = len(record.raw) - (len(held.record.raw) if held else 0)
-        if self.total_bytes + grow > lim.max_bytes:
-            raise RecordRejected("store-full", f"{lim.max_bytes} bytes")
-        use = self._usage.get(source) or _Usage()  # the quota holds for a first record too
-        if held is not None and held.source == source:
-            # Replacing its own record: only the size changes, so a source at its
+        hb, hr, pb, pr = self.usage(source)  # the quotas hold for a first record too
+        if held is not None and keys_of(held.source[0]) == keys_of(source[0]):
+            # Replacing its own record: only the size changes, so a host at its
             # quota can still refresh what it stored.
             add_bytes, add_records = grow, 0
         else:
             add_bytes, add_records = len(record.raw), 1
-        if (
-            use.bytes + add_bytes > lim.max_bytes_per_source
-            or use.records + add_records > lim.max_records_per_source
-        ):
-            raise RecordRejected("quota", f"source {source[0]}:{source[1]} is over its quota")
+        if hb + add_bytes > lim.max_bytes_per_source:
+            raise RecordRejected("quota", f"host {source[0]} is over max_bytes_per_source")
+        if hr + add_records > lim.max_records_per_source:
+            raise RecordRejected("quota", f"host {source[0]} is over max_records_per_source")
+        if pb + add_bytes > lim.max_bytes_per_prefix:
+            raise RecordRejected("quota", f"the prefix of {source[0]} is over max_bytes_per_prefix")
+        if pr + add_records > lim.max_records_per_prefix:
+            raise RecordRejected(
+                "quota", f"the prefix of {source[0]} is over max_records_per_prefix"
+            )
+        new_key = held is None and not slots
+        if new_key and len(self._keys) >= lim.max_keys:
+            self._make_room(source, record.key, lambda: len(self._keys) < lim.max_keys, now)
+            if len(self._keys) >= lim.max_keys:
+                raise RecordRejected("store-full", f"{lim.max_keys} keys (max_keys)")
+        if held is None and self.total_records >= lim.max_records:
+            self._make_room(source, record.key, lambda: self.total_records < lim.max_records, now)
+            if self.total_records >= lim.max_records:
+                raise RecordRejected("store-full", f"{lim.max_records} records (max_records)")
+        if self.total_bytes + grow > lim.max_bytes:
+            self._make_room(
+                source, record.key, lambda: self.total_bytes + grow <= lim.max_bytes, now
+            )
+            if self.total_bytes + grow > lim.max_bytes:
+                raise RecordRejected("store-full", f"{lim.max_bytes} bytes (max_bytes)")
         if held is not None:
             self._drop(record.key, record.slot)
         self._keys.setdefault(record.key, {})[record.slot] = _Held(record, source)
-        self._account(source, record, +1)
+        self._account(record.key, source, record, +1)
         return True
+
+    def _make_room(self, source: Addr, keep: bytes, enough: Callable[[], bool], now: float) -> None:
+        """The store is full: drop the oldest records of the heaviest prefix (by records
+        held) while it is heavier than ``source``'s, until ``enough()`` (at most
+        ``max_values_per_key`` + 1 records: one key's worth)."""
+        mine = keys_of(source[0])[1]
+        mine_n = (self._prefix_usage.get(mine) or _Usage()).records
+        for _ in range(self.limits.max_values_per_key + 1):
+            if enough() or not self._prefix_usage:
+                return
+            heavy = self._heavy
+            if heavy is None or heavy not in self._prefix_usage:
+                usage = self._prefix_usage
+                heavy = self._heavy = max(usage, key=lambda p: usage[p].records)
+            if heavy == mine or self._prefix_usage[heavy].records <= mine_n + 1:
+                return
+            order = self._by_prefix.get(heavy)
+            if not order:
+                return
+            key, slot = next(iter(order))
+            if key == keep:  # never evict from the key being written: pick its next
+                key, slot = next(iter(k for k in order if k[0] != keep), (key, slot))
+                if key == keep:
+                    return
+            self._drop(key, slot)
+            self.evicted += 1
 
     def get(self, key: bytes, now: float) -> list[Record]:
         """Live records (tombstones included) under ``key``."""
@@ -269,42 +396,95 @@ class LegacyStore:
 
 @dataclass
 class Subscriptions:
-    """Who listens on which key, until when."""
+    """Who listens on which key, until when: bounded per key, per host, per prefix and
+    in total (each refusal is ``listen-full``, its message naming the setting)."""
 
     limits: StorageLimits
     _by_key: dict[bytes, dict[Addr, float]] = field(default_factory=dict)
-    _per_source: dict[Addr, int] = field(default_factory=dict)
+    _per_source: dict[str, int] = field(default_factory=dict)
+    _per_prefix: dict[str, int] = field(default_factory=dict)
+    #: each prefix's subscriptions, oldest first (the ones evicted when full)
+    _order: dict[str, dict[tuple[bytes, Addr], None]] = field(default_factory=dict)
+    total: int = 0
+    evicted: int = 0
+    #: the prefix holding the most subscriptions, if known (None: scan when needed)
+    _heavy: str | None = None
 
     def add(self, key: bytes, addr: Addr, ttl: float, now: float) -> float:
         """Register or refresh a subscription; returns the TTL granted.
 
         :raises RecordRejected: ``listen-full`` when a bound is reached.
         """
-        ttl = max(1.0, min(ttl, self.limits.max_listen_ttl))
+        lim = self.limits
+        ttl = max(1.0, min(ttl, lim.max_listen_ttl))
         subs = self._prune(key, now)
         if addr not in subs:
-            if len(subs) >= self.limits.max_listeners_per_key:
-                raise RecordRejected("listen-full", "too many listeners on this key")
-            if self._per_source.get(addr, 0) >= self.limits.max_listens_per_source:
-                raise RecordRejected("listen-full", "too many subscriptions from this source")
-            self._per_source[addr] = self._per_source.get(addr, 0) + 1
+            host, prefix = keys_of(addr[0])
+            if len(subs) >= lim.max_listeners_per_key:
+                raise RecordRejected("listen-full", "max_listeners_per_key reached on this key")
+            if self._per_source.get(host, 0) >= lim.max_listens_per_source:
+                raise RecordRejected("listen-full", "max_listens_per_source reached by this host")
+            if self._per_prefix.get(prefix, 0) >= lim.max_listens_per_prefix:
+                raise RecordRejected("listen-full", "max_listens_per_prefix reached by this prefix")
+            if self.total >= lim.max_listens and not self._evict_heaviest(prefix, key):
+                # Expired ones are dropped by the node's maintenance (expire), not here:
+                # a scan per refused request would cost a flood O(max_listens) each.
+                raise RecordRejected("listen-full", "max_listens reached on this node")
+            self._per_source[host] = self._per_source.get(host, 0) + 1
+            self._per_prefix[prefix] = self._per_prefix.get(prefix, 0) + 1
+            self._order.setdefault(prefix, {})[(key, addr)] = None
+            self.total += 1
+            heavy = self._heavy
+            if (
+                heavy is not None
+                and heavy != prefix
+                and self._per_prefix[prefix] > (self._per_prefix.get(heavy, 0))
+            ):
+                self._heavy = prefix
         self._by_key.setdefault(key, {})[addr] = now + ttl
         return ttl
+
+    def _evict_heaviest(self, prefix: str, key: bytes) -> bool:
+        """Full: drop the oldest subscription of the prefix holding the most, if it holds
+        more than ``prefix`` would with this one (fairness when full). True if one went."""
+        per = self._per_prefix
+        heavy = self._heavy
+        if heavy is None or heavy not in per:
+            heavy = self._heavy = max(per, key=per.__getitem__, default=None)
+        if heavy is None or heavy == prefix or per[heavy] <= per.get(prefix, 0) + 1:
+            return False
+        order = self._order.get(heavy)
+        if not order:
+            return False
+        old_key, old_addr = next(iter(order))
+        self.remove(old_key, old_addr)
+        self.evicted += 1
+        return True
 
     def remove(self, key: bytes, addr: Addr) -> None:
         """Forget one subscription."""
         subs = self._by_key.get(key)
         if subs is not None and subs.pop(addr, None) is not None:
-            self._release(addr)
+            self._release(key, addr)
             if not subs:
                 del self._by_key[key]
 
-    def _release(self, addr: Addr) -> None:
-        n = self._per_source.get(addr, 0) - 1
-        if n > 0:
-            self._per_source[addr] = n
-        else:
-            self._per_source.pop(addr, None)
+    def _release(self, key: bytes, addr: Addr) -> None:
+        host, prefix = keys_of(addr[0])
+        self.total -= 1
+        if prefix == self._heavy:
+            self._heavy = None  # it shrank: another may hold more now
+        order = self._order.get(prefix)
+        if order is not None:
+            order.pop((key, addr), None)
+            if not order:
+                del self._order[prefix]
+        for table, k in ((self._per_source, host), (self._per_prefix, prefix)):
+            n = table.get(k, 0) - 1
+            if n > 0:
+                table[k] = n
+            else:
+                table.pop(k, None)
 
     def _prune(self, key: bytes, now: float) -> dict[Addr, float]:
         subs = self._by_key.get(key)
@@ -312,7 +492,7 @@ class Subscriptions:
             return {}
         for addr in [a for a, exp in subs.items() if exp <= now]:
             del subs[addr]
-            self._release(addr)
+            self._release(key, addr)
         if not subs:
             del self._by_key[key]
             return {}
@@ -328,4 +508,4 @@ class Subscriptions:
             self._prune(key, now)
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self._by_key.values())
+        return self.total
