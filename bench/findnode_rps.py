@@ -244,6 +244,7 @@ def gen_main(a: argparse.Namespace) -> None:
     n = a.sockets
     socks: list[socket.socket] = []
     bodies: list[list[bytes]] = []
+    pongs: list[dict[str, bytes]] = []
     for _ in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((HOST, 0))
@@ -251,6 +252,9 @@ def gen_main(a: argparse.Namespace) -> None:
         s.setblocking(False)
         socks.append(s)
         sender = rng.randbytes(20)
+        # The node validates a new address by pinging it (issue 10): answer as a node would.
+        seen = list(s.getsockname()[:2])
+        pongs.append({"ds_ping": packer.pack([sender, seen]), "ping": packer.pack(sender)})
         mine = []
         for _ in range(16):
             target = rng.randbytes(20)
@@ -320,6 +324,13 @@ def gen_main(a: argparse.Namespace) -> None:
                 except OSError:
                     recv_errors += 1
                     break
+                if data[:1] == b"\x00":  # a ping from the node: answer it
+                    try:
+                        name = unpackb(data[21:])[0]
+                        s.send(b"\x01" + data[1:21] + pongs[i][name])
+                    except Exception:
+                        stray += 1
+                    continue
                 sent = out.pop(data[1:21], None)
                 if sent is None or data[0] != 1:
                     stray += 1

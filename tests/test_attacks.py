@@ -53,6 +53,8 @@ class Host(asyncio.DatagramProtocol):
         self.bytes = 0
         self.notified: list[bytes] = []
         self.got_notify = asyncio.Event()
+        #: the node pinged us to validate our address, and we answered (issue 10)
+        self.pinged = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -65,6 +67,10 @@ class Host(asyncio.DatagramProtocol):
             msg = codec.decode(data)
         except codec.MalformedDatagram:
             return
+        if isinstance(msg, codec.Request) and msg.name == "ds_ping":
+            # A host that asked answers the ping validating its address.
+            self.send(b"\x01" + msg.msg_id + codec.pack([self.id, list(src)]), src)
+            self.pinged.set()
         if isinstance(msg, codec.Request) and msg.name == "ds_notify":
             self.notified.extend(r for r in msg.args[4] if type(r) is bytes)
             self.got_notify.set()
@@ -144,9 +150,18 @@ def _data(who: Identity, name: str, seq: int = 1, payload: bytes = b"v") -> Reco
     )
 
 
+async def _validated(h: Host, target: Addr) -> None:
+    """Have the target validate ``h``'s address (it pings it; ``h`` answers): only then
+    does it grant ``h`` a subscription (issue 10 item 1)."""
+    await h.call(target, "ds_ping")
+    await asyncio.wait_for(h.pinged.wait(), WAIT)
+    await h.call(target, "ds_ping")  # the answer was handled before this
+
+
 async def _flood(h: Host, target: Addr, name: str, args: list[list[Any]]) -> None:
     """Send one request per ``args`` from ``h`` in rounds of 50, each ended by a barrier
     (so the target's socket buffer never overflows: every request is handled)."""
+    await _validated(h, target)
     for i in range(0, len(args), 50):
         for rest in args[i : i + 50]:
             h.request(target, name, *rest)
@@ -174,6 +189,7 @@ async def test_a_listen_flood_from_many_ports_of_one_host_is_capped_per_host(
     assert len(subs) == 100
     assert node.stats["refused:listen-full"] == 1_600 - 100
     honest = await bind("127.0.6.1")
+    await _validated(honest, node.address)
     granted = await honest.call(node.address, "ds_listen", records.data_key("honest"), 60)
     assert type(granted) in (int, float) and granted > 0
 
@@ -202,6 +218,7 @@ async def test_subscriptions_are_capped_in_total_and_per_prefix(
     assert len(subs) == 80 and subs.evicted >= 30
     assert max(subs._per_prefix.values()) - min(subs._per_prefix.values()) <= 2
     late = await bind("127.0.20.1")
+    await _validated(late, node.address)
     granted = await late.call(node.address, "ds_listen", records.data_key("late"), 60)
     assert type(granted) in (int, float) and len(subs) == 80
 
@@ -271,8 +288,10 @@ async def test_honest_pushes_keep_flowing_during_a_notify_flood(
     key = records.data_key(key_name)
     silent = [await bind(f"127.0.40.{1 + i % 2}") for i in range(63)]
     for h in silent:
+        await _validated(h, node.address)
         assert type(await h.call(node.address, "ds_listen", key, 60)) in (int, float)
     listener = await bind("127.0.41.1", acks=True)
+    await _validated(listener, node.address)
     assert type(await listener.call(node.address, "ds_listen", key, 60)) in (int, float)
     attacker, writer = await bind("127.0.42.1"), await bind("127.0.43.1")
     mallory, alice = Identity.generate(), Identity.generate()

@@ -237,6 +237,7 @@ def test_two_nodes_answer_each_other() -> None:
     """Pair helper: a ping across two cores, datagrams carried by the test."""
     a, b = _node(), _node()
     b_addr: Addr = ("10.0.0.2", 4000)
+    b.address = b_addr
     op = a.start_ping(b_addr, 0.0)
     ((data, to),) = a.datagrams_to_send(0.0)
     assert to == b_addr
@@ -246,7 +247,15 @@ def test_two_nodes_answer_each_other() -> None:
     (ev,) = a.events
     assert getattr(ev, "op_id", None) == op and getattr(ev, "node_id", None) == b.id
     assert a.table.get(b.id) is not None
-    assert b.table.get(a.id) is not None  # b learned a from its request
+    # b does not take a's word for its ID and address: it pings a, and learns it from
+    # the answer (issue 10 item 5).
+    assert b.table.get(a.id) is None
+    ((ping, to),) = b.datagrams_to_send(0.01)
+    assert to == ME
+    pong = a.receive_datagram(ping, b_addr, 0.03)
+    assert pong is not None
+    b.receive_datagram(pong, ME, 0.04)
+    assert b.table.get(a.id) is not None and b.addrs.is_validated(ME)
 
 
 @settings(max_examples=10, deadline=None)

@@ -104,6 +104,9 @@ async def test_round_trip_restores_contacts_records_and_legacy_values(
 
         # Back on the network, it serves the records again.
         addr = await restored.listen_udp("127.0.0.1", 0)
+        # Its answer validates the asker's address there (issue 10): a full page, not 3x.
+        assert nodes[3].address is not None
+        await asyncio.wait_for(restored.ping(nodes[3].address), STEP)
         reply = await asyncio.wait_for(
             nodes[3].request(addr, "ds_find_value", nodes[3].ds_args(key, 0)), STEP
         )

@@ -133,6 +133,7 @@ from dhtsignal.dht.replies import (
 from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
 from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
 from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
+from dhtsignal.dht.validation import AddressBook
 from dhtsignal.errors import (
     DhtSignalError,
     LimitExceeded,
@@ -170,6 +171,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Bytes a first find request is padded to: 3x of it holds the largest answer (a
+#: datagram) beside the validation ping (RFC 9000 section 8.1's 3x, section 14.1's padding).
+PAD_TO = (codec.MAX_DATAGRAM + 100) // 3 + codec.HEADER_BYTES
 
 _FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED = range(7)
 
@@ -300,6 +305,7 @@ class Node:
         "_lookups",
         "_next_op",
         "_pending",
+        "_ping_size",
         "_pinging",
         "_pushes",
         "_recent",
@@ -308,7 +314,9 @@ class Node:
         "_srtt",
         "_stats",
         "_timers",
+        "_validating",
         "address",
+        "addrs",
         "batch_lookups",
         "config",
         "events",
@@ -362,6 +370,20 @@ class Node:
             cfg.rate_prefix_burst,
             cfg.max_rate_entries,
         )
+        #: validated addresses and the amplification limit (:mod:`~dhtsignal.dht.validation`)
+        self.addrs = AddressBook(
+            cfg.amplification_factor,
+            cfg.validated_size,
+            cfg.unvalidated_size,
+            cfg.validation_pings,
+        )
+        #: bytes of our largest validation ping (``ds_ping``), kept free in a reply's
+        #: allowance
+        self._ping_size = codec.HEADER_BYTES + len(
+            codec.pack(["ds_ping", [cfg.network, node_id, 0xFF]])
+        )
+        #: addresses a validation ping is outstanding to
+        self._validating: dict[Addr, None] = {}
         #: our address as the driver bound it (None: not yet)
         self.address: Addr | None = None
         #: our address as others saw it (``ds_ping`` answers), counted
@@ -425,6 +447,7 @@ class Node:
         """Stop: forget every RPC, operation, subscription and timer (no events)."""
         self._closed = True
         self._pending = {}
+        self._validating = {}
         self._lookups = {}
         self._dirty = []
         self._listens.clear()
@@ -546,7 +569,19 @@ class Node:
             if not self.rate.admit(addr, now):
                 self._stats["drop:rate-limited"] += 1
                 return None
-            out = self.handler.handle(msg, addr, now)
+            book = self.addrs
+            handler = self.handler
+            trusted, handler.confirmed = book.touch(addr)
+            if trusted:
+                handler.limit = None
+            else:
+                # Not validated: everything sent to it is charged to 3x what it sent,
+                # keeping room for the ping that validates it.
+                allowance = book.received(addr, len(data)) - codec.HEADER_BYTES
+                if addr not in self._validating:
+                    allowance -= self._ping_size
+                handler.limit = allowance
+            out = handler.handle(msg, addr, now)
             if out.ping is not None:
                 self._ping_head(out.ping, now)
             if out.leaving is not None:
@@ -556,9 +591,18 @@ class Node:
             if out.notify:
                 for listener, key, raws in out.notify:
                     self._send_notify(listener, key, raws, now)
+            reply = None
             if out.has_reply:
-                return b"\x01" + msg.msg_id + out.body()
-            return None
+                reply = b"\x01" + msg.msg_id + out.body()
+                if not trusted and not book.spend(addr, len(reply)):
+                    self._stats["drop:amplification"] += 1
+                    reply = None
+            # Ping to validate when a reply had to be cut or a listen refused, or to admit
+            # a newcomer (its answer names the ID that enters the table).
+            if out.cut or out.newcomer is not None:
+                dialect = DIALECT_DS if msg.name.startswith("ds_") else DIALECT_STOCK
+                self._validate_sender(addr, dialect, out, now)
+            return reply
         except Exception as exc:  # the guarantee: nothing escapes the handler
             self._stats["drop:internal"] += 1
             log.debug("%s: internal error on datagram from %s: %r", self, addr, exc)
@@ -582,6 +626,70 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self.id.hex()[:8]}>"
+
+    # -- address validation (issue 10 items 1 and 5) -------------------------------------
+
+    def _validate_sender(self, addr: Addr, dialect: int, out: Any, now: float) -> None:
+        """Ping a sender not yet validated, or not yet a contact (``out.newcomer``): its
+        answer validates the address and, for a newcomer, admits the ID it answers with.
+        One ping per address at a time, ``validation_pings`` per second at most, and
+        within the address's byte allowance."""
+        if self._closed or addr in self._validating or addr == self.address:
+            return
+        if len(self._pending) > self.config.max_inflight // 2:
+            return
+        if dialect == DIALECT_DS:
+            name, args = "ds_ping", self.ds_args()
+        else:
+            name, args = "ping", [self.id]
+        book = self.addrs
+        size = codec.HEADER_BYTES + len(codec.pack([name, args]))
+        allowance = book.allowance(addr)
+        if allowance is not None and allowance < size:
+            self._stats["validation-skipped"] += 1
+            return
+        if not book.may_ping(now):
+            self._stats["validation-rate-limited"] += 1
+            return
+        book.spend(addr, size)
+        self._validating[addr] = None
+        self._stats["validation-ping"] += 1
+        admit = None if out.newcomer is None else out.newcomer
+        then = functools.partial(self._sender_pinged, addr, dialect, admit)
+        try:
+            self._rpc(addr, name, args, now, then, retries=0)
+        except LimitExceeded:
+            self._validating.pop(addr, None)
+            self._stats["validation-skipped"] += 1
+
+    def _sender_pinged(
+        self,
+        addr: Addr,
+        dialect: int,
+        admit: int | None,
+        reply: Any,
+        error: DhtSignalError | None,
+        now: float,
+    ) -> None:
+        self._validating.pop(addr, None)
+        if not self._validating:
+            self._validating = {}
+        if error is not None:
+            self._stats["validation-failed"] += 1
+            return
+        if dialect == DIALECT_DS:
+            parsed = ping_reply(reply)
+            nid = None if parsed is None else parsed[0]
+        else:
+            nid = reply if type(reply) is bytes and len(reply) == 20 else None
+        if nid is None:
+            self._stats["drop:bad-reply"] += 1
+            return
+        if admit is not None and nid != self.id:
+            # The ID it answered with, at the address that answered: not what a
+            # (possibly spoofed) request claimed.
+            known = self.table.get(nid)
+            self._learned(Contact(nid, addr[0], addr[1], known.dialect if known else admit), now)
 
     # -- RPCs ---------------------------------------------------------------------------
 
@@ -617,6 +725,7 @@ class Node:
         *,
         retries: int | None = None,
         peer: bytes | None = None,
+        pad: bool = False,
         reserved: bool = False,
     ) -> bytes:
         cfg = self.config
@@ -628,7 +737,11 @@ class Node:
                 else f"{cap} RPCs already outstanding (max_inflight)"
             )
         msg_id = os.urandom(codec.MSG_ID_BYTES)
-        data = codec.encode_request(msg_id, name, args)
+        # A first request to an address (it has not answered us, so it has most likely
+        # not validated us either) whose answer may be large is padded so the answer
+        # fits 3x of it (issue 10; QUIC's padded first packet).
+        pad_to = PAD_TO if pad and not self.addrs.is_validated(addr) else 0
+        data = codec.encode_request(msg_id, name, args, pad_to)
         if len(data) > codec.MAX_DATAGRAM:
             raise LimitExceeded(f"{name} request is {len(data)} bytes, over {codec.MAX_DATAGRAM}")
         self._pending[msg_id] = _Rpc(
@@ -649,6 +762,8 @@ class Node:
             self._stats["drop:response-from-wrong-address"] += 1
             return
         self._forget(msg.msg_id)
+        # It answered a request of ours from that address: validated.
+        self.addrs.validate(src)
         if p.tries == 1:
             sample = now - p.started
             srtt = self._srtt
@@ -707,6 +822,7 @@ class Node:
             return
         self._forget(msg_id)
         self._stats["rpc-timeout"] += 1
+        self.addrs.invalidate(p.addr)
         error = RpcTimeout(p.name, p.addr, now - p.started)
         self.events.append(RequestFailed(msg_id, error))
         if p.then is not None:
@@ -714,6 +830,7 @@ class Node:
 
     def _learned(self, contact: Contact, now: float) -> None:
         """A contact answered us: add it to the table (unless we are a pure client)."""
+        self.addrs.confirm(contact.addr, contact.id)
         head = self.table.add_contact(contact, now)
         if head is not None:
             self._ping_head(head, now)
@@ -853,6 +970,12 @@ class Node:
         return sent
 
     def _send_notify(self, listener: Addr, key: bytes, raws: list[bytes], now: float) -> None:
+        if not self.addrs.is_validated(listener):
+            # It stopped answering (an RPC of ours timed out) or was forgotten: no push
+            # to an address that did not just prove it asks.
+            self._stats["notify-unvalidated"] += 1
+            self.subs.remove(key, listener)
+            return
         if (
             self._closed
             or len(self._pending) >= self.config.max_inflight
@@ -1098,11 +1221,12 @@ class Node:
             self._rpc(c.addr, "find_node", [self.id, op.key], now, then, peer=cid)
         elif op.store is not None:
             args = self.ds_args(op.key, op.store)
-            self._rpc(c.addr, "ds_store_find", args, now, then, peer=cid)
+            self._rpc(c.addr, "ds_store_find", args, now, then, peer=cid, pad=True)
         elif op.want_value:
-            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, 0), now, then, peer=cid)
+            args = self.ds_args(op.key, 0)
+            self._rpc(c.addr, "ds_find_value", args, now, then, peer=cid, pad=True)
         else:
-            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then, peer=cid)
+            self._rpc(c.addr, "ds_find_node", self.ds_args(op.key), now, then, peer=cid, pad=True)
 
     def _answered(
         self, op: _LookupOp, c: Contact, reply: Any, error: DhtSignalError | None, now: float
@@ -1159,7 +1283,9 @@ class Node:
                     # Enough storing nodes answered with records: a slow one among the
                     # k closest no longer holds the get up past the soft timeout.
                     op.lk.strict_wait = 0.0
-            if nxt is not None and nxt > 0 and op.chains < self.config.max_pages:
+            # nxt 0: the first page was cut to nothing (our address not validated there
+            # yet): ask for it again (validated by then, or cut again and given up).
+            if nxt is not None and (nxt > 0 or not page) and op.chains < self.config.max_pages:
                 op.chains += 1
                 op.pages += 1
                 self._fetch_page(op, c, nxt, 1, now)
@@ -1174,7 +1300,7 @@ class Node:
         """Ask ``c`` for the records page at ``cursor`` (the ``n``-th of its chain)."""
         then = functools.partial(self._page_answered, op, c, cursor, n)
         try:
-            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, cursor), now, then)
+            self._rpc(c.addr, "ds_find_value", self.ds_args(op.key, cursor), now, then, pad=True)
         except DhtSignalError:
             self._stats["task-error"] += 1
             self._page_chain_ended(op, now)

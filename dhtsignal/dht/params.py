@@ -130,5 +130,15 @@ class NodeConfig:
     leave_confirm_retries: int = 1
     """Retries of the ping that confirms a ``ds_leave`` before the contact is evicted
     (a notice is only a hint: a node that still answers stays)."""
+    amplification_factor: float = 3.0
+    """Bytes sent per byte received from an address not yet validated (RFC 9000
+    section 8's anti-amplification limit): replies are cut to fit, or not sent."""
+    validated_size: int = 16384
+    """Validated addresses remembered at most (least recently used first out); an
+    address forgotten is validated again by a ping when it next asks."""
+    unvalidated_size: int = 16384
+    """Byte accounts of addresses not yet validated kept at most (oldest first out)."""
+    validation_pings: float = 1000.0
+    """Pings per second at most to validate new senders (and admit them as contacts)."""
     limits: StorageLimits = field(default_factory=StorageLimits)
     """Bounds on what others can make this node store."""

@@ -13,6 +13,10 @@ Nothing here raises on remote input, keeps state, reads a clock or sends anythin
   ones it would ignore (already known, or farther than it keeps) are skipped before
   parsing, which is most of them once a lookup converges.
 * :func:`ping_reply`: a ``ds_ping`` answer ``[node id, address seen]``.
+
+Contact addresses, in our replies and in stock ones, and the address a ping answer says
+it saw us at, must be IP literals (:func:`~dhtsignal.wire.addr.is_ip_literal`): a host
+name would make the node resolve names a stranger chose.
 * :func:`shaped`: whether a value is a list of a given shape (state files).
 """
 
@@ -24,7 +28,7 @@ from typing import Any
 from dhtsignal.dht.lookup import Lookup
 from dhtsignal.dht.routing import Contact
 from dhtsignal.dht.rpc import parse_contact
-from dhtsignal.wire.addr import Addr
+from dhtsignal.wire.addr import Addr, is_ip_literal
 
 #: Records taken from one page of a ``ds_find_value`` answer.
 MAX_PAGE_RECORDS = 64
@@ -93,7 +97,7 @@ def ping_reply(reply: Any) -> tuple[bytes, Addr | None] | None:
         # int() of a float infinity raises OverflowError: nothing a remote sends may escape.
         with contextlib.suppress(TypeError, ValueError, OverflowError):
             host, port = str(seen[0]), int(seen[1])
-            if 0 < len(host) <= 64 and 0 < port < 65536:
+            if is_ip_literal(host) and 0 < port < 65536:
                 observed = (host, port)
     return bytes(reply[0]), observed
 

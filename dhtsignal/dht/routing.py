@@ -334,6 +334,14 @@ class RoutingTable:
             return self._refresh(self._sorted[i], ip, port, dialect, now)
         return self.add_contact(Contact(node_id, ip, port, dialect), now)
 
+    def refresh(
+        self, existing: Contact, ip: str, port: int, dialect: int, now: float
+    ) -> Contact | None:
+        """A request from ``(ip, port)`` named the known contact ``existing``: refresh it
+        if that is its address (the caller validated the address); otherwise return it,
+        to be pinged."""
+        return self._refresh(existing, ip, port, dialect, now)
+
     def _refresh(
         self, existing: Contact, ip: str, port: int, dialect: int, now: float
     ) -> Contact | None:

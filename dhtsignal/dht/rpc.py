@@ -73,7 +73,7 @@ from dhtsignal.dht.routing import (
 from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
 from dhtsignal.errors import RecordRejected
 from dhtsignal.wire import codec
-from dhtsignal.wire.addr import Addr
+from dhtsignal.wire.addr import Addr, is_ip_literal
 from dhtsignal.wire.codec import Request
 
 FLAG_CLIENT = 0x01
@@ -98,6 +98,12 @@ class Outcome:
     """The reply body already msgpack-encoded (then ``reply`` is unused)."""
     leaving: Contact | None = None
     """A contact that said it leaves (``ds_leave``): ping it once, evict it if silent."""
+    cut: bool = False
+    """The reply was cut (or refused) for want of a validated address, or the sender is
+    a client that may listen next: validate the address."""
+    newcomer: int | None = None
+    """The dialect of a sender that may become a contact but is not one at this address
+    (or whose address is not validated): ping it, and admit it once it answers."""
 
     def body(self) -> bytes:
         """The reply body, msgpack-encoded."""
@@ -118,7 +124,7 @@ def parse_contact(item: object) -> Contact | None:
         return None
     nid, ip, port = item[0], item[1], item[2]
     dialect = item[3] if len(item) == 4 else DIALECT_STOCK
-    if not _is_id(nid) or type(ip) is not str or not 0 < len(ip) <= 64:
+    if not _is_id(nid) or not is_ip_literal(ip):
         return None
     if type(port) is not int or not 0 < port < 65536 or dialect not in (DIALECT_STOCK, DIALECT_DS):
         return None
@@ -164,6 +170,11 @@ class RequestHandler:
         self._calls = [0] * len(_RPC_NAMES)
         #: the time of the request being handled (find replies name good contacts)
         self._now = 0.0
+        #: bytes the reply to the request being handled may take (None: no limit, the
+        #: address is validated); set by the node before :meth:`handle`
+        self.limit: int | None = None
+        #: the routing ID that answered us from the request's (validated) address
+        self.confirmed: bytes | None = None
 
     @property
     def stats(self) -> Counter[str]:
@@ -201,7 +212,11 @@ class RequestHandler:
             if type(nid) is not bytes or len(nid) != _ID or type(flags) is not int:
                 return self.drop("bad-args")
             if not flags & FLAG_CLIENT and nid != self.own_id and name != "ds_leave":
-                out.ping = self.table.heard_from(nid, addr[0], addr[1], DIALECT_DS, now)
+                self._heard(nid, addr, DIALECT_DS, now, out)
+            elif self.limit is not None and name != "ds_leave":
+                # A client is never a contact, but it listens: validate its address now,
+                # so its ds_listen after this lookup is granted.
+                out.cut = True
             self._calls[slot] += 1
             fn(self, args, addr, out)
             return out
@@ -219,10 +234,43 @@ class RequestHandler:
                 return self.drop("bad-args")
             if sender != self.own_id:
                 # A new contact is stock; a known one keeps what it speaks.
-                out.ping = self.table.heard_from(sender, addr[0], addr[1], DIALECT_STOCK, now)
+                self._heard(sender, addr, DIALECT_STOCK, now, out)
         self._calls[slot] += 1
         fn(self, args, addr, out)
         return out
+
+    def _heard(self, nid: bytes, addr: Addr, dialect: int, now: float, out: Outcome) -> None:
+        """A request named ``nid`` as its sender. Only a contact known at a validated
+        address is refreshed; anything else is a newcomer for the node to ping: a
+        request's source may be spoofed, so its claimed ID and address never enter the
+        table by themselves (issue 10 item 5)."""
+        table = self.table
+        if nid == self.confirmed and self.limit is None:
+            # The ID that answered a request of ours from this very address.
+            out.ping = table.heard_from(nid, addr[0], addr[1], dialect, now)
+            return
+        known = table.get(nid)
+        if known is None or self.limit is not None:
+            out.newcomer = dialect
+        # Another address claiming a known ID: the known contact is pinged.
+        if known is not None and (
+            self.limit is None or known.port != addr[1] or known.ip != addr[0]
+        ):
+            out.ping = table.refresh(known, addr[0], addr[1], dialect, now)
+
+    def _fit(
+        self, found: list[Contact], room: int, out: Outcome, stock: bool = False
+    ) -> list[Contact]:
+        """The first of ``found`` whose packed list fits in ``room`` bytes (the reply to
+        an address not yet validated)."""
+        size = 3
+        for i, c in enumerate(found):
+            size += len(c.packed()) - stock
+            if size > room:
+                self._stats["reply-cut"] += 1
+                out.cut = True
+                return found[:i]
+        return found
 
     # -- stock RPCs (args: sender id, then the RPC's own) -------------------------------
 
@@ -259,7 +307,10 @@ class RequestHandler:
         if type(key) is not bytes or len(key) != _ID:
             self._stats["drop:bad-args"] += 1
             return
-        out.raw = pack_stock_contacts(self._neighbours(key, addr))
+        found = self._neighbours(key, addr)
+        if self.limit is not None:
+            found = self._fit(found, self.limit, out, stock=True)
+        out.raw = pack_stock_contacts(found)
         out.has_reply = True
 
     def _find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
@@ -267,9 +318,12 @@ class RequestHandler:
         if _is_id(key):
             value = self.legacy.get(key, self.wallclock())
             if value is not None:
-                out.reply = {"value": value}
-                out.has_reply = True
-                return
+                if self.limit is None or len(codec.pack(value)) + 8 <= self.limit:
+                    out.reply = {"value": value}
+                    out.has_reply = True
+                    return
+                self._stats["reply-cut"] += 1  # contacts instead: ask again once validated
+                out.cut = True
         self._find_node(args, addr, out)
 
     # -- dhtsignal RPCs (args: network, sender id, flags, then the RPC's own) -----------
@@ -284,6 +338,8 @@ class RequestHandler:
             self._stats["drop:bad-args"] += 1
             return
         found = self._neighbours(key, addr)
+        if self.limit is not None:
+            found = self._fit(found, self.limit, out)
         out.raw = pack_contacts(found)
         out.has_reply = True
 
@@ -295,11 +351,16 @@ class RequestHandler:
         found = self._neighbours(key, addr) if cursor == 0 else []
         held = sorted(self.store.get(key, self.wallclock()), key=lambda r: r.raw)
         sizes = [len(c.packed()) for c in found]
-        budget = REPLY_BUDGET - len(codec.array_header(len(found))) - sum(sizes)
-        while held[cursor:] and found and len(held[cursor].raw) + 3 > budget:
+        # 1 + 3 + 5: the reply's array header, the page's, the cursor's int
+        total = REPLY_BUDGET
+        if self.limit is not None and self.limit - 9 < REPLY_BUDGET:
+            total = self.limit - 9
+            out.cut = True  # perhaps: validate the address for the next page
+        budget = total - len(codec.array_header(len(found))) - sum(sizes)
+        while found and (budget < 0 or (held[cursor:] and len(held[cursor].raw) + 3 > budget)):
             found.pop()  # make room for at least one record beside the contacts
             sizes.pop()
-            budget = REPLY_BUDGET - len(codec.array_header(len(found))) - sum(sizes)
+            budget = total - len(codec.array_header(len(found))) - sum(sizes)
         page: list[bytes] = []
         nxt: int | None = None
         for i in range(cursor, len(held)):
@@ -349,7 +410,11 @@ class RequestHandler:
         self._ds_store([args[0], args[1], args[2], args[4]], addr, out)
         if out.has_reply:
             results, out.reply = out.reply, None
-            out.raw = b"\x92" + codec.pack(results) + pack_contacts(self._neighbours(key, addr))
+            packed = codec.pack(results)
+            found = self._neighbours(key, addr)
+            if self.limit is not None:
+                found = self._fit(found, self.limit - 1 - len(packed), out)
+            out.raw = b"\x92" + packed + pack_contacts(found)
 
     def _ds_listen(self, args: list[Any], addr: Addr, out: Outcome) -> None:
         key, ttl = args[3], args[4]
@@ -357,6 +422,13 @@ class RequestHandler:
             self._stats["drop:bad-args"] += 1
             return
         out.has_reply = True
+        if self.limit is not None:
+            # Pushes go only to addresses that asked: one that never answered a request
+            # of ours may be a victim's, spoofed (issue 10 item 1).
+            self._stats["refused:unvalidated"] += 1
+            out.cut = True
+            out.reply = "unvalidated"
+            return
         try:
             out.reply = self.subs.add(key, addr, float(ttl), self.wallclock())
         except RecordRejected as exc:

@@ -108,3 +108,18 @@ def show_addrs(addrs: Iterable[Addr]) -> str:
     :param addrs: the addresses to show.
     """
     return ", ".join(show_addr(a) for a in addrs)
+
+
+def is_ip_literal(host: object) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address written as a literal (no host name, no
+    IPv6 zone): what contact addresses from the network must be.
+
+    :param host: the host part of an address as received.
+    """
+    if type(host) is not str or not 0 < len(host) <= 45 or "%" in host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
