@@ -93,7 +93,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dhtsignal.dht import records
+from dhtsignal.dht import join, records
 from dhtsignal.dht.events import (
     Bootstrapped,
     Event,
@@ -919,12 +919,32 @@ class Node:
         self, op_id: int, then: Then | None, res: Any, error: DhtSignalError | None, now: float
     ) -> None:
         cfg = self.config
+        if error is None and not cfg.client_mode and cfg.join_fill_below > 0:
+            self._fill_after_join(now)
         if error is None and not cfg.client_mode and cfg.join_refreshes > 0:
             # Later, at a random moment: in a mass join every table is nearly empty at
             # first, and a burst of refreshes from every newcomer at once only loads it.
             spread = cfg.join_refresh_delay * (1 + self.randbytes(1)[0] / 255) / 2
             self._schedule(now + spread, _JOINED, None)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
+
+    def _fill_after_join(self, now: float) -> None:
+        """Right after a join's self-lookup: one small lookup (``join_fill_k`` closest)
+        of a random ID at each distance where the table knows fewer than
+        ``join_fill_below`` contacts (:mod:`~dhtsignal.dht.join`)."""
+        cfg = self.config
+        own = self.table.own_long
+        near = self.table.closest(self.id, 1)
+        if not near:
+            return
+        lowest = (near[0].long_id ^ own).bit_length() - 1
+        known = (c.long_id for c in self.table.contacts())
+        for bit in join.sparse_distances(own, known, lowest, cfg.join_fill_below):
+            if len(self._lookups) >= cfg.max_refresh_lookups:
+                break
+            self._stats["join-fill"] += 1
+            target = join.target_at(own, bit, self.randbytes)
+            self.start_lookup(target, now, k=cfg.join_fill_k, remember=False, then=ignore)
 
     def _refresh_after_join(self, now: float) -> None:
         """After a join's self-lookup, refresh every bucket farther than our closest

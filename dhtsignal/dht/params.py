@@ -96,6 +96,15 @@ class NodeConfig:
     each distance from the farthest half of the ID space down to our closest
     neighbour's (about log2 of the network's size), so the nodes that should know a
     newcomer learn it and its far buckets fill."""
+    join_fill_below: int = 2
+    """Right after a join's self-lookup, a distance (from the farthest half of the ID
+    space down to our closest neighbour's) at which the table knows fewer contacts than
+    this gets one small lookup at once (0: none). In a mass join a newcomer's
+    self-lookup stays inside its own subtree, and without these a put from its
+    neighbourhood can end there, far from the key (:mod:`~dhtsignal.dht.join`)."""
+    join_fill_k: int = 4
+    """Result size of those lookups: they only need a few live contacts at each
+    distance, and a small one costs a fraction of a full bucket refresh."""
     join_refresh_delay: float = 30.0
     """Seconds after a join's self-lookup by which its bucket refreshes start (at a
     random moment in the second half of it)."""
