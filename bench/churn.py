@@ -220,6 +220,14 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                 fresh = await sys_impl.start(tuple(req["boot"]))
                 nodes.append(fresh)
                 reply(rid, gone=sys_impl.addr(old), new=sys_impl.addr(fresh))
+            elif op == "stats":
+                total: dict[str, int] = {}
+                for i in live():
+                    for name, count in getattr(nodes[i], "stats", {}).items():
+                        if not name.startswith("rpc:"):
+                            total[name] = total.get(name, 0) + count
+                sizes = [len(nodes[i].core.table) for i in live() if hasattr(nodes[i], "core")]
+                reply(rid, stats=total, tables=sizes)
             elif op == "addrs":
                 reply(rid, addrs=[sys_impl.addr(nodes[i]) for i in live()])
             elif op == "put":
@@ -497,6 +505,14 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(a.later)
         second = await gets()
         progress(f"massjoin: found {second['found']}/{second['lookups']} {a.later:g} s later")
+        stats: dict[str, int] = {}
+        tables: list[int] = []
+        for part in await asyncio.gather(*(w.call("stats") for w in workers)):
+            tables += part["tables"]
+            for name, count in part["stats"].items():
+                stats[name] = stats.get(name, 0) + count
+        progress(f"massjoin: node counters {json.dumps(stats, sort_keys=True)}")
+        progress(f"massjoin: table sizes p10/p50/p90 {_pct(tables, 0.1)}/{_pct(tables, 0.5)}/{_pct(tables, 0.9)}")
         return {
             "nodes": count,
             "join_s": round(join_s, 1),

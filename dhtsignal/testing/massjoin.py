@@ -40,6 +40,10 @@ class MassJoinConfig:
     """Seconds after the first round of gets at which the values are got again."""
     seed: int = 1
     """Seed of the simulator."""
+    latency: tuple[float, float] = (0.005, 0.050)
+    """One-way delay range, seconds (see :class:`SimConfig`)."""
+    jitter: float = 0.0
+    """Extra per-datagram delay, uniform in ``[0, jitter)`` (a busy host's queueing)."""
     node_config: NodeConfig = field(default_factory=NodeConfig)
     """Protocol parameters of every node."""
 
@@ -95,7 +99,9 @@ def run_massjoin(cfg: MassJoinConfig, *, time_limit: float = 3600.0) -> MassJoin
     :param time_limit: virtual seconds past which the simulation is declared stuck.
     :returns: what was measured.
     """
-    net = SimNetwork(SimConfig(seed=cfg.seed, node_config=cfg.node_config), time_limit=time_limit)
+    net = SimNetwork(SimConfig(
+        seed=cfg.seed, latency=cfg.latency, jitter=cfg.jitter, node_config=cfg.node_config
+    ), time_limit=time_limit)
     try:
         return _run(net, cfg)
     finally:
