@@ -228,6 +228,20 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                             total[name] = total.get(name, 0) + count
                 sizes = [len(nodes[i].core.table) for i in live() if hasattr(nodes[i], "core")]
                 reply(rid, stats=total, tables=sizes)
+            elif op == "where":
+                from dhtsignal.dht import records as _r
+
+                held: dict[str, list[str]] = {}
+                for name in req["names"]:
+                    key = _r.data_key(name)
+                    held[name] = [
+                        nodes[i].core.id.hex()
+                        for i in live()
+                        if nodes[i].core.store.get(key, time.time())
+                    ]
+                ids = [nodes[i].core.id.hex() for i in live()]
+                tables = {nodes[i].core.id.hex(): len(nodes[i].core.table) for i in live()}
+                reply(rid, held=held, ids=ids, tables=tables)
             elif op == "addrs":
                 reply(rid, addrs=[sys_impl.addr(nodes[i]) for i in live()])
             elif op == "put":
@@ -501,6 +515,17 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
             return _summary(ms, ok)
 
         first = await gets()
+        if os.environ.get("MASSJOIN_DIAG"):
+            from dhtsignal.dht import records as _r
+
+            parts = await asyncio.gather(*(w.call("where", names=names) for w in workers))
+            ids = [int(x, 16) for p_ in parts for x in p_["ids"]]
+            for name in names[:40]:
+                held = [int(x, 16) for p_ in parts for x in p_["held"][name]]
+                k = int.from_bytes(_r.data_key(name), "big")
+                order = sorted(ids, key=lambda i: i ^ k)
+                rank = {i: n for n, i in enumerate(order)}
+                progress(f"diag {name}: holder ranks {sorted(rank[h] for h in held)[:12]}")
         progress(f"massjoin: found {first['found']}/{first['lookups']} right after")
         await asyncio.sleep(a.later)
         second = await gets()
