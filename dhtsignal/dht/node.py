@@ -166,7 +166,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED = range(7)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL = range(8)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -452,6 +452,8 @@ class Node:
                 self._liveness_round(now)
             elif kind == _JOINED:
                 self._refresh_after_join(now)
+            elif kind == _FILL:
+                self._fill_after_join(now)
         if self._dirty:
             self.drive_lookups(now)
 
@@ -920,7 +922,10 @@ class Node:
     ) -> None:
         cfg = self.config
         if error is None and not cfg.client_mode and cfg.join_fill_below > 0:
-            self._fill_after_join(now)
+            # At a random moment in the second half of join_fill_delay: the nodes that
+            # joined with us are then known, and the fills do not add to the join's burst.
+            wait = cfg.join_fill_delay * (1 + self.randbytes(1)[0] / 255) / 2
+            self._schedule(now + wait, _FILL, None)
         if error is None and not cfg.client_mode and cfg.join_refreshes > 0:
             # Later, at a random moment: in a mass join every table is nearly empty at
             # first, and a burst of refreshes from every newcomer at once only loads it.
@@ -929,7 +934,7 @@ class Node:
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
 
     def _fill_after_join(self, now: float) -> None:
-        """Right after a join's self-lookup: one small lookup (``join_fill_k`` closest)
+        """Shortly after a join's self-lookup: one small lookup (``join_fill_k`` closest)
         of a random ID at each distance where the table knows fewer than
         ``join_fill_below`` contacts (:mod:`~dhtsignal.dht.join`)."""
         cfg = self.config
