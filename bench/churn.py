@@ -537,13 +537,16 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
             for name, count in part["stats"].items():
                 stats[name] = stats.get(name, 0) + count
         progress(f"massjoin: node counters {json.dumps(stats, sort_keys=True)}")
-        progress(f"massjoin: table sizes p10/p50/p90 {_pct(tables, 0.1)}/{_pct(tables, 0.5)}/{_pct(tables, 0.9)}")
+        sizes = [_pct(tables, q) for q in (0.1, 0.5, 0.9)]
+        progress(f"massjoin: table sizes p10/p50/p90 {sizes}")
         return {
             "nodes": count,
             "join_s": round(join_s, 1),
             "puts_ok": put_ok,
             "right_after": first,
             "later": second,
+            "node_counters": stats,
+            "table_sizes_p10_p50_p90": sizes,
         }
     finally:
         await _close(workers)

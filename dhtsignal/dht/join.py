@@ -15,10 +15,12 @@ else misses it (measured in ``dhtsignal.testing.massjoin``: 17 of 1,000 values).
 :func:`sparse_distances` names the distances (bit ``i`` of ``ours XOR theirs`` the
 highest set) from the farthest half of the ID space down to our closest neighbour's at
 which the table knows fewer than ``below`` contacts; the node starts one small lookup
-(a few closest only) of a random ID at each of them right after the self-lookup. A
-distance already known is skipped, so a node that joins a settled network (whose
-self-lookup path crosses its far subtrees anyway) sends little more than its
-self-lookup; the full bucket refreshes still follow later (``join_refresh_delay``).
+(a few closest only) of a random ID at each of them, at a random moment within about a
+second of the self-lookup (``join_fill_delay``: the nodes joining together are known
+by then, and the fills stay out of the burst of self-lookups at the bootstrap node). A
+distance already known is skipped, so a node joining a settled network sends little
+more than its self-lookup. These replace the paper's full refresh of every far bucket
+(``join_refreshes``, now off by default), which cost ten times the traffic.
 """
 
 from __future__ import annotations

@@ -100,11 +100,11 @@ class NodeConfig:
     (``join_fill_below``) do not; with real processes that burst was the load that made
     puts and gets time out. Buckets still refresh after ``refresh_interval``."""
     join_fill_below: int = 2
-    """Shortly after a join's self-lookup (``join_fill_delay``), a distance (from the farthest half of the ID
-    space down to our closest neighbour's) at which the table knows fewer contacts than
-    this gets one small lookup at once (0: none). In a mass join a newcomer's
-    self-lookup stays inside its own subtree, and without these a put from its
-    neighbourhood can end there, far from the key (:mod:`~dhtsignal.dht.join`)."""
+    """Shortly after a join's self-lookup (see ``join_fill_delay``), a distance (from the
+    farthest half of the ID space down to our closest neighbour's) at which the table
+    knows fewer contacts than this gets one small lookup (0: none). In a mass join a
+    newcomer's self-lookup stays inside its own subtree, and without these a put from
+    its neighbourhood can end there, far from the key (:mod:`~dhtsignal.dht.join`)."""
     join_fill_delay: float = 1.0
     """Seconds after the self-lookup by which those lookups start (at a random moment in
     the second half): in a mass join the nodes joining together are known by then, and

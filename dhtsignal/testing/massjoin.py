@@ -14,10 +14,12 @@ simulated twin of ``bench/churn.py --mode massjoin`` (real processes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dhtsignal.dht import records
+from dhtsignal.dht.node import Node
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import Record, RecordType
 from dhtsignal.identity import Identity
@@ -99,9 +101,12 @@ def run_massjoin(cfg: MassJoinConfig, *, time_limit: float = 3600.0) -> MassJoin
     :param time_limit: virtual seconds past which the simulation is declared stuck.
     :returns: what was measured.
     """
-    net = SimNetwork(SimConfig(
-        seed=cfg.seed, latency=cfg.latency, jitter=cfg.jitter, node_config=cfg.node_config
-    ), time_limit=time_limit)
+    net = SimNetwork(
+        SimConfig(
+            seed=cfg.seed, latency=cfg.latency, jitter=cfg.jitter, node_config=cfg.node_config
+        ),
+        time_limit=time_limit,
+    )
     try:
         return _run(net, cfg)
     finally:
@@ -141,10 +146,7 @@ def _run(net: SimNetwork, cfg: MassJoinConfig) -> MassJoinReport:
     phase("settle")
     values = _values(cfg, net.wallclock())
     putters = [net.random_node() for _ in values]
-    puts = [
-        net.start(n, lambda node, now, v=v: node.start_put([v], now))
-        for n, v in zip(putters, values, strict=True)
-    ]
+    puts = [net.start(n, _putting(v)) for n, v in zip(putters, values, strict=True)]
     report.puts_ok = sum(not isinstance(r, BaseException) for r in net.wait(puts))
     phase("put")
     report.found_first = _gets(net, values, putters)
@@ -161,13 +163,21 @@ def _run(net: SimNetwork, cfg: MassJoinConfig) -> MassJoinReport:
     return report
 
 
-def _gets(net: SimNetwork, values: list[Record], putters: list[Any]) -> int:
+def _putting(v: Record) -> Callable[[Node, float], int]:
+    return lambda node, now: node.start_put([v], now)
+
+
+def _getting(key: bytes) -> Callable[[Node, float], int]:
+    return lambda node, now: node.start_get(key, now)
+
+
+def _gets(net: SimNetwork, values: list[Record], putters: list[Node]) -> int:
     ops = []
     for v, putter in zip(values, putters, strict=True):
         getter = net.random_node()
         while getter is putter:
             getter = net.random_node()
-        ops.append(net.start(getter, lambda node, now, key=v.key: node.start_get(key, now)))
+        ops.append(net.start(getter, _getting(v.key)))
     found = 0
     for v, res in zip(values, net.wait(ops), strict=True):
         if not isinstance(res, BaseException) and any(r.raw == v.raw for r in res.records):
