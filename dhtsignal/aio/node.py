@@ -27,7 +27,6 @@ operation on the core and waits for its event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import logging
@@ -81,9 +80,6 @@ log = logging.getLogger(__name__)
 _READ_BATCH = 64
 #: Bytes read per datagram: anything over codec.MAX_DATAGRAM is refused anyway.
 _RECV_BYTES = 2048
-#: Receive buffer asked of the kernel, bytes (capped by net.core.rmem_max; Linux's
-#: default of 208 KiB holds a few hundred small datagrams).
-RECV_BUFFER = 4 << 20
 
 
 class _SocketTransport(asyncio.DatagramTransport):
@@ -304,10 +300,6 @@ class DhtNode(asyncio.DatagramProtocol):
                     # [::]:PORT is dual-stack: IPv4 peers arrive as ::ffff:a.b.c.d.
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 sock.setblocking(False)
-                with contextlib.suppress(OSError):
-                    # A burst (a mass join through this node) must wait in the kernel,
-                    # not be dropped: the default buffer holds a few hundred datagrams.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
                 sock.bind(sockaddr)
             except OSError as exc:
                 sock.close()
