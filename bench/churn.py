@@ -220,6 +220,28 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                 fresh = await sys_impl.start(tuple(req["boot"]))
                 nodes.append(fresh)
                 reply(rid, gone=sys_impl.addr(old), new=sys_impl.addr(fresh))
+            elif op == "stats":
+                total: dict[str, int] = {}
+                for i in live():
+                    for name, count in getattr(nodes[i], "stats", {}).items():
+                        if not name.startswith("rpc:"):
+                            total[name] = total.get(name, 0) + count
+                sizes = [len(nodes[i].core.table) for i in live() if hasattr(nodes[i], "core")]
+                reply(rid, stats=total, tables=sizes)
+            elif op == "where":
+                from dhtsignal.dht import records as _r
+
+                held: dict[str, list[str]] = {}
+                for name in req["names"]:
+                    key = _r.data_key(name)
+                    held[name] = [
+                        nodes[i].core.id.hex()
+                        for i in live()
+                        if nodes[i].core.store.get(key, time.time())
+                    ]
+                ids = [nodes[i].core.id.hex() for i in live()]
+                tables = {nodes[i].core.id.hex(): len(nodes[i].core.table) for i in live()}
+                reply(rid, held=held, ids=ids, tables=tables)
             elif op == "addrs":
                 reply(rid, addrs=[sys_impl.addr(nodes[i]) for i in live()])
             elif op == "put":
@@ -493,16 +515,38 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
             return _summary(ms, ok)
 
         first = await gets()
+        if os.environ.get("MASSJOIN_DIAG"):
+            from dhtsignal.dht import records as _r
+
+            parts = await asyncio.gather(*(w.call("where", names=names) for w in workers))
+            ids = [int(x, 16) for p_ in parts for x in p_["ids"]]
+            for name in names[:40]:
+                held = [int(x, 16) for p_ in parts for x in p_["held"][name]]
+                k = int.from_bytes(_r.data_key(name), "big")
+                order = sorted(ids, key=lambda i: i ^ k)
+                rank = {i: n for n, i in enumerate(order)}
+                progress(f"diag {name}: holder ranks {sorted(rank[h] for h in held)[:12]}")
         progress(f"massjoin: found {first['found']}/{first['lookups']} right after")
         await asyncio.sleep(a.later)
         second = await gets()
         progress(f"massjoin: found {second['found']}/{second['lookups']} {a.later:g} s later")
+        stats: dict[str, int] = {}
+        tables: list[int] = []
+        for part in await asyncio.gather(*(w.call("stats") for w in workers)):
+            tables += part["tables"]
+            for name, count in part["stats"].items():
+                stats[name] = stats.get(name, 0) + count
+        progress(f"massjoin: node counters {json.dumps(stats, sort_keys=True)}")
+        sizes = [_pct(tables, q) for q in (0.1, 0.5, 0.9)]
+        progress(f"massjoin: table sizes p10/p50/p90 {sizes}")
         return {
             "nodes": count,
             "join_s": round(join_s, 1),
             "puts_ok": put_ok,
             "right_after": first,
             "later": second,
+            "node_counters": stats,
+            "table_sizes_p10_p50_p90": sizes,
         }
     finally:
         await _close(workers)

@@ -69,8 +69,9 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   (its first try); their soft timeout follows the smoothed round-trip time
   (``adaptive_timeouts``); put and get lookups are strict (``strict_wait``): they end only
   once the k closest answered or failed (a get only until half of ``replicas`` storing
-  nodes answered with records). A join's self-lookup is followed by refreshes
-  of up to ``join_refreshes`` buckets.
+  nodes answered with records). A join's self-lookup is followed, within
+  ``join_fill_delay``, by small lookups at the distances where the table knows
+  almost nobody (:mod:`~dhtsignal.dht.join`).
 * :meth:`Node.snapshot` / :meth:`Node.restore`: the persistent state as plain data
   (the adapter writes and reads the file).
 
@@ -96,7 +97,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dhtsignal.dht import records
+from dhtsignal.dht import join, records
 from dhtsignal.dht.events import (
     Bootstrapped,
     Event,
@@ -176,7 +177,7 @@ log = logging.getLogger(__name__)
 #: datagram) beside the validation ping (RFC 9000 section 8.1's 3x, section 14.1's padding).
 PAD_TO = (codec.MAX_DATAGRAM + 100) // 3 + codec.HEADER_BYTES
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED = range(7)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL = range(8)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -506,6 +507,8 @@ class Node:
                 self._liveness_round(now)
             elif kind == _JOINED:
                 self._refresh_after_join(now)
+            elif kind == _FILL:
+                self._fill_after_join(now)
         if self._dirty:
             self.drive_lookups(now)
 
@@ -1089,12 +1092,35 @@ class Node:
         self, op_id: int, then: Then | None, res: Any, error: DhtSignalError | None, now: float
     ) -> None:
         cfg = self.config
+        if error is None and not cfg.client_mode and cfg.join_fill_below > 0:
+            # At a random moment in the second half of join_fill_delay: the nodes that
+            # joined with us are then known, and the fills do not add to the join's burst.
+            wait = cfg.join_fill_delay * (1 + self.randbytes(1)[0] / 255) / 2
+            self._schedule(now + wait, _FILL, None)
         if error is None and not cfg.client_mode and cfg.join_refreshes > 0:
             # Later, at a random moment: in a mass join every table is nearly empty at
             # first, and a burst of refreshes from every newcomer at once only loads it.
             spread = cfg.join_refresh_delay * (1 + self.randbytes(1)[0] / 255) / 2
             self._schedule(now + spread, _JOINED, None)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
+
+    def _fill_after_join(self, now: float) -> None:
+        """Shortly after a join's self-lookup: one small lookup (``join_fill_k`` closest)
+        of a random ID at each distance where the table knows fewer than
+        ``join_fill_below`` contacts (:mod:`~dhtsignal.dht.join`)."""
+        cfg = self.config
+        own = self.table.own_long
+        near = self.table.closest(self.id, 1)
+        if not near:
+            return
+        lowest = (near[0].long_id ^ own).bit_length() - 1
+        known = (c.long_id for c in self.table.contacts())
+        for bit in join.sparse_distances(own, known, lowest, cfg.join_fill_below):
+            if len(self._lookups) >= cfg.max_refresh_lookups:
+                break
+            self._stats["join-fill"] += 1
+            target = join.target_at(own, bit, self.randbytes)
+            self.start_lookup(target, now, k=cfg.join_fill_k, remember=False, then=ignore)
 
     def _refresh_after_join(self, now: float) -> None:
         """After a join's self-lookup, refresh every bucket farther than our closest

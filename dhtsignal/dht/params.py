@@ -117,11 +117,27 @@ class NodeConfig:
     (past ``peer_timeout`` it no longer holds a parallelism slot, but the lookup only
     ends once the k closest have answered or failed, or this passed): two nodes then
     agree on where a key lives."""
-    join_refreshes: int = 16
-    """Bucket refreshes after a join's self-lookup at most: a lookup of a random ID at
-    each distance from the farthest half of the ID space down to our closest
-    neighbour's (about log2 of the network's size), so the nodes that should know a
-    newcomer learn it and its far buckets fill."""
+    join_refreshes: int = 0
+    """Full bucket refreshes after a join's self-lookup at most (0: none; the paper's
+    section 2.3 refreshes every bucket farther than our closest neighbour): a lookup of
+    a random ID at each distance from the farthest half of the ID space down to our
+    closest neighbour's. Off by default: in a simulated mass join of 1,000 nodes they
+    sent 470k datagrams (20x the puts that followed) and fixed nothing the small fills
+    (``join_fill_below``) do not; with real processes that burst was the load that made
+    puts and gets time out. Buckets still refresh after ``refresh_interval``."""
+    join_fill_below: int = 2
+    """Shortly after a join's self-lookup (see ``join_fill_delay``), a distance (from the
+    farthest half of the ID space down to our closest neighbour's) at which the table
+    knows fewer contacts than this gets one small lookup (0: none). In a mass join a
+    newcomer's self-lookup stays inside its own subtree, and without these a put from
+    its neighbourhood can end there, far from the key (:mod:`~dhtsignal.dht.join`)."""
+    join_fill_delay: float = 1.0
+    """Seconds after the self-lookup by which those lookups start (at a random moment in
+    the second half): in a mass join the nodes joining together are known by then, and
+    the fills do not add to the burst of self-lookups at the bootstrap node."""
+    join_fill_k: int = 4
+    """Result size of those lookups: they only need a few live contacts at each
+    distance, and a small one costs a fraction of a full bucket refresh."""
     join_refresh_delay: float = 30.0
     """Seconds after a join's self-lookup by which its bucket refreshes start (at a
     random moment in the second half of it)."""
