@@ -7,8 +7,9 @@ One node under test runs alone in its own OS process (``--serve``), on the
 asyncio or the uvloop event loop, with a routing table pre-filled with
 ``--contacts`` contacts (random IDs, fake ports on 127.0.0.1; the same seeded
 IDs for both implementations). A load generator in another process (``--gen``)
-spreads the load over ``--sockets`` UDP source sockets (so no single source
-address exceeds dhtsignal's default per-source rate limit of 1000 req/s; the
+spreads the load over ``--sockets`` UDP source sockets, each bound to its own
+127.0.N.1 address in its own /24 (so no single source host or prefix exceeds
+dhtsignal's default rate limits of 1000 req/s per host and 4000 per /24; the
 dhtsignal node runs its *default* NodeConfig), keeps ``--window`` requests
 outstanding per socket, and counts the valid replies (matching message id, a
 20-contact list) received during ``--duration`` seconds after ``--warmup``.
@@ -245,9 +246,11 @@ def gen_main(a: argparse.Namespace) -> None:
     socks: list[socket.socket] = []
     bodies: list[list[bytes]] = []
     pongs: list[dict[str, bytes]] = []
-    for _ in range(n):
+    for i in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((HOST, 0))
+        # Each socket is its own host in its own /24 (127.0.i+1.1): the node limits
+        # requests per host and per /24 (issue 10), not per port.
+        s.bind((f"127.0.{i % 254 + 1}.1", 0))
         s.connect((HOST, a.port))
         s.setblocking(False)
         socks.append(s)
