@@ -93,12 +93,13 @@ class _Ours:
         self.cfg = cfg
         self.ident = Identity.generate()
         self.records: dict[str, Any] = {}
+        self.boot_sizes: list[int] = []  # the table's size as each bootstrap ended
 
     async def start(self, boot: tuple[str, int] | None) -> Any:
         node = self.DhtNode(os.urandom(20), self.cfg)
         await node.listen_udp(HOST, 0)
         if boot is not None:
-            await node.bootstrap([boot])
+            self.boot_sizes.append(await node.bootstrap([boot]))
         return node
 
     def addr(self, node: Any) -> tuple[str, int]:
@@ -211,7 +212,9 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                     addrs.append(sys_impl.addr(m))
                 if req.get("fixed"):
                     fixed.add(len(nodes) - len(addrs))
-                reply(rid, addrs=addrs, failed=len(made) - len(addrs))
+                sizes = getattr(sys_impl, "boot_sizes", [])
+                empty = sum(1 for z in sizes[-len(addrs) :] if z == 0) if addrs else 0
+                reply(rid, addrs=addrs, failed=len(made) - len(addrs), empty=empty)
             elif op == "replace":
                 pool = [i for i in live() if i not in fixed]
                 i = rng.choice(pool)
@@ -497,7 +500,8 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
         )
         join_s = time.monotonic() - began
         count = sum(len(j["addrs"]) for j in joined) + 1
-        progress(f"massjoin: {count} nodes joined in {join_s:.1f} s")
+        empty = sum(j.get("empty", 0) for j in joined)
+        progress(f"massjoin: {count} nodes joined in {join_s:.1f} s, {empty} with an empty table")
         await asyncio.sleep(a.join_wait)
         names = [f"mass-{os.getpid()}-{i}" for i in range(a.values)]
         share = [names[i :: len(workers)] for i in range(len(workers))]
@@ -534,8 +538,8 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
         tables: list[int] = []
         for part in await asyncio.gather(*(w.call("stats") for w in workers)):
             tables += part["tables"]
-            for name, count in part["stats"].items():
-                stats[name] = stats.get(name, 0) + count
+            for name, n in part["stats"].items():
+                stats[name] = stats.get(name, 0) + n
         progress(f"massjoin: node counters {json.dumps(stats, sort_keys=True)}")
         sizes = [_pct(tables, q) for q in (0.1, 0.5, 0.9)]
         progress(f"massjoin: table sizes p10/p50/p90 {sizes}")

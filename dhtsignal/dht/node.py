@@ -177,7 +177,7 @@ log = logging.getLogger(__name__)
 #: datagram) beside the validation ping (RFC 9000 section 8.1's 3x, section 14.1's padding).
 PAD_TO = (codec.MAX_DATAGRAM + 100) // 3 + codec.HEADER_BYTES
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL = range(8)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL, _REJOIN = range(9)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -302,6 +302,9 @@ class Node:
         "_listens",
         "_live_armed",
         "_live_last",
+        "_boot_addrs",
+        "_rejoin_wait",
+        "_rejoin_armed",
         "_lookup_cache",
         "_lookups",
         "_next_op",
@@ -409,6 +412,10 @@ class Node:
         self._recent: dict[bytes, float] = {}
         self._live_armed = False
         self._live_last = float("-inf")
+        #: the addresses of the last bootstrap, tried again while the table is empty
+        self._boot_addrs: list[Addr] = []
+        self._rejoin_wait = 0.0  # the last wait before a re-join (0: none armed)
+        self._rejoin_armed = False
         #: smoothed round-trip time of first tries answered, and its deviation (RFC 6298)
         self._srtt: float | None = None
         self._rttvar = 0.0
@@ -509,6 +516,8 @@ class Node:
                 self._refresh_after_join(now)
             elif kind == _FILL:
                 self._fill_after_join(now)
+            elif kind == _REJOIN:
+                self._rejoin(now)
         if self._dirty:
             self.drive_lookups(now)
 
@@ -1057,6 +1066,8 @@ class Node:
         Ends as :class:`Bootstrapped` with the routing table's size."""
         op_id = self._new_op()
         targets = list(addrs)
+        if targets:
+            self._boot_addrs = targets
         gather = _Gather(len(targets) + 1)  # one more: released after the loop
         step = functools.partial(self._boot_pinged, op_id, gather, then)
         for a in targets:
@@ -1082,6 +1093,7 @@ class Node:
         if gather.left:
             return
         if gather.ok == 0 and len(self.table) == 0:
+            self._arm_rejoin(now)
             self._done(op_id, then, Bootstrapped, 0, None, now)
             return
         self.start_lookup(
@@ -1092,6 +1104,10 @@ class Node:
         self, op_id: int, then: Then | None, res: Any, error: DhtSignalError | None, now: float
     ) -> None:
         cfg = self.config
+        if len(self.table) == 0:
+            self._arm_rejoin(now)
+        else:
+            self._rejoin_wait = 0.0
         if error is None and not cfg.client_mode and cfg.join_fill_below > 0:
             # At a random moment in the second half of join_fill_delay: the nodes that
             # joined with us are then known, and the fills do not add to the join's burst.
@@ -1103,6 +1119,28 @@ class Node:
             spread = cfg.join_refresh_delay * (1 + self.randbytes(1)[0] / 255) / 2
             self._schedule(now + spread, _JOINED, None)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
+
+    def _arm_rejoin(self, now: float) -> None:
+        """The table is empty: join again through the last bootstrap addresses after
+        ``rejoin_delay``, doubled after each try that found nobody up to ``rejoin_max``,
+        at a random moment in the second half of it (a crowd that joined at once and
+        found its bootstrap node overwhelmed does not come back at once)."""
+        cfg = self.config
+        if self._rejoin_armed or not self._boot_addrs or cfg.rejoin_delay <= 0:
+            return
+        wait = self._rejoin_wait
+        wait = min(cfg.rejoin_max, wait * 2) if wait else cfg.rejoin_delay
+        self._rejoin_wait = wait
+        self._rejoin_armed = True
+        self._schedule(now + wait * (1 + self.randbytes(1)[0] / 255) / 2, _REJOIN, None)
+
+    def _rejoin(self, now: float) -> None:
+        self._rejoin_armed = False
+        if len(self.table):
+            self._rejoin_wait = 0.0
+            return
+        self._stats["rejoin"] += 1
+        self.start_bootstrap(self._boot_addrs, now, then=ignore)
 
     def _fill_after_join(self, now: float) -> None:
         """Shortly after a join's self-lookup: one small lookup (``join_fill_k`` closest)
@@ -1575,6 +1613,8 @@ class Node:
                 self.table.suspect(c)
         if self.table.suspects and not self._live_armed:
             self._arm_liveness(now)
+        if len(self.table) == 0:
+            self._arm_rejoin(now)
         self._schedule(now + cfg.maintenance_interval, _MAINT, None)
 
     def snapshot(self) -> dict[str, Any]:

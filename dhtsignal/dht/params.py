@@ -141,6 +141,15 @@ class NodeConfig:
     join_refresh_delay: float = 30.0
     """Seconds after a join's self-lookup by which its bucket refreshes start (at a
     random moment in the second half of it)."""
+    rejoin_delay: float = 1.0
+    """Seconds before a join that ended with an empty routing table (no bootstrap
+    address answered), or a table found empty later, is tried again through the same
+    addresses (0: never); doubled after each try that finds nobody, up to
+    ``rejoin_max``, each at a random moment in the second half of the wait. When a
+    thousand nodes join at once, the bootstrap node's socket drops what it cannot
+    queue; those joiners come back spread out instead of staying alone."""
+    rejoin_max: float = 60.0
+    """Longest wait between two such tries, seconds."""
     leave_notices: int = 256
     """``ds_leave`` datagrams a node sends when it stops (its closest contacts first)."""
     leave_confirm_retries: int = 1
