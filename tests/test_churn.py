@@ -108,9 +108,7 @@ def _ping_resolve_ms(lau: Launcher, entry: str, target: str) -> list[float]:
     milliseconds, as the command reports it (``--json``: ``phases_ms.resolve``)."""
     phases = []
     for _ in range(PING_RUNS):
-        res = lau.run(
-            "ping", target, "--bootstrap", entry, "--count", "1", "--json", *LOOPBACK_RTC
-        )
+        res = lau.run("ping", target, "--bootstrap", entry, "--count", "1", "--json", *LOOPBACK_RTC)
         assert res.returncode == 0, res.stderr
         phases.append(float(json.loads(res.stdout)["phases_ms"]["resolve"]))
     return phases
