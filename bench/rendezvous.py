@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -87,6 +88,7 @@ import inspect
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -1473,6 +1475,12 @@ def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if "DHTSIGNAL_BENCH_DATA" not in os.environ:
+        # Peer("alice") keeps its key under $XDG_DATA_HOME/dhtsignal/peers/alice: not the
+        # user's own data directory; a fresh one per run, shared with the child processes.
+        data = tempfile.mkdtemp(prefix="dhtsignal-bench-")
+        os.environ["DHTSIGNAL_BENCH_DATA"] = os.environ["XDG_DATA_HOME"] = data
+        atexit.register(shutil.rmtree, data, True)
     if (
         args.serve_relay
         or args.serve_callee

@@ -508,10 +508,13 @@ class Settings:
     rejoin_interval: float = field(
         default=10.0,
         metadata=spec(
-            number(lo=0.0, lo_open=True), "seconds between joins while the table is empty", DAEMONS
+            number(lo=0.0, lo_open=True),
+            "longest wait between joins while the table is empty, seconds",
+            DAEMONS,
         ),
     )
-    """While the routing table is empty, the join is retried this often (seconds)."""
+    """While the routing table is empty, the join is retried: after 1 s, then with
+    doubling waits up to this many seconds (each at a random moment in its second half)."""
     node_id: str | None = field(
         default=None,
         metadata=spec(
@@ -827,6 +830,8 @@ class Settings:
             good_for=self.refresh_interval,
             maintenance_interval=min(_NODE.maintenance_interval, self.refresh_interval / 4),
             client_mode=self.client_mode if client_mode is None else client_mode,
+            rejoin_delay=min(_NODE.rejoin_delay, self.rejoin_interval),
+            rejoin_max=self.rejoin_interval,
             limits=self.storage_limits(),
         )
 

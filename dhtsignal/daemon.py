@@ -291,11 +291,6 @@ class Daemon:
         node.spawn(self._save_periodically(), name="save-state")
         return node
 
-    def keep_joined(self, addrs: Sequence[Addr]) -> None:
-        """Re-join through ``addrs`` whenever the routing table runs empty."""
-        assert self.node is not None
-        self.node.spawn(self._rejoin(addrs), name="rejoin")
-
     def save(self) -> None:
         """Write contacts and stored records to the data directory (atomically)."""
         if self.node is None:
@@ -310,16 +305,6 @@ class Daemon:
             await asyncio.sleep(self.settings.save_interval)
             self.save()
 
-    async def _rejoin(self, addrs: Sequence[Addr]) -> None:
-        node = self.node
-        assert node is not None
-        while True:
-            await asyncio.sleep(self.settings.rejoin_interval)
-            if len(node.table) == 0 and addrs:
-                size = await node.bootstrap(addrs)
-                if size:
-                    log.info("joined the DHT: %d contacts", size)
-
 
 class BootstrapDaemon(Daemon):
     """A long-lived public node that others join through."""
@@ -333,12 +318,11 @@ class BootstrapDaemon(Daemon):
         size = await node.bootstrap(addrs)
         if addrs and size == 0:
             log.warning(
-                "no node to join answered (%s); serving alone, retrying every %g s",
+                "no node to join answered (%s); serving alone, retrying with waits up to %g s",
                 show_addrs(addrs),
                 self.settings.rejoin_interval,
             )
         log.info("routing table: %d contacts", size)
-        self.keep_joined(addrs)
 
     def ready_line(self) -> str:
         """``ready bootstrap id=<routing id hex> addr=HOST:PORT``."""
@@ -419,7 +403,6 @@ class PeerDaemon(Daemon):
         await peer.start()
         log.info("joined the DHT: %d contacts", len(node.table))
         node.spawn(self._save_periodically(), name="save-state")
-        self.keep_joined(s.bootstrap)
         if not await self._owns_node_id():
             raise await claim_holder(node, self.node_id, identity.public_key)
         log.info("published %s in rooms %s", self.node_id, ", ".join(s.room))

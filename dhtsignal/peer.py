@@ -639,6 +639,12 @@ class Peer:
         candidate, and whether only TURN can help."""
         local, remote_types, _ = rtc.candidate_types(pc)
         parts = [f"NAT here: {self.nat}, at {remote}: {remote_nat}"]
+        ours, theirs = rtc.candidate_families(pc)
+        if ours and theirs and not ours & theirs:
+            parts.append(
+                f"no candidate pair was possible: we offered IPv{min(ours)} candidates only, "
+                f"{remote} IPv{min(theirs)} only (gather on both: --ice-host, or no --ice-host)"
+            )
         parts += await ice.gathering_problems(pc, servers)
         relayed = "relay" in local or "relay" in remote_types
         nats = {self.nat, remote_nat}
@@ -1240,7 +1246,8 @@ class Peer:
                 await drive.within(rtc.apply_remote(pc, sdp, "answer"))
             except _StageEnded as exc:
                 raise self._answer_timeout(node_id, exc, put, info) from None
-            drive.input(machine.answer_received)
+            if drive.live:  # else ICE failed at once (no pair possible): _open says why
+                drive.input(machine.answer_received)
             await self._open(session, drive, servers, info.nat)
         except BaseException:
             self._resolved.pop(node_id, None)

@@ -138,5 +138,11 @@ def test_a_network_on_ipv6_loopback(lau: Launcher) -> None:
     )
     assert ping.returncode == 0, ping.stderr
     assert len(json.loads(ping.stdout)["rtt_ms"]) == 3
+    # Gathering on IPv4 only toward bob (IPv6 only): no pair is possible, and it says so
+    # (it said "session input 'answer_received' is invalid in state CLOSED").
+    ping4 = lau.run("ping", "bob", "--bootstrap", v4, "--ice-host", "127.0.0.1")
+    assert ping4.returncode == 1
+    assert "we offered IPv4 candidates only, bob IPv6 only" in ping4.stderr, ping4.stderr
+    assert "Traceback" not in ping4.stderr and len(ping4.stderr.strip().splitlines()) == 1
     for proc in (b0, bob, al):
         assert "Traceback" not in proc.stderr()

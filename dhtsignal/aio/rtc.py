@@ -358,6 +358,21 @@ def candidate_types(
     )
 
 
+def candidate_families(pc: RTCPeerConnection) -> tuple[frozenset[int], frozenset[int]]:
+    """The IP versions (4, 6) of the candidates gathered locally and of those received
+    from the peer: ICE pairs only candidates of one version, so disjoint sets mean no
+    pair could even be tried.
+
+    :param pc: a connection with a data channel.
+    """
+    ice = _sctp(pc).transport.transport
+
+    def versions(cands: Sequence[Any]) -> frozenset[int]:
+        return frozenset(6 if ":" in str(c.ip) else 4 for c in cands)
+
+    return versions(ice.iceGatherer.getLocalCandidates()), versions(ice.getRemoteCandidates())
+
+
 def candidate_summary(pc: RTCPeerConnection) -> str:
     """:func:`candidate_types` as text for error messages.
 

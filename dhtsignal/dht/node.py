@@ -295,6 +295,7 @@ class Node:
     """
 
     __slots__ = (
+        "_boot_addrs",
         "_closed",
         "_dirty",
         "_first_armed",
@@ -302,9 +303,6 @@ class Node:
         "_listens",
         "_live_armed",
         "_live_last",
-        "_boot_addrs",
-        "_rejoin_wait",
-        "_rejoin_armed",
         "_lookup_cache",
         "_lookups",
         "_next_op",
@@ -313,6 +311,8 @@ class Node:
         "_pinging",
         "_pushes",
         "_recent",
+        "_rejoin_armed",
+        "_rejoin_wait",
         "_rttvar",
         "_seq",
         "_srtt",
