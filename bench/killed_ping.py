@@ -3,7 +3,7 @@ another, interleaved in one run; and what importing the ``ping`` command's modul
 
 Usage::
 
-    .venv/bin/python bench/killed_ping.py --base main [--runs 10] [--json PATH]
+    .venv/bin/python bench/killed_ping.py [--base main] [--runs 10 | --quick] [--json PATH]
 
 ``--base`` is a commit (checked out into a temporary git worktree, removed afterwards) or
 the path of a tree. One bootstrap node and one peer ``bob`` run from this tree on
@@ -146,8 +146,9 @@ def _worktree(rev: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="a commit, or the path of a tree")
+    p.add_argument("--base", default="main", help="a commit, or the path of a tree (main)")
     p.add_argument("--runs", type=int, default=10, help="pings (and imports) per tree, 1-50")
+    p.add_argument("--quick", action="store_true", help="3 runs")
     p.add_argument(
         "--bytecode",
         choices=("cached", "compiled"),
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.runs <= 50:
         p.error("--runs 1 to 50")
+    if args.quick:
+        args.runs = 3
     global PYCACHE
     made = None
     base = Path(args.base)
