@@ -178,3 +178,57 @@ async def test_a_node_alone_joins_once_its_bootstrap_node_comes_up() -> None:
         await lone.close()
         if boot is not None:
             await boot.close()
+
+
+@pytest.mark.asyncio
+async def test_a_put_on_a_lone_node_joins_first() -> None:
+    """Real sockets: a node whose join found nobody, asked to put as soon as its
+    bootstrap node is up (before its own re-join timer fires: 60 s here), joins first and
+    stores the value there instead of only in its own store."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    cfg = NodeConfig(rpc_timeout=0.2, rpc_retries=1, rejoin_delay=60.0, rejoin_max=60.0)
+    lone = DhtNode(os.urandom(20), cfg)
+    boot: DhtNode | None = None
+    try:
+        await lone.listen_udp("127.0.0.1", 0)
+        assert await lone.bootstrap([("127.0.0.1", port)]) == 0
+        silent.close()
+        boot = DhtNode(os.urandom(20), cfg)
+        await boot.listen_udp("127.0.0.1", port)
+        rec = records.sign(
+            Identity.generate(),
+            RecordType.DATA,
+            records.data_key("joined-first"),
+            b"v",
+            seq=1,
+            expires=time.time() + 600,
+        )
+        async with asyncio.timeout(10):
+            res = await lone.put([rec])
+        assert lone.stats["rejoin:lookup"] == 1
+        assert res.stored >= 2  # its own store and the boot node's
+        assert boot.core.store.get(records.data_key("joined-first"), time.time())
+    finally:
+        silent.close()
+        await lone.close()
+        if boot is not None:
+            await boot.close()
+
+
+def test_lookups_on_an_empty_table_wait_for_one_join() -> None:
+    """Sans-I/O: three lookups on a node whose table is empty start one join (one ping
+    to the bootstrap address), and all three go on once it ends."""
+    node = _node(A, NodeConfig(rpc_timeout=0.4, rpc_retries=0, rejoin_delay=0.0))
+    node.start_bootstrap([BOOT], 0.0)
+    node.datagrams_to_send(0.0)
+    _run_until(node, 5.0, [])  # the join fails: alone
+    assert len(node.table) == 0
+    for i in range(3):
+        node.start_lookup(bytes([i]) * 20, 5.0)
+    assert _pings_to(node, BOOT) == 1
+    assert node.stats["rejoin:lookup"] == 1
+    _run_until(node, 10.0, [])  # that join fails too: the lookups end, empty
+    done = [e for e in iter(node.next_event, None) if type(e).__name__ == "LookupFinished"]
+    assert len(done) == 3

@@ -300,6 +300,7 @@ class Node:
         "_dirty",
         "_first_armed",
         "_flags",
+        "_join_waiters",
         "_listens",
         "_live_armed",
         "_live_last",
@@ -416,6 +417,8 @@ class Node:
         self._boot_addrs: list[Addr] = []
         self._rejoin_wait = 0.0  # the last wait before a re-join (0: none armed)
         self._rejoin_armed = False
+        #: lookups waiting for a join started because the table was empty (None: none)
+        self._join_waiters: list[Callable[[float], None]] | None = None
         #: smoothed round-trip time of first tries answered, and its deviation (RFC 6298)
         self._srtt: float | None = None
         self._rttvar = 0.0
@@ -1097,7 +1100,11 @@ class Node:
             self._done(op_id, then, Bootstrapped, 0, None, now)
             return
         self.start_lookup(
-            self.id, now, remember=False, then=functools.partial(self._boot_looked, op_id, then)
+            self.id,
+            now,
+            remember=False,
+            then=functools.partial(self._boot_looked, op_id, then),
+            join_first=False,
         )
 
     def _boot_looked(
@@ -1139,8 +1146,28 @@ class Node:
         if len(self.table):
             self._rejoin_wait = 0.0
             return
+        if self._join_waiters is not None:
+            return  # a join is under way (for a lookup); if it fails it arms the next
         self._stats["rejoin"] += 1
         self.start_bootstrap(self._boot_addrs, now, then=ignore)
+
+    def _after_join(self, start: Callable[[float], None], now: float) -> None:
+        """Run ``start`` once a join through the last bootstrap addresses ends: the table
+        is empty, and a lookup from it would find nothing. Lookups arriving meanwhile
+        wait for the same join."""
+        if self._join_waiters is not None:
+            self._join_waiters.append(start)
+            return
+        self._join_waiters = [start]
+        self._stats["rejoin"] += 1
+        self._stats["rejoin:lookup"] += 1
+
+        def joined(result: Any, error: DhtSignalError | None, at: float) -> None:
+            waiters, self._join_waiters = self._join_waiters or [], None
+            for w in waiters:
+                w(at)
+
+        self.start_bootstrap(self._boot_addrs, now, then=joined)
 
     def _fill_after_join(self, now: float) -> None:
         """Shortly after a join's self-lookup: one small lookup (``join_fill_k`` closest)
@@ -1195,8 +1222,13 @@ class Node:
         remember: bool = True,
         store: list[bytes] | None = None,
         then: Then | None = None,
+        join_first: bool = True,
     ) -> int:
         """Start an iterative lookup; it ends as :class:`LookupFinished`.
+
+        With an empty routing table (a join found nobody, or every contact was lost),
+        the node first joins again through its last bootstrap addresses, then starts
+        the lookup from what that join found.
 
         :param key: the 20-byte target.
         :param now: monotonic time, seconds.
@@ -1207,11 +1239,33 @@ class Node:
         :param store: records every node asked stores on the way (``ds_store_find``; the
             lookup only ever asks nodes among the k closest it knows at the time).
         :param then: continuation instead of an event (the node's own use).
+        :param join_first: join again first if the table is empty (the join's own
+            self-lookup does not).
         :returns: the operation id.
         """
+        op_id = self._new_op()
+        args = (op_id, key, k, want_value, remember, store, then)
+        if join_first and not len(self.table) and self._boot_addrs and not self._closed:
+            self._after_join(functools.partial(self._begin_lookup, *args), now)
+        else:
+            self._begin_lookup(*args, now)
+        return op_id
+
+    def _begin_lookup(
+        self,
+        op_id: int,
+        key: bytes,
+        k: int | None,
+        want_value: bool,
+        remember: bool,
+        store: list[bytes] | None,
+        then: Then | None,
+        now: float,
+    ) -> None:
+        if self._closed:
+            return
         cfg = self.config
         k = k or cfg.ksize
-        op_id = self._new_op()
         cached = self._lookup_cache.get(key)
         if cached is not None and cached[0] > now:
             initial, warm = cached[1], True
@@ -1243,7 +1297,6 @@ class Node:
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op
         self._drive(op, now)
-        return op_id
 
     def _drive(self, op: _LookupOp, now: float) -> None:
         if op.done:
