@@ -1245,7 +1245,8 @@ class Node:
         """
         op_id = self._new_op()
         args = (op_id, key, k, want_value, remember, store, then)
-        if join_first and not len(self.table) and self._boot_addrs and not self._closed:
+        rejoins = self.config.rejoin_delay > 0 and self._boot_addrs and not self._closed
+        if join_first and rejoins and not len(self.table):
             self._after_join(functools.partial(self._begin_lookup, *args), now)
         else:
             self._begin_lookup(*args, now)

@@ -144,7 +144,8 @@ class NodeConfig:
     rejoin_delay: float = 1.0
     """Seconds before a join that ended with an empty routing table (no bootstrap
     address answered), or a table found empty later, is tried again through the same
-    addresses (0: never); doubled after each try that finds nobody, up to
+    addresses (0: never, and a lookup on an empty table does not join first either);
+    doubled after each try that finds nobody, up to
     ``rejoin_max``, each at a random moment in the second half of the wait. When a
     thousand nodes join at once, the bootstrap node's socket drops what it cannot
     queue; those joiners come back spread out instead of staying alone."""
