@@ -282,10 +282,13 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                             # CancelledError: the node was replaced (closed) meanwhile.
                             _reraise_if_cancelling()
                             ok = False
+                        if not ok and hasattr(node, "core"):
+                            misses.append((name, len(node.core.table), node.stats["rejoin"]))
                         return ((time.perf_counter() - began) * 1000, ok)
 
+                misses: list[tuple[str, int, int]] = []
                 res = await asyncio.gather(*(fetch(n) for n in req["names"]))
-                reply(rid, ms=[r[0] for r in res], ok=[r[1] for r in res])
+                reply(rid, ms=[r[0] for r in res], ok=[r[1] for r in res], misses=misses)
             elif op == "lookloop":
                 out: dict[str, list[Any]] = {"ms": [], "ok": []}
                 end = time.monotonic() + req["seconds"]
@@ -524,7 +527,14 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
             )
             ms = [m for r in res for m in r["ms"]]
             ok = [o for r in res for o in r["ok"]]
+            asked = [n for w in workers for n in share[(w.wid + 1) % len(workers)]]
+            missed.update(n for n, o in zip(asked, ok, strict=True) if not o)
+            for r in res:
+                for name, table, rejoins in r.get("misses", []):
+                    progress(f"miss {name}: getter's table {table}, its rejoins {rejoins}")
             return _summary(ms, ok)
+
+        missed: set[str] = set()
 
         first = await gets()
         if os.environ.get("MASSJOIN_DIAG"):
@@ -532,13 +542,15 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
 
             parts = await asyncio.gather(*(w.call("where", names=names) for w in workers))
             ids = [int(x, 16) for p_ in parts for x in p_["ids"]]
-            for name in names[:40]:
+            for name in sorted(missed) or names[:40]:
                 held = [int(x, 16) for p_ in parts for x in p_["held"][name]]
                 k = int.from_bytes(_r.data_key(name), "big")
                 order = sorted(ids, key=lambda i: i ^ k)
                 rank = {i: n for n, i in enumerate(order)}
                 progress(f"diag {name}: holder ranks {sorted(rank[h] for h in held)[:12]}")
         progress(f"massjoin: found {first['found']}/{first['lookups']} right after")
+        if missed:
+            progress(f"massjoin: missed {sorted(missed)[:20]}")
         await asyncio.sleep(a.later)
         second = await gets()
         progress(f"massjoin: found {second['found']}/{second['lookups']} {a.later:g} s later")

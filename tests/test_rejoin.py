@@ -20,10 +20,11 @@ import pytest
 
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
-from dhtsignal.dht.events import Bootstrapped
+from dhtsignal.dht.events import Bootstrapped, OperationFailed
 from dhtsignal.dht.node import Node
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import RecordType
+from dhtsignal.errors import PutFailed
 from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
@@ -217,18 +218,44 @@ async def test_a_put_on_a_lone_node_joins_first() -> None:
             await boot.close()
 
 
-def test_lookups_on_an_empty_table_wait_for_one_join() -> None:
+def test_lookups_on_an_empty_table_wait_for_the_same_joins() -> None:
     """Sans-I/O: three lookups on a node whose table is empty start one join (one ping
-    to the bootstrap address), and all three go on once it ends."""
-    node = _node(A, NodeConfig(rpc_timeout=0.4, rpc_retries=0, rejoin_delay=0.0))
+    to the bootstrap address), tried again for ``join_first_wait`` seconds; all three go
+    on once that ends."""
+    cfg = NodeConfig(rpc_timeout=0.4, rpc_retries=0, rejoin_delay=60.0, join_first_wait=3.0)
+    node = _node(A, cfg)
     node.start_bootstrap([BOOT], 0.0)
     node.datagrams_to_send(0.0)
     _run_until(node, 5.0, [])  # the join fails: alone
     assert len(node.table) == 0
+    node.next_event()
     for i in range(3):
         node.start_lookup(bytes([i]) * 20, 5.0)
     assert _pings_to(node, BOOT) == 1
+    tries: list[float] = []
+    _run_until(node, 9.0, tries)
     assert node.stats["rejoin:lookup"] == 1
-    _run_until(node, 10.0, [])  # that join fails too: the lookups end, empty
+    # A try every 0.4 s (its ping timing out) plus a 0.25-0.5 s pause, for 3 s.
+    assert 3 <= len(tries) <= 5, tries
+    assert all(5.0 + 0.65 - 1e-9 <= t <= 8.0 + 0.9 for t in tries), tries
     done = [e for e in iter(node.next_event, None) if type(e).__name__ == "LookupFinished"]
     assert len(done) == 3
+
+
+def test_a_put_from_a_node_that_cannot_join_fails_naming_its_bootstrap_nodes() -> None:
+    """Sans-I/O: it used to store the record in its own store only and report it
+    stored."""
+    cfg = NodeConfig(rpc_timeout=0.4, rpc_retries=0, rejoin_delay=60.0, join_first_wait=1.0)
+    node = _node(A, cfg)
+    node.start_bootstrap([BOOT], 0.0)
+    _run_until(node, 1.0, [])
+    node.next_event()
+    rec = records.sign(
+        Identity.generate(), RecordType.DATA, records.data_key("x"), b"v", seq=1, expires=WALL + 60
+    )
+    op = node.start_put([rec], 1.0)
+    _run_until(node, 10.0, [])
+    failed = [e for e in iter(node.next_event, None) if isinstance(e, OperationFailed)]
+    assert [e.op_id for e in failed] == [op]
+    assert isinstance(failed[0].error, PutFailed)
+    assert "not joined (no bootstrap node answered: 10.0.0.2:4000)" in str(failed[0].error)

@@ -138,12 +138,13 @@ from dhtsignal.dht.validation import AddressBook
 from dhtsignal.errors import (
     DhtSignalError,
     LimitExceeded,
+    PutFailed,
     RecordRejected,
     RpcTimeout,
     UsageError,
 )
 from dhtsignal.wire import codec
-from dhtsignal.wire.addr import Addr
+from dhtsignal.wire.addr import Addr, show_addrs
 
 # Re-exported: what was importable from this module before it was carved stays so.
 __all__ = [
@@ -177,7 +178,7 @@ log = logging.getLogger(__name__)
 #: datagram) beside the validation ping (RFC 9000 section 8.1's 3x, section 14.1's padding).
 PAD_TO = (codec.MAX_DATAGRAM + 100) // 3 + codec.HEADER_BYTES
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL, _REJOIN = range(9)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL, _REJOIN, _JOIN_FIRST = range(10)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -521,6 +522,10 @@ class Node:
                 self._fill_after_join(now)
             elif kind == _REJOIN:
                 self._rejoin(now)
+            elif kind == _JOIN_FIRST:
+                self.start_bootstrap(
+                    self._boot_addrs, now, then=functools.partial(self._joined, arg)
+                )
         if self._dirty:
             self.drive_lookups(now)
 
@@ -1152,22 +1157,27 @@ class Node:
         self.start_bootstrap(self._boot_addrs, now, then=ignore)
 
     def _after_join(self, start: Callable[[float], None], now: float) -> None:
-        """Run ``start`` once a join through the last bootstrap addresses ends: the table
-        is empty, and a lookup from it would find nothing. Lookups arriving meanwhile
-        wait for the same join."""
+        """Run ``start`` once the table holds a contact again: the table is empty, and a
+        lookup from it would find nothing. Join through the last bootstrap addresses,
+        again and again (a pause of 0.25-0.5 s between tries) for up to
+        ``join_first_wait`` seconds, then run ``start`` whatever came of it. Lookups
+        arriving meanwhile wait for the same joins."""
         if self._join_waiters is not None:
             self._join_waiters.append(start)
             return
         self._join_waiters = [start]
-        self._stats["rejoin"] += 1
         self._stats["rejoin:lookup"] += 1
+        self.start_bootstrap(self._boot_addrs, now, then=functools.partial(self._joined, now))
 
-        def joined(result: Any, error: DhtSignalError | None, at: float) -> None:
-            waiters, self._join_waiters = self._join_waiters or [], None
-            for w in waiters:
-                w(at)
-
-        self.start_bootstrap(self._boot_addrs, now, then=joined)
+    def _joined(self, began: float, result: Any, error: DhtSignalError | None, now: float) -> None:
+        self._stats["rejoin"] += 1
+        if not len(self.table) and now - began < self.config.join_first_wait and not self._closed:
+            pause = 0.25 * (1 + self.randbytes(1)[0] / 255)
+            self._schedule(now + pause, _JOIN_FIRST, began)
+            return
+        waiters, self._join_waiters = self._join_waiters or [], None
+        for w in waiters:
+            w(now)
 
     def _fill_after_join(self, now: float) -> None:
         """Shortly after a join's self-lookup: one small lookup (``join_fill_k`` closest)
@@ -1533,6 +1543,13 @@ class Node:
         """Store our own copy if we are among the closest, then apply the put-result
         policy (:func:`~dhtsignal.dht.putpolicy.put_result`)."""
         key = recs[0].key
+        if not res.closest and self._boot_addrs and self.config.rejoin_delay > 0:
+            # Meant to be in a network, and no node of it answered: a copy in our own
+            # store only would look stored and be found by nobody else.
+            raise PutFailed(
+                "no other node answered: not joined (no bootstrap node answered: "
+                f"{show_addrs(self._boot_addrs[:3])})"
+            )
         refused: Counter[str] = Counter()
         stored = 0
         if self._stores_locally(key, res.closest):

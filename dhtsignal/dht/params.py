@@ -151,6 +151,10 @@ class NodeConfig:
     queue; those joiners come back spread out instead of staying alone."""
     rejoin_max: float = 60.0
     """Longest wait between two such tries, seconds."""
+    join_first_wait: float = 5.0
+    """Seconds a lookup (put, get, listen) started on an empty table keeps joining again
+    (a try every 0.25-0.5 s after the last failed) before it runs on what it has: a
+    node that lost its contacts answers from the network once a bootstrap node does."""
     leave_notices: int = 256
     """``ds_leave`` datagrams a node sends when it stops (its closest contacts first)."""
     leave_confirm_retries: int = 1
