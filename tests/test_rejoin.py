@@ -32,6 +32,7 @@ from dhtsignal.wire.addr import Addr
 WALL = 1.7e9
 A: Addr = ("10.0.0.1", 4000)
 BOOT: Addr = ("10.0.0.2", 4000)
+A_ID = bytes(20)
 CFG = NodeConfig(rpc_timeout=0.4, rpc_retries=1, rejoin_delay=1.0, rejoin_max=8.0)
 
 
@@ -259,3 +260,37 @@ def test_a_put_from_a_node_that_cannot_join_fails_naming_its_bootstrap_nodes() -
     assert [e.op_id for e in failed] == [op]
     assert isinstance(failed[0].error, PutFailed)
     assert "not joined (no bootstrap node answered: 10.0.0.2:4000)" in str(failed[0].error)
+
+
+def test_a_ping_of_another_network_is_answered_with_ours_and_nothing_else() -> None:
+    """The answer names our network, is never larger than the ping (a spoofed one
+    amplifies nothing), and the sender becomes no contact and gets no validation ping."""
+    node = _node(A)
+    stranger: Addr = ("10.9.0.1", 5000)
+    for net in ("x", "lab-2", "n" * 64):
+        req = codec.encode_request(os.urandom(20), "ds_ping", [net, os.urandom(20), 0])
+        raw = node.receive_datagram(req, stranger, 1.0)
+        assert raw is not None and len(raw) <= len(req)
+        msg = codec.decode(raw)
+        assert isinstance(msg, codec.Response)
+        assert msg.result == ["wrong-network", CFG.network]
+    assert node.stats["drop:wrong-network"] == 3
+    assert len(node.table) == 0 and node.datagrams_to_send(1.0) == []
+    # Other RPCs of another network stay unanswered.
+    req = codec.encode_request(os.urandom(20), "ds_find_node", ["x", os.urandom(20), 0, A_ID])
+    assert node.receive_datagram(req, stranger, 1.0) is None
+
+
+def test_a_join_through_a_node_of_another_network_says_so() -> None:
+    ours = _node(A, NodeConfig(network="lab-2", rpc_timeout=0.4, rpc_retries=0))
+    boot = _node(BOOT)
+    ours.start_bootstrap([BOOT], 0.0)
+    _relay({A: ours, BOOT: boot}, 0.0, 1.0, lambda: False)
+    ended = [e for e in iter(ours.next_event, None) if isinstance(e, Bootstrapped)]
+    assert ended and ended[0].contacts == 0
+    err = ours.all_other_network()
+    assert err is not None
+    assert str(err) == (
+        f"10.0.0.2:4000 serves network {CFG.network!r}, not 'lab-2' (give both the same --network)"
+    )
+    assert ours.why_unanswered([BOOT]) == f"; {err}"

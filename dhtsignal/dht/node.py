@@ -132,7 +132,13 @@ from dhtsignal.dht.replies import (
     value_page,
 )
 from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
-from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
+from dhtsignal.dht.rpc import (
+    FLAG_CLIENT,
+    MAX_STORE_BATCH,
+    WRONG_NETWORK,
+    RequestHandler,
+    parse_contact,
+)
 from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
 from dhtsignal.dht.validation import AddressBook
 from dhtsignal.errors import (
@@ -142,6 +148,7 @@ from dhtsignal.errors import (
     RecordRejected,
     RpcTimeout,
     UsageError,
+    WrongNetwork,
 )
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr, show_addrs
@@ -330,6 +337,7 @@ class Node:
         "id",
         "legacy",
         "observed",
+        "other_networks",
         "outgoing",
         "randbytes",
         "rate",
@@ -418,6 +426,8 @@ class Node:
         self._boot_addrs: list[Addr] = []
         self._rejoin_wait = 0.0  # the last wait before a re-join (0: none armed)
         self._rejoin_armed = False
+        #: addresses we pinged that answered they serve another network (at most 16)
+        self.other_networks: dict[Addr, WrongNetwork] = {}
         #: lookups waiting for a join started because the table was empty (None: none)
         self._join_waiters: list[Callable[[float], None]] | None = None
         #: smoothed round-trip time of first tries answered, and its deviation (RFC 6298)
@@ -1059,11 +1069,22 @@ class Node:
     ) -> None:
         parsed = None if error is not None else ping_reply(reply)
         if parsed is None:
+            if (
+                error is None
+                and type(reply) is list
+                and len(reply) == 2
+                and reply[0] == WRONG_NETWORK
+                and type(reply[1]) is str
+            ):
+                error = WrongNetwork(addr, reply[1][:64], self.config.network)
+                if len(self.other_networks) < 16 or addr in self.other_networks:
+                    self.other_networks[addr] = error
             if error is None:
                 error = RpcTimeout("ds_ping (bad reply)", addr, 0.0)
             self._done(op_id, then, PingAnswered, None, error, now)
             return
         nid, seen = parsed
+        self.other_networks.pop(addr, None)
         if seen is not None:
             self.observed[seen] += 1
         self._learned(Contact(nid, addr[0], addr[1], DIALECT_DS), now)
@@ -1131,6 +1152,22 @@ class Node:
             spread = cfg.join_refresh_delay * (1 + self.randbytes(1)[0] / 255) / 2
             self._schedule(now + spread, _JOINED, None)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
+
+    def why_unanswered(self, addrs: Iterable[Addr] | None = None) -> str:
+        """``"; ADDR serves network 'x', not 'y' (...)"`` for each of ``addrs`` (default:
+        every address) that answered our ping saying so; empty if none did."""
+        known = self.other_networks
+        return "".join(f"; {known[a]}" for a in (known if addrs is None else addrs) if a in known)
+
+    def all_other_network(self, addrs: Iterable[Addr] | None = None) -> WrongNetwork | None:
+        """If every one of ``addrs`` (default: the last bootstrap addresses, else every
+        address pinged) answered our ping that it serves another network: the first such
+        answer, as an error."""
+        known = self.other_networks
+        targets = list(addrs if addrs is not None else self._boot_addrs or known)
+        if targets and all(a in known for a in targets):
+            return known[targets[0]]
+        return None
 
     def _arm_rejoin(self, now: float) -> None:
         """The table is empty: join again through the last bootstrap addresses after
@@ -1548,7 +1585,7 @@ class Node:
             # store only would look stored and be found by nobody else.
             raise PutFailed(
                 "no other node answered: not joined (no bootstrap node answered: "
-                f"{show_addrs(self._boot_addrs[:3])})"
+                f"{show_addrs(self._boot_addrs[:3])}{self.why_unanswered(self._boot_addrs)})"
             )
         refused: Counter[str] = Counter()
         stored = 0
