@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -212,6 +213,10 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                     addrs.append(sys_impl.addr(m))
                 if req.get("fixed"):
                     fixed.add(len(nodes) - len(addrs))
+                if req.get("rcvbuf") and addrs:
+                    # A small receive buffer at the seed: a mass join overflows it for sure.
+                    sock = nodes[-1].transport.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, req["rcvbuf"])
                 sizes = getattr(sys_impl, "boot_sizes", [])
                 empty = sum(1 for z in sizes[-len(addrs) :] if z == 0) if addrs else 0
                 reply(rid, addrs=addrs, failed=len(made) - len(addrs), empty=empty)
@@ -277,10 +282,13 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                             # CancelledError: the node was replaced (closed) meanwhile.
                             _reraise_if_cancelling()
                             ok = False
+                        if not ok and hasattr(node, "core"):
+                            misses.append((name, len(node.core.table), node.stats["rejoin"]))
                         return ((time.perf_counter() - began) * 1000, ok)
 
+                misses: list[tuple[str, int, int]] = []
                 res = await asyncio.gather(*(fetch(n) for n in req["names"]))
-                reply(rid, ms=[r[0] for r in res], ok=[r[1] for r in res])
+                reply(rid, ms=[r[0] for r in res], ok=[r[1] for r in res], misses=misses)
             elif op == "lookloop":
                 out: dict[str, list[Any]] = {"ms": [], "ok": []}
                 end = time.monotonic() + req["seconds"]
@@ -413,7 +421,8 @@ async def run_churn(a: argparse.Namespace, impl: str) -> dict[str, Any]:
     per = a.nodes // a.procs
     workers = await _spawn(a.procs, impl, a)
     try:
-        seed = (await workers[0].call("start", n=1, fixed=True))["addrs"][0]
+        seed_kw: dict[str, Any] = {"rcvbuf": a.seed_rcvbuf} if a.seed_rcvbuf else {}
+        seed = (await workers[0].call("start", n=1, fixed=True, **seed_kw))["addrs"][0]
         joined = await asyncio.gather(
             *(w.call("start", n=per - (1 if w.wid == 0 else 0), boot=seed) for w in workers)
         )
@@ -493,7 +502,8 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
     per = a.nodes // a.procs
     workers = await _spawn(a.procs, "ours", a)
     try:
-        seed = (await workers[0].call("start", n=1, fixed=True))["addrs"][0]
+        seed_kw: dict[str, Any] = {"rcvbuf": a.seed_rcvbuf} if a.seed_rcvbuf else {}
+        seed = (await workers[0].call("start", n=1, fixed=True, **seed_kw))["addrs"][0]
         began = time.monotonic()
         joined = await asyncio.gather(
             *(w.call("start", n=per - (1 if w.wid == 0 else 0), boot=seed) for w in workers)
@@ -502,6 +512,7 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
         count = sum(len(j["addrs"]) for j in joined) + 1
         empty = sum(j.get("empty", 0) for j in joined)
         progress(f"massjoin: {count} nodes joined in {join_s:.1f} s, {empty} with an empty table")
+        assert count == a.nodes, f"{a.nodes - count} nodes failed to start"
         await asyncio.sleep(a.join_wait)
         names = [f"mass-{os.getpid()}-{i}" for i in range(a.values)]
         share = [names[i :: len(workers)] for i in range(len(workers))]
@@ -516,7 +527,14 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
             )
             ms = [m for r in res for m in r["ms"]]
             ok = [o for r in res for o in r["ok"]]
+            asked = [n for w in workers for n in share[(w.wid + 1) % len(workers)]]
+            missed.update(n for n, o in zip(asked, ok, strict=True) if not o)
+            for r in res:
+                for name, table, rejoins in r.get("misses", []):
+                    progress(f"miss {name}: getter's table {table}, its rejoins {rejoins}")
             return _summary(ms, ok)
+
+        missed: set[str] = set()
 
         first = await gets()
         if os.environ.get("MASSJOIN_DIAG"):
@@ -524,13 +542,15 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
 
             parts = await asyncio.gather(*(w.call("where", names=names) for w in workers))
             ids = [int(x, 16) for p_ in parts for x in p_["ids"]]
-            for name in names[:40]:
+            for name in sorted(missed) or names[:40]:
                 held = [int(x, 16) for p_ in parts for x in p_["held"][name]]
                 k = int.from_bytes(_r.data_key(name), "big")
                 order = sorted(ids, key=lambda i: i ^ k)
                 rank = {i: n for n, i in enumerate(order)}
                 progress(f"diag {name}: holder ranks {sorted(rank[h] for h in held)[:12]}")
         progress(f"massjoin: found {first['found']}/{first['lookups']} right after")
+        if missed:
+            progress(f"massjoin: missed {sorted(missed)[:20]}")
         await asyncio.sleep(a.later)
         second = await gets()
         progress(f"massjoin: found {second['found']}/{second['lookups']} {a.later:g} s later")
@@ -546,6 +566,7 @@ async def run_massjoin(a: argparse.Namespace) -> dict[str, Any]:
         return {
             "nodes": count,
             "join_s": round(join_s, 1),
+            "alone_after_join": empty,
             "puts_ok": put_ok,
             "right_after": first,
             "later": second,
@@ -567,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--values", type=int)
     p.add_argument("--join-wait", type=float, default=2.0)
     p.add_argument("--later", type=float, default=30.0)
+    p.add_argument(
+        "--seed-rcvbuf", type=int, metavar="BYTES", help="massjoin: the seed's SO_RCVBUF"
+    )
     p.add_argument("--systems", default="ours,stock", help="churn mode: ours,stock")
     p.add_argument(
         "--refresh", type=float, help="dhtsignal refresh interval and good-for bound, seconds"

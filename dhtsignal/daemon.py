@@ -86,10 +86,10 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def _unreachable(addrs: Sequence[Addr], started: float) -> DhtTimeout:
+def _unreachable(addrs: Sequence[Addr], started: float, why: str = "") -> DhtTimeout:
     listed = show_addrs(addrs)
     return DhtTimeout(
-        f"joining the DHT (no bootstrap node answered: {listed})", time.monotonic() - started
+        f"joining the DHT (no bootstrap node answered: {listed}{why})", time.monotonic() - started
     )
 
 
@@ -318,8 +318,9 @@ class BootstrapDaemon(Daemon):
         size = await node.bootstrap(addrs)
         if addrs and size == 0:
             log.warning(
-                "no node to join answered (%s); serving alone, retrying with waits up to %g s",
+                "no node to join answered (%s%s); serving alone, retrying with waits up to %g s",
                 show_addrs(addrs),
+                node.core.why_unanswered(),
                 self.settings.rejoin_interval,
             )
         log.info("routing table: %d contacts", size)
@@ -482,7 +483,9 @@ async def client_node(
         await node.listen_udp(*bind_for(settings.listen, [*addrs, *reach]))
         began = time.monotonic()
         if addrs and await node.bootstrap(addrs) == 0:
-            raise _unreachable(addrs, began)
+            raise node.core.all_other_network() or _unreachable(
+                addrs, began, node.core.why_unanswered()
+            )
         yield node
     finally:
         await node.close()

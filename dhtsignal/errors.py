@@ -49,6 +49,20 @@ class ProtocolError(RemoteError):
     """A remote peer sent something that does not follow the protocol."""
 
 
+class WrongNetwork(RemoteError):
+    """A node answered that it serves another network id than ours."""
+
+    def __init__(self, addr: tuple[str, int], network: str, ours: str) -> None:
+        host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+        super().__init__(
+            f"{host}:{addr[1]} serves network {network!r}, not {ours!r} "
+            "(give both the same --network)"
+        )
+        self.addr = addr
+        self.network = network
+        self.ours = ours
+
+
 class RecordRejected(DhtSignalError):
     """A record failed validation. ``reason`` is a short machine-readable tag."""
 

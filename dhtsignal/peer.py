@@ -671,13 +671,16 @@ class Peer:
         retry = self.config.join_retry_interval
         shown = show_addrs(self.bootstrap_addrs)
         while await self._join_once() == 0:
+            why = self.node.core.why_unanswered()
             if retry is None:
-                raise DhtTimeout(
-                    f"joining the DHT (no bootstrap node answered: {shown})",
+                raise self.node.core.all_other_network() or DhtTimeout(
+                    f"joining the DHT (no bootstrap node answered: {shown}{why})",
                     time.monotonic() - began,
                 )
             if self.stats["join-retries"] == 0:
-                log.warning("no bootstrap node answered (%s); retrying every %g s", shown, retry)
+                log.warning(
+                    "no bootstrap node answered (%s%s); retrying every %g s", shown, why, retry
+                )
             self.stats["join-retries"] += 1
             await asyncio.sleep(retry)
         if self.stats["join-retries"]:

@@ -706,6 +706,28 @@ def test_unreachable_bootstrap_fails_fast(own_launcher: Launcher) -> None:
     assert ping.returncode == 1 and "no answer" in _one_line(ping.stderr)
 
 
+def test_a_bootstrap_node_of_another_network_is_named_as_such(own_launcher: Launcher) -> None:
+    """Joining with another --network than the bootstrap node's: the node answers the
+    ping saying which network it serves, and every command says so at once instead of
+    "no bootstrap node answered" (a peer daemon while it keeps retrying)."""
+    b0 = _bootstrap(own_launcher, "b0")
+    entry = b0.ready()["addr"]
+    want = f"{entry} serves network 'dhtsignal/1', not 'lab-2' (give both the same --network)"
+    began = time.monotonic()
+    for cmd in (("lookup", "bob"), ("peers",), ("ping", "bob")):
+        res = own_launcher.run(*cmd, "--bootstrap", entry, "--network", "lab-2")
+        assert res.returncode == 1, res.stderr
+        assert _one_line(res.stderr).endswith(want), res.stderr
+    assert time.monotonic() - began < 10.0  # three interpreters; no 2.4 s of retries each
+    bob = _peer(own_launcher, "bob", entry, "--network", "lab-2", "--rejoin-interval", "0.5")
+    deadline = time.monotonic() + READY_TIMEOUT
+    while want not in bob.stderr() and bob.popen.poll() is None:
+        assert time.monotonic() < deadline, bob.stderr()
+        time.sleep(0.05)  # its stderr is a file: re-read it
+    assert want in bob.stderr() and "Traceback" not in bob.stderr()
+    assert b0.popen.poll() is None and "Traceback" not in b0.stderr()
+
+
 def test_demo_command_runs_the_embedded_network(own_launcher: Launcher) -> None:
     began = time.monotonic()
     res = own_launcher.run("demo")

@@ -20,10 +20,11 @@ import pytest
 
 from dhtsignal.aio.node import DhtNode
 from dhtsignal.dht import records
-from dhtsignal.dht.events import Bootstrapped
+from dhtsignal.dht.events import Bootstrapped, OperationFailed
 from dhtsignal.dht.node import Node
 from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.records import RecordType
+from dhtsignal.errors import PutFailed
 from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
@@ -31,6 +32,7 @@ from dhtsignal.wire.addr import Addr
 WALL = 1.7e9
 A: Addr = ("10.0.0.1", 4000)
 BOOT: Addr = ("10.0.0.2", 4000)
+A_ID = bytes(20)
 CFG = NodeConfig(rpc_timeout=0.4, rpc_retries=1, rejoin_delay=1.0, rejoin_max=8.0)
 
 
@@ -178,3 +180,117 @@ async def test_a_node_alone_joins_once_its_bootstrap_node_comes_up() -> None:
         await lone.close()
         if boot is not None:
             await boot.close()
+
+
+@pytest.mark.asyncio
+async def test_a_put_on_a_lone_node_joins_first() -> None:
+    """Real sockets: a node whose join found nobody, asked to put as soon as its
+    bootstrap node is up (before its own re-join timer fires: 60 s here), joins first and
+    stores the value there instead of only in its own store."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    cfg = NodeConfig(rpc_timeout=0.2, rpc_retries=1, rejoin_delay=60.0, rejoin_max=60.0)
+    lone = DhtNode(os.urandom(20), cfg)
+    boot: DhtNode | None = None
+    try:
+        await lone.listen_udp("127.0.0.1", 0)
+        assert await lone.bootstrap([("127.0.0.1", port)]) == 0
+        silent.close()
+        boot = DhtNode(os.urandom(20), cfg)
+        await boot.listen_udp("127.0.0.1", port)
+        rec = records.sign(
+            Identity.generate(),
+            RecordType.DATA,
+            records.data_key("joined-first"),
+            b"v",
+            seq=1,
+            expires=time.time() + 600,
+        )
+        async with asyncio.timeout(10):
+            res = await lone.put([rec])
+        assert lone.stats["rejoin:lookup"] == 1
+        assert res.stored >= 2  # its own store and the boot node's
+        assert boot.core.store.get(records.data_key("joined-first"), time.time())
+    finally:
+        silent.close()
+        await lone.close()
+        if boot is not None:
+            await boot.close()
+
+
+def test_lookups_on_an_empty_table_wait_for_the_same_joins() -> None:
+    """Sans-I/O: three lookups on a node whose table is empty start one join (one ping
+    to the bootstrap address), tried again for ``join_first_wait`` seconds; all three go
+    on once that ends."""
+    cfg = NodeConfig(rpc_timeout=0.4, rpc_retries=0, rejoin_delay=60.0, join_first_wait=3.0)
+    node = _node(A, cfg)
+    node.start_bootstrap([BOOT], 0.0)
+    node.datagrams_to_send(0.0)
+    _run_until(node, 5.0, [])  # the join fails: alone
+    assert len(node.table) == 0
+    node.next_event()
+    for i in range(3):
+        node.start_lookup(bytes([i]) * 20, 5.0)
+    assert _pings_to(node, BOOT) == 1
+    tries: list[float] = []
+    _run_until(node, 9.0, tries)
+    assert node.stats["rejoin:lookup"] == 1
+    # A try every 0.4 s (its ping timing out) plus a 0.25-0.5 s pause, for 3 s.
+    assert 3 <= len(tries) <= 5, tries
+    assert all(5.0 + 0.65 - 1e-9 <= t <= 8.0 + 0.9 for t in tries), tries
+    done = [e for e in iter(node.next_event, None) if type(e).__name__ == "LookupFinished"]
+    assert len(done) == 3
+
+
+def test_a_put_from_a_node_that_cannot_join_fails_naming_its_bootstrap_nodes() -> None:
+    """Sans-I/O: it used to store the record in its own store only and report it
+    stored."""
+    cfg = NodeConfig(rpc_timeout=0.4, rpc_retries=0, rejoin_delay=60.0, join_first_wait=1.0)
+    node = _node(A, cfg)
+    node.start_bootstrap([BOOT], 0.0)
+    _run_until(node, 1.0, [])
+    node.next_event()
+    rec = records.sign(
+        Identity.generate(), RecordType.DATA, records.data_key("x"), b"v", seq=1, expires=WALL + 60
+    )
+    op = node.start_put([rec], 1.0)
+    _run_until(node, 10.0, [])
+    failed = [e for e in iter(node.next_event, None) if isinstance(e, OperationFailed)]
+    assert [e.op_id for e in failed] == [op]
+    assert isinstance(failed[0].error, PutFailed)
+    assert "not joined (no bootstrap node answered: 10.0.0.2:4000)" in str(failed[0].error)
+
+
+def test_a_ping_of_another_network_is_answered_with_ours_and_nothing_else() -> None:
+    """The answer names our network, is never larger than the ping (a spoofed one
+    amplifies nothing), and the sender becomes no contact and gets no validation ping."""
+    node = _node(A)
+    stranger: Addr = ("10.9.0.1", 5000)
+    for net in ("x", "lab-2", "n" * 64):
+        req = codec.encode_request(os.urandom(20), "ds_ping", [net, os.urandom(20), 0])
+        raw = node.receive_datagram(req, stranger, 1.0)
+        assert raw is not None and len(raw) <= len(req)
+        msg = codec.decode(raw)
+        assert isinstance(msg, codec.Response)
+        assert msg.result == ["wrong-network", CFG.network]
+    assert node.stats["drop:wrong-network"] == 3
+    assert len(node.table) == 0 and node.datagrams_to_send(1.0) == []
+    # Other RPCs of another network stay unanswered.
+    req = codec.encode_request(os.urandom(20), "ds_find_node", ["x", os.urandom(20), 0, A_ID])
+    assert node.receive_datagram(req, stranger, 1.0) is None
+
+
+def test_a_join_through_a_node_of_another_network_says_so() -> None:
+    ours = _node(A, NodeConfig(network="lab-2", rpc_timeout=0.4, rpc_retries=0))
+    boot = _node(BOOT)
+    ours.start_bootstrap([BOOT], 0.0)
+    _relay({A: ours, BOOT: boot}, 0.0, 1.0, lambda: False)
+    ended = [e for e in iter(ours.next_event, None) if isinstance(e, Bootstrapped)]
+    assert ended and ended[0].contacts == 0
+    err = ours.all_other_network()
+    assert err is not None
+    assert str(err) == (
+        f"10.0.0.2:4000 serves network {CFG.network!r}, not 'lab-2' (give both the same --network)"
+    )
+    assert ours.why_unanswered([BOOT]) == f"; {err}"

@@ -132,18 +132,26 @@ from dhtsignal.dht.replies import (
     value_page,
 )
 from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
-from dhtsignal.dht.rpc import FLAG_CLIENT, MAX_STORE_BATCH, RequestHandler, parse_contact
+from dhtsignal.dht.rpc import (
+    FLAG_CLIENT,
+    MAX_STORE_BATCH,
+    WRONG_NETWORK,
+    RequestHandler,
+    parse_contact,
+)
 from dhtsignal.dht.storage import LegacyStore, RecordStore, Subscriptions
 from dhtsignal.dht.validation import AddressBook
 from dhtsignal.errors import (
     DhtSignalError,
     LimitExceeded,
+    PutFailed,
     RecordRejected,
     RpcTimeout,
     UsageError,
+    WrongNetwork,
 )
 from dhtsignal.wire import codec
-from dhtsignal.wire.addr import Addr
+from dhtsignal.wire.addr import Addr, show_addrs
 
 # Re-exported: what was importable from this module before it was carved stays so.
 __all__ = [
@@ -177,7 +185,7 @@ log = logging.getLogger(__name__)
 #: datagram) beside the validation ping (RFC 9000 section 8.1's 3x, section 14.1's padding).
 PAD_TO = (codec.MAX_DATAGRAM + 100) // 3 + codec.HEADER_BYTES
 
-_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL, _REJOIN = range(9)
+_FIRST, _RETRY, _LOOKUP, _MAINT, _LISTEN, _LIVE, _JOINED, _FILL, _REJOIN, _JOIN_FIRST = range(10)
 
 
 def routing_id(public_key: bytes) -> bytes:
@@ -300,6 +308,7 @@ class Node:
         "_dirty",
         "_first_armed",
         "_flags",
+        "_join_waiters",
         "_listens",
         "_live_armed",
         "_live_last",
@@ -328,6 +337,7 @@ class Node:
         "id",
         "legacy",
         "observed",
+        "other_networks",
         "outgoing",
         "randbytes",
         "rate",
@@ -416,6 +426,10 @@ class Node:
         self._boot_addrs: list[Addr] = []
         self._rejoin_wait = 0.0  # the last wait before a re-join (0: none armed)
         self._rejoin_armed = False
+        #: addresses we pinged that answered they serve another network (at most 16)
+        self.other_networks: dict[Addr, WrongNetwork] = {}
+        #: lookups waiting for a join started because the table was empty (None: none)
+        self._join_waiters: list[Callable[[float], None]] | None = None
         #: smoothed round-trip time of first tries answered, and its deviation (RFC 6298)
         self._srtt: float | None = None
         self._rttvar = 0.0
@@ -518,6 +532,10 @@ class Node:
                 self._fill_after_join(now)
             elif kind == _REJOIN:
                 self._rejoin(now)
+            elif kind == _JOIN_FIRST:
+                self.start_bootstrap(
+                    self._boot_addrs, now, then=functools.partial(self._joined, arg)
+                )
         if self._dirty:
             self.drive_lookups(now)
 
@@ -1051,11 +1069,22 @@ class Node:
     ) -> None:
         parsed = None if error is not None else ping_reply(reply)
         if parsed is None:
+            if (
+                error is None
+                and type(reply) is list
+                and len(reply) == 2
+                and reply[0] == WRONG_NETWORK
+                and type(reply[1]) is str
+            ):
+                error = WrongNetwork(addr, reply[1][:64], self.config.network)
+                if len(self.other_networks) < 16 or addr in self.other_networks:
+                    self.other_networks[addr] = error
             if error is None:
                 error = RpcTimeout("ds_ping (bad reply)", addr, 0.0)
             self._done(op_id, then, PingAnswered, None, error, now)
             return
         nid, seen = parsed
+        self.other_networks.pop(addr, None)
         if seen is not None:
             self.observed[seen] += 1
         self._learned(Contact(nid, addr[0], addr[1], DIALECT_DS), now)
@@ -1097,7 +1126,11 @@ class Node:
             self._done(op_id, then, Bootstrapped, 0, None, now)
             return
         self.start_lookup(
-            self.id, now, remember=False, then=functools.partial(self._boot_looked, op_id, then)
+            self.id,
+            now,
+            remember=False,
+            then=functools.partial(self._boot_looked, op_id, then),
+            join_first=False,
         )
 
     def _boot_looked(
@@ -1120,6 +1153,22 @@ class Node:
             self._schedule(now + spread, _JOINED, None)
         self._done(op_id, then, Bootstrapped, len(self.table), error, now)
 
+    def why_unanswered(self, addrs: Iterable[Addr] | None = None) -> str:
+        """``"; ADDR serves network 'x', not 'y' (...)"`` for each of ``addrs`` (default:
+        every address) that answered our ping saying so; empty if none did."""
+        known = self.other_networks
+        return "".join(f"; {known[a]}" for a in (known if addrs is None else addrs) if a in known)
+
+    def all_other_network(self, addrs: Iterable[Addr] | None = None) -> WrongNetwork | None:
+        """If every one of ``addrs`` (default: the last bootstrap addresses, else every
+        address pinged) answered our ping that it serves another network: the first such
+        answer, as an error."""
+        known = self.other_networks
+        targets = list(addrs if addrs is not None else self._boot_addrs or known)
+        if targets and all(a in known for a in targets):
+            return known[targets[0]]
+        return None
+
     def _arm_rejoin(self, now: float) -> None:
         """The table is empty: join again through the last bootstrap addresses after
         ``rejoin_delay``, doubled after each try that found nobody up to ``rejoin_max``,
@@ -1139,8 +1188,33 @@ class Node:
         if len(self.table):
             self._rejoin_wait = 0.0
             return
+        if self._join_waiters is not None:
+            return  # a join is under way (for a lookup); if it fails it arms the next
         self._stats["rejoin"] += 1
         self.start_bootstrap(self._boot_addrs, now, then=ignore)
+
+    def _after_join(self, start: Callable[[float], None], now: float) -> None:
+        """Run ``start`` once the table holds a contact again: the table is empty, and a
+        lookup from it would find nothing. Join through the last bootstrap addresses,
+        again and again (a pause of 0.25-0.5 s between tries) for up to
+        ``join_first_wait`` seconds, then run ``start`` whatever came of it. Lookups
+        arriving meanwhile wait for the same joins."""
+        if self._join_waiters is not None:
+            self._join_waiters.append(start)
+            return
+        self._join_waiters = [start]
+        self._stats["rejoin:lookup"] += 1
+        self.start_bootstrap(self._boot_addrs, now, then=functools.partial(self._joined, now))
+
+    def _joined(self, began: float, result: Any, error: DhtSignalError | None, now: float) -> None:
+        self._stats["rejoin"] += 1
+        if not len(self.table) and now - began < self.config.join_first_wait and not self._closed:
+            pause = 0.25 * (1 + self.randbytes(1)[0] / 255)
+            self._schedule(now + pause, _JOIN_FIRST, began)
+            return
+        waiters, self._join_waiters = self._join_waiters or [], None
+        for w in waiters:
+            w(now)
 
     def _fill_after_join(self, now: float) -> None:
         """Shortly after a join's self-lookup: one small lookup (``join_fill_k`` closest)
@@ -1195,8 +1269,13 @@ class Node:
         remember: bool = True,
         store: list[bytes] | None = None,
         then: Then | None = None,
+        join_first: bool = True,
     ) -> int:
         """Start an iterative lookup; it ends as :class:`LookupFinished`.
+
+        With an empty routing table (a join found nobody, or every contact was lost),
+        the node first joins again through its last bootstrap addresses, then starts
+        the lookup from what that join found.
 
         :param key: the 20-byte target.
         :param now: monotonic time, seconds.
@@ -1207,11 +1286,34 @@ class Node:
         :param store: records every node asked stores on the way (``ds_store_find``; the
             lookup only ever asks nodes among the k closest it knows at the time).
         :param then: continuation instead of an event (the node's own use).
+        :param join_first: join again first if the table is empty (the join's own
+            self-lookup does not).
         :returns: the operation id.
         """
+        op_id = self._new_op()
+        args = (op_id, key, k, want_value, remember, store, then)
+        rejoins = self.config.rejoin_delay > 0 and self._boot_addrs and not self._closed
+        if join_first and rejoins and not len(self.table):
+            self._after_join(functools.partial(self._begin_lookup, *args), now)
+        else:
+            self._begin_lookup(*args, now)
+        return op_id
+
+    def _begin_lookup(
+        self,
+        op_id: int,
+        key: bytes,
+        k: int | None,
+        want_value: bool,
+        remember: bool,
+        store: list[bytes] | None,
+        then: Then | None,
+        now: float,
+    ) -> None:
+        if self._closed:
+            return
         cfg = self.config
         k = k or cfg.ksize
-        op_id = self._new_op()
         cached = self._lookup_cache.get(key)
         if cached is not None and cached[0] > now:
             initial, warm = cached[1], True
@@ -1243,7 +1345,6 @@ class Node:
         op = _LookupOp(op_id, key, lk, want_value, remember, store, then)
         self._lookups[op_id] = op
         self._drive(op, now)
-        return op_id
 
     def _drive(self, op: _LookupOp, now: float) -> None:
         if op.done:
@@ -1479,6 +1580,13 @@ class Node:
         """Store our own copy if we are among the closest, then apply the put-result
         policy (:func:`~dhtsignal.dht.putpolicy.put_result`)."""
         key = recs[0].key
+        if not res.closest and self._boot_addrs and self.config.rejoin_delay > 0:
+            # Meant to be in a network, and no node of it answered: a copy in our own
+            # store only would look stored and be found by nobody else.
+            raise PutFailed(
+                "no other node answered: not joined (no bootstrap node answered: "
+                f"{show_addrs(self._boot_addrs[:3])}{self.why_unanswered(self._boot_addrs)})"
+            )
         refused: Counter[str] = Counter()
         stored = 0
         if self._stores_locally(key, res.closest):

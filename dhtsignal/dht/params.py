@@ -144,12 +144,17 @@ class NodeConfig:
     rejoin_delay: float = 1.0
     """Seconds before a join that ended with an empty routing table (no bootstrap
     address answered), or a table found empty later, is tried again through the same
-    addresses (0: never); doubled after each try that finds nobody, up to
+    addresses (0: never, and a lookup on an empty table does not join first either);
+    doubled after each try that finds nobody, up to
     ``rejoin_max``, each at a random moment in the second half of the wait. When a
     thousand nodes join at once, the bootstrap node's socket drops what it cannot
     queue; those joiners come back spread out instead of staying alone."""
     rejoin_max: float = 60.0
     """Longest wait between two such tries, seconds."""
+    join_first_wait: float = 5.0
+    """Seconds a lookup (put, get, listen) started on an empty table keeps joining again
+    (a try every 0.25-0.5 s after the last failed) before it runs on what it has: a
+    node that lost its contacts answers from the network once a bootstrap node does."""
     leave_notices: int = 256
     """``ds_leave`` datagrams a node sends when it stops (its closest contacts first)."""
     leave_confirm_retries: int = 1

@@ -86,6 +86,10 @@ _PORT = operator.attrgetter("port")
 NotifyHook = Callable[[bytes, list[Record], Addr], bool]
 
 
+#: First item of the answer to a ``ds_ping`` of another network: ``[WRONG_NETWORK, ours]``.
+WRONG_NETWORK = "wrong-network"
+
+
 @dataclass(slots=True)
 class Outcome:
     """What handling one request produced."""
@@ -208,7 +212,13 @@ class RequestHandler:
                 return self.drop("arity")
             net, nid, flags = args[0], args[1], args[2]
             if net != self.network:
-                return self.drop("wrong-network")
+                out = self.drop("wrong-network")
+                if name == "ds_ping" and type(net) is str:
+                    # Say which network this node serves (a reply smaller than the
+                    # request): a node joining through us with another --network can
+                    # then say why nobody answered instead of "no bootstrap node".
+                    out.reply, out.has_reply = [WRONG_NETWORK, self.network], True
+                return out
             if type(nid) is not bytes or len(nid) != _ID or type(flags) is not int:
                 return self.drop("bad-args")
             if not flags & FLAG_CLIENT and nid != self.own_id and name != "ds_leave":
