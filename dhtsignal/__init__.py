@@ -33,6 +33,7 @@ from dhtsignal.errors import (
     SimulationStalled,
     StoreLimitExceeded,
     UsageError,
+    WrongNetwork,
 )
 
 __version__ = "0.1.0"
@@ -85,5 +86,6 @@ __all__ = [
     "SimulationStalled",
     "StoreLimitExceeded",
     "UsageError",
+    "WrongNetwork",
     "__version__",
 ]
