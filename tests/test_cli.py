@@ -68,7 +68,7 @@ def _env(home: Path) -> dict[str, str]:
     under ``home``, and compiled bytecode kept in :data:`PYCACHE` even where the caller's
     environment says not to write any (``PYTHONDONTWRITEBYTECODE``): an installed
     ``dhtsignal`` has its bytecode compiled at install time, and compiling some fifty
-    modules again in every process added 0.3-0.5 s to each command measured here."""
+    modules again in every process added 0.2-0.5 s to each command measured here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DHTSIGNAL_")}
     env["XDG_DATA_HOME"] = str(home)
     env["PYTHONUNBUFFERED"] = "1"
