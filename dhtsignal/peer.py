@@ -47,6 +47,7 @@ Each session (:class:`~dhtsignal.session.Session`) has two pre-negotiated data c
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 import logging
 import os
@@ -59,7 +60,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from dhtsignal import ice, nat
+from dhtsignal import ice, nat, portprobe
 from dhtsignal.aio import rtc
 from dhtsignal.aio.node import DhtNode, ignore_outcome, routing_id
 from dhtsignal.datadir import KNOWN_PEERS_FILE, DataDirLock, KnownPeers
@@ -125,6 +126,17 @@ NO_CANDIDATES = (
 )
 
 
+class _Ack(enum.Enum):
+    """What became of a dial's direct push (:meth:`Peer._acked`)."""
+
+    ACKED = "acked"
+    """The callee's node acknowledged it, or the answer arrived."""
+    REFUSED = "refused"
+    """Every address it went to refused datagrams: nothing listens there."""
+    SILENT = "silent"
+    """Neither, within the push acknowledgement timeout."""
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     """Tunables of a :class:`Peer` (the DHT's are :class:`~dhtsignal.dht.params.NodeConfig`,
@@ -167,6 +179,13 @@ class PeerConfig:
     callee's node runs in client mode or is behind a cone or symmetric NAT (where
     unsolicited pushes may be filtered). A presence reused from the resolve cache is read
     again before the verdict (the callee may have restarted at another address)."""
+    probe_closed_ports: bool = True
+    """While waiting for that acknowledgement, also send one STUN Binding request from a
+    connected socket to each address the offer was pushed to (:mod:`dhtsignal.portprobe`):
+    when every one of them is refused with an ICMP port unreachable, nothing listens there
+    any more (the callee's process is gone, its host is up) and the dial fails as
+    ``not-responding`` at once instead of after :attr:`push_ack_timeout`. Silence proves
+    nothing and changes nothing. False: wait for the acknowledgement only."""
     keepalive_interval: float | None = 15.0
     """Client mode or behind a NAT (:attr:`Peer.behind_nat`): seconds between keepalive
     pings to the DHT nodes that hold our inbox subscription, so that the NAT mappings they
@@ -1274,16 +1293,19 @@ class Peer:
         listens on the callee's inbox) or the answer arrives within ``timeout`` seconds.
 
         A crashed peer's presence stays in the DHT until it expires; its node no longer
-        answers, which this notices in about a second instead of at the answer deadline.
-        When ``info`` came from the resolve cache (not ``fresh``), the presence is read
-        again first: a callee that restarted elsewhere gets the offer pushed to its new
-        addresses (and another ``timeout``), one that signed off meanwhile fails as
-        offline, one now in client mode is not judged.
+        answers, which this notices in about a second instead of at the answer deadline,
+        or within a round trip when the pushed addresses refuse datagrams (the process is
+        gone, its host is up: :attr:`PeerConfig.probe_closed_ports`). When ``info`` came
+        from the resolve cache (not ``fresh``), the presence is read again first: a callee
+        that restarted elsewhere gets the offer pushed to its new addresses (and another
+        ``timeout``), one that signed off meanwhile fails as offline, one now in client
+        mode is not judged.
         """
         addrs = info.addresses[: len(pushes)]
-        if await self._acked(pushes, answer, timeout):
+        verdict = await self._acked(pushes, answer, timeout, self._probe(addrs, timeout))
+        if verdict is _Ack.ACKED:
             return
-        if not fresh:
+        if not fresh:  # refused or silent: it may have moved
             try:
                 now_info, _ = await self._resolve(node_id, cached=False)
             except DhtSignalError as exc:  # offline now, or its pinned key changed
@@ -1297,40 +1319,70 @@ class Peer:
             ]
             if moved and now_info.public_key == info.public_key:
                 addrs = moved
-                if await self._acked(self._push(rec, moved), answer, timeout):
+                pushed = self._push(rec, moved)
+                verdict = await self._acked(pushed, answer, timeout, self._probe(moved, timeout))
+                if verdict is _Ack.ACKED:
                     return
         if answer.done():
             return
         self.stats["dial-failed:not-responding"] += 1
-        answer.set_exception(
-            DialFailed(
-                node_id,
-                "not-responding",
+        if verdict is _Ack.REFUSED:
+            self.stats["not-responding:port-closed"] += 1
+            why = (
+                "not responding: nothing listens on its DHT address any more (pushed to "
+                f"{show_addrs(addrs)}: port unreachable; crashed or stopped)"
+            )
+        else:
+            why = (
                 f"not responding: its DHT node did not acknowledge the offer within "
                 f"{timeout:.1f} s (pushed to {show_addrs(addrs)}; crashed, or not reachable "
-                "from here)",
+                "from here)"
             )
-        )
+        answer.set_exception(DialFailed(node_id, "not-responding", why))
+
+    def _probe(self, addrs: Sequence[Addr], timeout: float) -> asyncio.Task[bool] | None:
+        """With :attr:`PeerConfig.probe_closed_ports`, a task telling whether every one of
+        ``addrs`` refuses datagrams (:func:`dhtsignal.portprobe.refused`)."""
+        if not self.config.probe_closed_ports or not addrs:
+            return None
+        return self.node.spawn(portprobe.refused(addrs, timeout), name="port-probe")
 
     @staticmethod
     async def _acked(
-        pushes: list[asyncio.Future[Any]], answer: asyncio.Future[AnswerReceived], timeout: float
-    ) -> bool:
+        pushes: list[asyncio.Future[Any]],
+        answer: asyncio.Future[AnswerReceived],
+        timeout: float,
+        probe: asyncio.Task[bool] | None = None,
+    ) -> _Ack:
         """Whether one of ``pushes`` is answered ``True`` or ``answer`` completes within
-        ``timeout`` seconds."""
+        ``timeout`` seconds (:attr:`_Ack.ACKED`), or ``probe`` found every pushed address
+        closed first (:attr:`_Ack.REFUSED`), or neither (:attr:`_Ack.SILENT`). Pushes that
+        end unacknowledged leave the answer (the DHT path) its chance until the deadline.
+        ``probe`` is cancelled on return."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        for fut in asyncio.as_completed(pushes, timeout=timeout):
-            try:
-                if await fut is True:
-                    return True
-            except TimeoutError:  # as_completed's own deadline: nothing acknowledged
-                break
-            except DhtSignalError:  # RpcTimeout, too many RPCs in flight
-                continue
-        if not answer.done():  # the pushes ended early unacknowledged: the DHT path may still
-            await asyncio.wait((answer,), timeout=max(0.0, deadline - loop.time()))
-        return answer.done()
+        waiting: set[asyncio.Future[Any]] = set(pushes)
+        if probe is not None:
+            waiting.add(probe)
+        try:
+            # Bounded: each round ends a future of ``waiting`` or reaches the deadline.
+            while not answer.done() and (left := deadline - loop.time()) > 0:
+                done, _ = await asyncio.wait(
+                    {*waiting, answer}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                for fut in done - {answer}:
+                    waiting.discard(fut)
+                    if fut.cancelled() or fut.exception() is not None:
+                        continue  # RpcTimeout, too many RPCs in flight; a failed probe
+                    if fut is probe:
+                        if fut.result() is True and not answer.done():
+                            return _Ack.REFUSED
+                    elif fut.result() is True:
+                        return _Ack.ACKED
+            return _Ack.ACKED if answer.done() else _Ack.SILENT
+        finally:
+            if probe is not None:
+                probe.cancel()
 
     def _answer_timeout(
         self, node_id: str, exc: _StageEnded, put: asyncio.Task[Any] | None, info: PeerInfo
