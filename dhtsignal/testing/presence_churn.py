@@ -1,0 +1,374 @@
+"""Presence lookups while a third of the DHT nodes are killed: real processes on 127.0.0.1.
+
+Theory of operation
+-------------------
+:func:`run_presence_churn` starts ``nodes`` ``dhtsignal bootstrap`` daemons (one node per
+OS process, each with its own data directory; all but the first join through the
+first) and then ``peers`` ``dhtsignal peer`` daemons, every one with the shortened
+``--refresh-interval`` (the setting the program reads: how long a contact stays good
+without being heard from, and when a silent bucket is refreshed). Each waits for the
+daemons' ready lines. The prober is this process: what ``dhtsignal lookup`` runs
+underneath (:func:`~dhtsignal.daemon.client_node` and
+:func:`~dhtsignal.presence.resolve`), in two forms:
+
+* *warm*: one client node that joined before the kill and stays (a long-lived client);
+* *fresh*: a new client node per round, joined through the first node, as each
+  ``dhtsignal lookup`` command is.
+
+A round looks up every peer once, one after another. Phases:
+
+``quiet``
+    ``rounds`` warm rounds and ``fresh_rounds`` fresh rounds.
+``right_after``
+    ``kill`` nodes chosen at random (never the first node, the address every client
+    is configured with, and never a peer) are killed with SIGKILL and reaped; at once
+    one warm round and one fresh round.
+``during``
+    warm rounds until one refresh interval has passed since the kill (bounded).
+``after``
+    ``rounds`` warm rounds and ``fresh_rounds`` fresh rounds.
+
+A lookup succeeds when it returns the presence of the peer's node ID within
+``lookup_timeout``. Every process is killed by PID in a ``finally``; the daemons'
+data directories live under ``workdir``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dhtsignal.config import Settings
+from dhtsignal.daemon import client_node
+from dhtsignal.errors import DhtSignalError
+from dhtsignal.presence import resolve
+from dhtsignal.wire.addr import Addr, parse_addr
+
+
+@dataclass(frozen=True)
+class PresenceChurnConfig:
+    """What runs and what is measured."""
+
+    nodes: int = 50
+    """DHT node processes (``dhtsignal bootstrap``)."""
+    peers: int = 10
+    """Peer processes (``dhtsignal peer``), whose presence is looked up."""
+    kill: int = 15
+    """DHT nodes killed with SIGKILL (30 % of 50)."""
+    refresh: float = 5.0
+    """``--refresh-interval`` of every process and of the prober, seconds."""
+    rounds: int = 10
+    """Warm rounds (one lookup of every peer each) in the quiet and after phases."""
+    fresh_rounds: int = 3
+    """Fresh-client rounds in the quiet and after phases."""
+    max_during: int = 200
+    """Warm rounds at most while waiting out the refresh interval after the kill."""
+    lookup_timeout: float = 10.0
+    """A lookup slower than this fails."""
+    ready_timeout: float = 60.0
+    """Seconds a daemon has to print its ready line (many interpreters start at once)."""
+    seed: int = 1
+    """Seed of the choice of the nodes killed."""
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, int(q * len(s)))], 2)
+
+
+@dataclass
+class Phase:
+    """The lookups of one phase (one form of prober)."""
+
+    ms: list[float] = field(default_factory=list)
+    """Milliseconds of each successful lookup."""
+    failed: list[str] = field(default_factory=list)
+    """Why each failed lookup failed."""
+
+    @property
+    def lookups(self) -> int:
+        """Lookups made."""
+        return len(self.ms) + len(self.failed)
+
+    @property
+    def success(self) -> float | None:
+        """Share of lookups that succeeded."""
+        return len(self.ms) / self.lookups if self.lookups else None
+
+    @property
+    def p50(self) -> float | None:
+        """Median lookup time of the successful lookups, ms."""
+        return _pct(self.ms, 0.5)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as plain data."""
+        return {
+            "lookups": self.lookups,
+            "found": len(self.ms),
+            "success": self.success,
+            "p50_ms": self.p50,
+            "p99_ms": _pct(self.ms, 0.99),
+            "max_ms": _pct(self.ms, 1.0),
+            "failures": sorted(set(self.failed))[:5],
+        }
+
+
+@dataclass
+class PresenceChurnReport:
+    """What a run measured: phases by ``"<prober> <phase>"`` (e.g. ``"warm quiet"``)."""
+
+    config: PresenceChurnConfig
+    phases: dict[str, Phase] = field(default_factory=dict)
+    start_s: float = 0.0
+    """Seconds until every daemon was ready."""
+    killed_at: float = 0.0
+    """Seconds from the start of the run to the kill."""
+    prober_stats: dict[str, int] = field(default_factory=dict)
+    """The warm prober's node counters at the end (RPC retries, timeouts...)."""
+
+    def phase(self, name: str) -> Phase:
+        """The phase ``name``, created empty if new."""
+        return self.phases.setdefault(name, Phase())
+
+    def all_lookups(self) -> Phase:
+        """Every lookup of the run, merged."""
+        out = Phase()
+        for p in self.phases.values():
+            out.ms += p.ms
+            out.failed += p.failed
+        return out
+
+    def ratio(self, prober: str) -> float | None:
+        """p50 after one refresh interval over the quiet p50, for ``prober``."""
+        before = self.phase(f"{prober} quiet").p50
+        after = self.phase(f"{prober} after").p50
+        if not before or after is None:
+            return None
+        return round(after / before, 3)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as plain data."""
+        cfg = self.config
+        every = self.all_lookups()
+        return {
+            "nodes": cfg.nodes,
+            "peers": cfg.peers,
+            "killed": cfg.kill,
+            "refresh_s": cfg.refresh,
+            "start_s": round(self.start_s, 1),
+            "success_all": every.success,
+            "lookups_all": every.lookups,
+            "ratio_warm": self.ratio("warm"),
+            "ratio_fresh": self.ratio("fresh"),
+            "phases": {name: p.summary() for name, p in self.phases.items()},
+            "warm_prober_stats": {
+                k: v for k, v in sorted(self.prober_stats.items()) if not k.startswith("rpc:")
+            },
+        }
+
+
+class Daemon:
+    """A ``dhtsignal`` daemon process whose stdout lines a thread reads.
+
+    :param args: arguments after ``python -m dhtsignal``.
+    :param err: its stderr file.
+    :param env: its environment.
+    """
+
+    def __init__(self, args: list[str], err: Path, env: dict[str, str]) -> None:
+        self.err_path = err
+        self._err = open(err, "wb")  # noqa: SIM115 (closed in kill())
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "dhtsignal", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        self.pid = self.popen.pid
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def ready(self, timeout: float) -> Addr:
+        """Wait for the ready line; returns the address it names.
+
+        :raises RuntimeError: no ready line in time, or the process exited first.
+        """
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"{self.err_path.name}: no ready line in {timeout} s") from None
+        if line is None or not line.startswith("ready "):
+            tail = self.err_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.err_path.name}: not ready ({line!r}); stderr:\n{tail}")
+        fields = dict(w.split("=", 1) for w in line.split()[2:])
+        return parse_addr(fields["addr"])
+
+    def kill(self) -> None:
+        """SIGKILL by PID (if still running) and reap."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        self._err.close()
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DHTSIGNAL_")}
+    env["XDG_DATA_HOME"] = str(workdir / "xdg")
+    env["XDG_CONFIG_HOME"] = str(workdir / "xdg-config")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _show(a: Addr) -> str:
+    return f"{a[0]}:{a[1]}"
+
+
+def peer_names(cfg: PresenceChurnConfig) -> list[str]:
+    """The node IDs of the peers."""
+    return [f"peer{i}" for i in range(cfg.peers)]
+
+
+async def _round(node: Any, names: list[str], phase: Phase, timeout: float) -> None:
+    for name in names:
+        began = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                info = await resolve(node, name)
+        except TimeoutError:
+            phase.failed.append(f"no answer within {timeout:g} s")
+            continue
+        except DhtSignalError as exc:
+            phase.failed.append(f"{type(exc).__name__}: {exc}")
+            continue
+        if info.node_id != name:
+            phase.failed.append(f"{name} resolved to {info.node_id}")
+            continue
+        phase.ms.append((time.perf_counter() - began) * 1000)
+
+
+async def _fresh_rounds(
+    settings: Settings, entry: Addr, names: list[str], phase: Phase, rounds: int, timeout: float
+) -> None:
+    for _ in range(rounds):
+        try:
+            async with asyncio.timeout(timeout), client_node(settings, [entry]) as node:
+                await _round(node, names, phase, timeout)
+        except (TimeoutError, DhtSignalError) as exc:
+            phase.failed += [f"fresh client: {type(exc).__name__}: {exc}"] * len(names)
+
+
+async def _probe(
+    cfg: PresenceChurnConfig,
+    entry: Addr,
+    kill: Callable[[], None],
+    report: PresenceChurnReport,
+    progress: Callable[[str], None],
+) -> None:
+    settings = Settings(listen=("127.0.0.1", 0), refresh_interval=cfg.refresh)
+    names = peer_names(cfg)
+    t = cfg.lookup_timeout
+    async with client_node(settings, [entry]) as warm:
+        for _ in range(cfg.rounds):
+            await _round(warm, names, report.phase("warm quiet"), t)
+        await _fresh_rounds(settings, entry, names, report.phase("fresh quiet"), cfg.fresh_rounds, t)
+        progress(f"quiet: warm p50 {report.phase('warm quiet').p50} ms")
+        kill()
+        killed = time.monotonic()
+        await _round(warm, names, report.phase("warm right_after"), t)
+        await _fresh_rounds(settings, entry, names, report.phase("fresh right_after"), 1, t)
+        during = report.phase("warm during")
+        for _ in range(cfg.max_during):
+            if time.monotonic() - killed >= cfg.refresh:
+                break
+            await _round(warm, names, during, t)
+        progress(f"one refresh interval ({cfg.refresh:g} s) passed since the kill")
+        for _ in range(cfg.rounds):
+            await _round(warm, names, report.phase("warm after"), t)
+        await _fresh_rounds(settings, entry, names, report.phase("fresh after"), cfg.fresh_rounds, t)
+        report.prober_stats = dict(warm.stats)
+
+
+def run_presence_churn(
+    cfg: PresenceChurnConfig,
+    workdir: Path,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> PresenceChurnReport:
+    """Start the daemons, probe, kill, probe again; every process is killed at the end.
+
+    :param cfg: what runs.
+    :param workdir: an empty directory for data directories and stderr files.
+    :param progress: called with a line of progress now and then.
+    :raises RuntimeError: a daemon did not start.
+    """
+    report = PresenceChurnReport(cfg)
+    env = _env(workdir)
+    daemons: list[Daemon] = []
+    short = ["--refresh-interval", f"{cfg.refresh:g}"]
+
+    def start(name: str, *args: str) -> Daemon:
+        d = Daemon([*args, "--data-dir", str(workdir / name), *short], workdir / f"{name}.err", env)
+        daemons.append(d)
+        return d
+
+    began = time.monotonic()
+    try:
+        listen = ("--listen", "127.0.0.1:0")
+        first = start("node0", "bootstrap", *listen)
+        entry = first.ready(cfg.ready_timeout)
+        join = ("--join", _show(entry))
+        others = [start(f"node{i}", "bootstrap", *listen, *join) for i in range(1, cfg.nodes)]
+        addrs = [entry] + [d.ready(cfg.ready_timeout) for d in others]
+        progress(f"{len(addrs)} DHT nodes ready after {time.monotonic() - began:.1f} s")
+        rng = random.Random(cfg.seed)
+        peers = [
+            start(
+                f"peer-{name}",
+                "peer",
+                *("--node-id", name, *listen, "--ice-host", "127.0.0.1"),
+                *("--bootstrap", _show(entry), "--bootstrap", _show(rng.choice(addrs[1:]))),
+            )
+            for name in peer_names(cfg)
+        ]
+        for p in peers:
+            p.ready(cfg.ready_timeout)
+        report.start_s = time.monotonic() - began
+        progress(f"{len(peers)} peers ready after {report.start_s:.1f} s")
+        doomed = rng.sample(others, cfg.kill)
+
+        def kill() -> None:
+            report.killed_at = time.monotonic() - began
+            for d in doomed:
+                d.kill()
+            progress(f"killed {len(doomed)} of {cfg.nodes} DHT nodes with SIGKILL")
+
+        asyncio.run(_probe(cfg, entry, kill, report, progress))
+        return report
+    finally:
+        for d in daemons:
+            d.kill()
