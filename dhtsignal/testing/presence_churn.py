@@ -98,6 +98,9 @@ class Phase:
     """Milliseconds of each successful lookup."""
     failed: list[str] = field(default_factory=list)
     """Why each failed lookup failed."""
+    waited_on: int = 0
+    """RPCs the prober's node retried or gave up on during the phase (dead contacts
+    waited on; for the warm prober its own background liveness pings count too)."""
 
     @property
     def lookups(self) -> int:
@@ -123,6 +126,7 @@ class Phase:
             "p50_ms": self.p50,
             "p99_ms": _pct(self.ms, 0.99),
             "max_ms": _pct(self.ms, 1.0),
+            "waited_on": self.waited_on,
             "failures": sorted(set(self.failed))[:5],
         }
 
@@ -150,6 +154,7 @@ class PresenceChurnReport:
         for p in self.phases.values():
             out.ms += p.ms
             out.failed += p.failed
+            out.waited_on += p.waited_on
         return out
 
     def ratio(self, prober: str) -> float | None:
@@ -254,7 +259,20 @@ def peer_names(cfg: PresenceChurnConfig) -> list[str]:
     return [f"peer{i}" for i in range(cfg.peers)]
 
 
+def _waits(node: Any) -> int:
+    stats = node.stats
+    return int(stats["rpc-retry"] + stats["rpc-timeout"])
+
+
 async def _round(node: Any, names: list[str], phase: Phase, timeout: float) -> None:
+    waits = _waits(node)
+    try:
+        await _lookups(node, names, phase, timeout)
+    finally:
+        phase.waited_on += _waits(node) - waits
+
+
+async def _lookups(node: Any, names: list[str], phase: Phase, timeout: float) -> None:
     for name in names:
         began = time.perf_counter()
         try:
@@ -296,7 +314,9 @@ async def _probe(
     async with client_node(settings, [entry]) as warm:
         for _ in range(cfg.rounds):
             await _round(warm, names, report.phase("warm quiet"), t)
-        await _fresh_rounds(settings, entry, names, report.phase("fresh quiet"), cfg.fresh_rounds, t)
+        await _fresh_rounds(
+            settings, entry, names, report.phase("fresh quiet"), cfg.fresh_rounds, t
+        )
         progress(f"quiet: warm p50 {report.phase('warm quiet').p50} ms")
         kill()
         killed = time.monotonic()
@@ -310,7 +330,9 @@ async def _probe(
         progress(f"one refresh interval ({cfg.refresh:g} s) passed since the kill")
         for _ in range(cfg.rounds):
             await _round(warm, names, report.phase("warm after"), t)
-        await _fresh_rounds(settings, entry, names, report.phase("fresh after"), cfg.fresh_rounds, t)
+        await _fresh_rounds(
+            settings, entry, names, report.phase("fresh after"), cfg.fresh_rounds, t
+        )
         report.prober_stats = dict(warm.stats)
 
 
