@@ -5,14 +5,15 @@
 This process looks up the presence of every peer, round after round, as ``dhtsignal
 lookup`` does (a client node and ``presence.resolve``): a *warm* client that stays
 joined, and a *fresh* client per round. Quiet figures first; then 15 DHT nodes (never
-the first, which clients join through, and never a peer) get SIGKILL; lookups right
+a peer, and unless ``--kill-any`` never the first node, which clients join through) get
+SIGKILL; lookups right
 after, and after one refresh interval. Reports success and p50/p99 per phase, and the
 p50 after one refresh interval over the quiet p50 (the issue's target: 100 % success,
 ratio at most 2). See :mod:`dhtsignal.testing.presence_churn`.
 
 Usage::
 
-    .venv/bin/python bench/presence_churn.py [--refresh 5] [--json out.json]
+    .venv/bin/python bench/presence_churn.py [--refresh 5] [--kill-any] [--json out.json]
 
 Every process is killed by PID at the end, also on failure; data directories go to a
 temporary directory. Progress goes to stderr.
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=d.rounds, help="warm rounds per phase")
     p.add_argument("--fresh-rounds", type=int, default=d.fresh_rounds)
     p.add_argument("--seed", type=int, default=d.seed, help="choice of the nodes killed")
+    p.add_argument(
+        "--kill-any",
+        action="store_true",
+        help="draw the nodes killed from all of them, the first included "
+        "(clients then join through 3 random nodes, peers through 2)",
+    )
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     if not 0 <= a.kill < a.nodes:
@@ -56,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=a.rounds,
         fresh_rounds=a.fresh_rounds,
         seed=a.seed,
+        spare_entry=not a.kill_any,
     )
     with tempfile.TemporaryDirectory(prefix="presence-churn-") as tmp:
         report = run_presence_churn(cfg, Path(tmp), progress)

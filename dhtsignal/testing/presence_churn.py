@@ -20,16 +20,17 @@ A round looks up every peer once, one after another. Phases:
 ``quiet``
     ``rounds`` warm rounds and ``fresh_rounds`` fresh rounds.
 ``right_after``
-    ``kill`` nodes chosen at random (never the first node, the address every client
-    is configured with, and never a peer) are killed with SIGKILL and reaped; at once
-    one warm round and one fresh round.
+    ``kill`` nodes chosen at random (never a peer, and by default never the first
+    node, the address every client is configured with) are killed with SIGKILL and
+    reaped; at once one warm round and one fresh round.
 ``during``
     warm rounds until one refresh interval has passed since the kill (bounded).
 ``after``
     ``rounds`` warm rounds and ``fresh_rounds`` fresh rounds.
 
 A lookup succeeds when it returns the presence of the peer's node ID within
-``lookup_timeout``. Every process is killed by PID in a ``finally``; the daemons'
+``lookup_timeout``. Each round also pings one peer's node (never killed) once: its
+round-trip time is a control for the load of the machine, which other jobs share. Every process is killed by PID in a ``finally``; the daemons'
 data directories live under ``workdir``.
 """
 
@@ -69,9 +70,9 @@ class PresenceChurnConfig:
     """DHT nodes killed with SIGKILL (30 % of 50)."""
     refresh: float = 5.0
     """``--refresh-interval`` of every process and of the prober, seconds."""
-    rounds: int = 10
+    rounds: int = 20
     """Warm rounds (one lookup of every peer each) in the quiet and after phases."""
-    fresh_rounds: int = 3
+    fresh_rounds: int = 5
     """Fresh-client rounds in the quiet and after phases."""
     max_during: int = 200
     """Warm rounds at most while waiting out the refresh interval after the kill."""
@@ -81,6 +82,12 @@ class PresenceChurnConfig:
     """Seconds a daemon has to print its ready line (many interpreters start at once)."""
     seed: int = 1
     """Seed of the choice of the nodes killed."""
+    spare_entry: bool = True
+    """Never kill the first node (the one address clients join through). False: the
+    nodes killed are drawn from all of them, and clients join through ``entries``
+    nodes drawn at random (peers through two)."""
+    entries: int = 3
+    """Bootstrap addresses of the clients when ``spare_entry`` is off."""
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -98,6 +105,11 @@ class Phase:
     """Milliseconds of each successful lookup."""
     failed: list[str] = field(default_factory=list)
     """Why each failed lookup failed."""
+    by_peer: dict[str, list[float]] = field(default_factory=dict)
+    """The same milliseconds by peer looked up."""
+    control_ms: list[float] = field(default_factory=list)
+    """Milliseconds of one ping of a live peer's node per round: the machine's load, as
+    a control (it does not depend on the nodes killed)."""
     waited_on: int = 0
     """RPCs the prober's node retried or gave up on during the phase (dead contacts
     waited on; for the warm prober its own background liveness pings count too)."""
@@ -126,7 +138,9 @@ class Phase:
             "p50_ms": self.p50,
             "p99_ms": _pct(self.ms, 0.99),
             "max_ms": _pct(self.ms, 1.0),
+            "control_ping_p50_ms": _pct(self.control_ms, 0.5),
             "waited_on": self.waited_on,
+            "p50_ms_by_peer": {n: _pct(ms, 0.5) for n, ms in sorted(self.by_peer.items())},
             "failures": sorted(set(self.failed))[:5],
         }
 
@@ -143,6 +157,14 @@ class PresenceChurnReport:
     """Seconds from the start of the run to the kill."""
     prober_stats: dict[str, int] = field(default_factory=dict)
     """The warm prober's node counters at the end (RPC retries, timeouts...)."""
+
+    def control_ratio(self, prober: str) -> float | None:
+        """The control ping's p50 after one refresh interval over its quiet p50."""
+        before = _pct(self.phase(f"{prober} quiet").control_ms, 0.5)
+        after = _pct(self.phase(f"{prober} after").control_ms, 0.5)
+        if not before or after is None:
+            return None
+        return round(after / before, 3)
 
     def phase(self, name: str) -> Phase:
         """The phase ``name``, created empty if new."""
@@ -174,11 +196,14 @@ class PresenceChurnReport:
             "peers": cfg.peers,
             "killed": cfg.kill,
             "refresh_s": cfg.refresh,
+            "entry_spared": cfg.spare_entry,
             "start_s": round(self.start_s, 1),
             "success_all": every.success,
             "lookups_all": every.lookups,
             "ratio_warm": self.ratio("warm"),
             "ratio_fresh": self.ratio("fresh"),
+            "control_ratio_warm": self.control_ratio("warm"),
+            "control_ratio_fresh": self.control_ratio("fresh"),
             "phases": {name: p.summary() for name, p in self.phases.items()},
             "warm_prober_stats": {
                 k: v for k, v in sorted(self.prober_stats.items()) if not k.startswith("rpc:")
@@ -264,10 +289,14 @@ def _waits(node: Any) -> int:
     return int(stats["rpc-retry"] + stats["rpc-timeout"])
 
 
-async def _round(node: Any, names: list[str], phase: Phase, timeout: float) -> None:
+async def _round(node: Any, names: list[str], phase: Phase, timeout: float, control: Addr) -> None:
     waits = _waits(node)
     try:
         await _lookups(node, names, phase, timeout)
+        began = time.perf_counter()
+        with contextlib.suppress(DhtSignalError):
+            await node.ping(control)
+            phase.control_ms.append((time.perf_counter() - began) * 1000)
     finally:
         phase.waited_on += _waits(node) - waits
 
@@ -287,23 +316,32 @@ async def _lookups(node: Any, names: list[str], phase: Phase, timeout: float) ->
         if info.node_id != name:
             phase.failed.append(f"{name} resolved to {info.node_id}")
             continue
-        phase.ms.append((time.perf_counter() - began) * 1000)
+        ms = (time.perf_counter() - began) * 1000
+        phase.ms.append(ms)
+        phase.by_peer.setdefault(name, []).append(ms)
 
 
 async def _fresh_rounds(
-    settings: Settings, entry: Addr, names: list[str], phase: Phase, rounds: int, timeout: float
+    settings: Settings,
+    entries: list[Addr],
+    control: Addr,
+    names: list[str],
+    phase: Phase,
+    rounds: int,
+    timeout: float,
 ) -> None:
     for _ in range(rounds):
         try:
-            async with asyncio.timeout(timeout), client_node(settings, [entry]) as node:
-                await _round(node, names, phase, timeout)
+            async with asyncio.timeout(timeout), client_node(settings, entries) as node:
+                await _round(node, names, phase, timeout, control)
         except (TimeoutError, DhtSignalError) as exc:
             phase.failed += [f"fresh client: {type(exc).__name__}: {exc}"] * len(names)
 
 
 async def _probe(
     cfg: PresenceChurnConfig,
-    entry: Addr,
+    entries: list[Addr],
+    control: Addr,
     kill: Callable[[], None],
     report: PresenceChurnReport,
     progress: Callable[[str], None],
@@ -311,27 +349,29 @@ async def _probe(
     settings = Settings(listen=("127.0.0.1", 0), refresh_interval=cfg.refresh)
     names = peer_names(cfg)
     t = cfg.lookup_timeout
-    async with client_node(settings, [entry]) as warm:
+    async with client_node(settings, entries) as warm:
         for _ in range(cfg.rounds):
-            await _round(warm, names, report.phase("warm quiet"), t)
+            await _round(warm, names, report.phase("warm quiet"), t, control)
         await _fresh_rounds(
-            settings, entry, names, report.phase("fresh quiet"), cfg.fresh_rounds, t
+            settings, entries, control, names, report.phase("fresh quiet"), cfg.fresh_rounds, t
         )
         progress(f"quiet: warm p50 {report.phase('warm quiet').p50} ms")
         kill()
         killed = time.monotonic()
-        await _round(warm, names, report.phase("warm right_after"), t)
-        await _fresh_rounds(settings, entry, names, report.phase("fresh right_after"), 1, t)
+        await _round(warm, names, report.phase("warm right_after"), t, control)
+        await _fresh_rounds(
+            settings, entries, control, names, report.phase("fresh right_after"), 1, t
+        )
         during = report.phase("warm during")
         for _ in range(cfg.max_during):
             if time.monotonic() - killed >= cfg.refresh:
                 break
-            await _round(warm, names, during, t)
+            await _round(warm, names, during, t, control)
         progress(f"one refresh interval ({cfg.refresh:g} s) passed since the kill")
         for _ in range(cfg.rounds):
-            await _round(warm, names, report.phase("warm after"), t)
+            await _round(warm, names, report.phase("warm after"), t, control)
         await _fresh_rounds(
-            settings, entry, names, report.phase("fresh after"), cfg.fresh_rounds, t
+            settings, entries, control, names, report.phase("fresh after"), cfg.fresh_rounds, t
         )
         report.prober_stats = dict(warm.stats)
 
@@ -368,20 +408,29 @@ def run_presence_churn(
         addrs = [entry] + [d.ready(cfg.ready_timeout) for d in others]
         progress(f"{len(addrs)} DHT nodes ready after {time.monotonic() - began:.1f} s")
         rng = random.Random(cfg.seed)
+        if cfg.spare_entry:
+            entries = [entry]
+            doomed = rng.sample(others, cfg.kill)
+        else:
+            entries = rng.sample(addrs, min(cfg.entries, len(addrs)))
+            doomed = rng.sample([first, *others], cfg.kill)
+
+        def boot() -> list[str]:
+            picks = [entry, rng.choice(addrs[1:])] if cfg.spare_entry else rng.sample(addrs, 2)
+            return [w for a in picks for w in ("--bootstrap", _show(a))]
+
         peers = [
             start(
                 f"peer-{name}",
                 "peer",
-                *("--node-id", name, *listen, "--ice-host", "127.0.0.1"),
-                *("--bootstrap", _show(entry), "--bootstrap", _show(rng.choice(addrs[1:]))),
+                *("--node-id", name, *listen, "--ice-host", "127.0.0.1", *boot()),
             )
             for name in peer_names(cfg)
         ]
-        for p in peers:
-            p.ready(cfg.ready_timeout)
+        ready = [p.ready(cfg.ready_timeout) for p in peers]
+        control = ready[0]
         report.start_s = time.monotonic() - began
         progress(f"{len(peers)} peers ready after {report.start_s:.1f} s")
-        doomed = rng.sample(others, cfg.kill)
 
         def kill() -> None:
             report.killed_at = time.monotonic() - began
@@ -389,7 +438,7 @@ def run_presence_churn(
                 d.kill()
             progress(f"killed {len(doomed)} of {cfg.nodes} DHT nodes with SIGKILL")
 
-        asyncio.run(_probe(cfg, entry, kill, report, progress))
+        asyncio.run(_probe(cfg, entries, control, kill, report, progress))
         return report
     finally:
         for d in daemons:
