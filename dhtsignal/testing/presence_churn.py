@@ -30,8 +30,9 @@ A round looks up every peer once, one after another. Phases:
 
 A lookup succeeds when it returns the presence of the peer's node ID within
 ``lookup_timeout``. Each round also pings one peer's node (never killed) once: its
-round-trip time is a control for the load of the machine, which other jobs share. Every process is killed by PID in a ``finally``; the daemons'
-data directories live under ``workdir``.
+round-trip time is a control for the load of the machine, which other jobs share.
+Every process is killed by PID in a ``finally``; the daemons' data directories live
+under ``workdir``.
 """
 
 from __future__ import annotations
