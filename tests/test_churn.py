@@ -11,6 +11,7 @@ in the failure message only. Every process is killed by PID in the launcher's fi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -186,6 +187,7 @@ def test_presence_lookups_all_succeed_with_30_percent_of_50_nodes_killed(tmp_pat
     cfg = PresenceChurnConfig(nodes=50, peers=10, kill=15, refresh=SHORT_REFRESH, after_tries=3)
     report = run_presence_churn(cfg, tmp_path)
     figures = report.summary()
+    print(json.dumps(figures))  # shown with -rP: the figures of a passing run
     every = report.all_lookups()
     assert every.lookups >= 2 * (cfg.rounds + cfg.fresh_rounds + 1) * cfg.peers, figures
     assert every.success == 1.0, figures
