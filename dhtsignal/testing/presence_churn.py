@@ -119,6 +119,9 @@ class Phase:
     control_ms: list[float] = field(default_factory=list)
     """Milliseconds of one ping of a live peer's node per round: the machine's load, as
     a control (it does not depend on the nodes killed)."""
+    to_dead: int = 0
+    """Datagrams the prober's node sent to killed nodes during the phase (for the warm
+    prober its own background liveness pings count too)."""
     waited_on: int = 0
     """RPCs the prober's node retried or gave up on during the phase (dead contacts
     waited on; for the warm prober its own background liveness pings count too)."""
@@ -149,6 +152,7 @@ class Phase:
             "max_ms": _pct(self.ms, 1.0),
             "control_ping_p50_ms": _pct(self.control_ms, 0.5),
             "waited_on": self.waited_on,
+            "to_dead": self.to_dead,
             "p50_ms_by_peer": {n: _pct(ms, 0.5) for n, ms in sorted(self.by_peer.items())},
             "failures": sorted(set(self.failed))[:5],
         }
@@ -186,6 +190,7 @@ class PresenceChurnReport:
             out.ms += p.ms
             out.failed += p.failed
             out.waited_on += p.waited_on
+            out.to_dead += p.to_dead
         return out
 
     def ratio(self, prober: str, tag: str = "after") -> float | None:
@@ -315,6 +320,40 @@ def peer_names(cfg: PresenceChurnConfig) -> list[str]:
     return [f"peer{i}" for i in range(cfg.peers)]
 
 
+class _Watch(asyncio.DatagramTransport):
+    """A node's transport, counting the datagrams sent to the addresses in ``dead``."""
+
+    def __init__(self, inner: asyncio.DatagramTransport, dead: set[Addr]) -> None:
+        super().__init__()
+        self._inner = inner
+        self.dead = dead
+        self.sent_to_dead = 0
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if addr is not None and (addr[0], addr[1]) in self.dead:
+            self.sent_to_dead += 1
+        self._inner.sendto(data, addr)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+def _watch(node: Any, dead: set[Addr]) -> _Watch:
+    """Put a :class:`_Watch` between ``node`` and its transport."""
+    watch = _Watch(node.transport, dead)
+    node.transport = watch
+    return watch
+
+
 def _waits(node: Any) -> int:
     stats = node.stats
     return int(stats["rpc-retry"] + stats["rpc-timeout"])
@@ -322,6 +361,8 @@ def _waits(node: Any) -> int:
 
 async def _round(node: Any, names: list[str], phase: Phase, timeout: float, control: Addr) -> None:
     waits = _waits(node)
+    watch = node.transport
+    sent = watch.sent_to_dead if isinstance(watch, _Watch) else 0
     try:
         await _lookups(node, names, phase, timeout)
         began = time.perf_counter()
@@ -330,6 +371,8 @@ async def _round(node: Any, names: list[str], phase: Phase, timeout: float, cont
             phase.control_ms.append((time.perf_counter() - began) * 1000)
     finally:
         phase.waited_on += _waits(node) - waits
+        if isinstance(watch, _Watch):
+            phase.to_dead += watch.sent_to_dead - sent
 
 
 async def _lookups(node: Any, names: list[str], phase: Phase, timeout: float) -> None:
@@ -356,6 +399,7 @@ async def _fresh_rounds(
     settings: Settings,
     entries: list[Addr],
     control: Addr,
+    dead: set[Addr],
     names: list[str],
     phase: Phase,
     rounds: int,
@@ -364,6 +408,7 @@ async def _fresh_rounds(
     for _ in range(rounds):
         try:
             async with asyncio.timeout(timeout), client_node(settings, entries) as node:
+                _watch(node, dead)
                 await _round(node, names, phase, timeout, control)
         except (TimeoutError, DhtSignalError) as exc:
             phase.failed += [f"fresh client: {type(exc).__name__}: {exc}"] * len(names)
@@ -373,6 +418,7 @@ async def _probe(
     cfg: PresenceChurnConfig,
     entries: list[Addr],
     control: Addr,
+    dead: set[Addr],
     kill: Callable[[], None],
     report: PresenceChurnReport,
     progress: Callable[[str], None],
@@ -381,17 +427,25 @@ async def _probe(
     names = peer_names(cfg)
     t = cfg.lookup_timeout
     async with client_node(settings, entries) as warm:
+        _watch(warm, dead)
         for _ in range(cfg.rounds):
             await _round(warm, names, report.phase("warm quiet"), t, control)
         await _fresh_rounds(
-            settings, entries, control, names, report.phase("fresh quiet"), cfg.fresh_rounds, t
+            settings,
+            entries,
+            control,
+            dead,
+            names,
+            report.phase("fresh quiet"),
+            cfg.fresh_rounds,
+            t,
         )
         progress(f"quiet: warm p50 {report.phase('warm quiet').p50} ms")
         kill()
         killed = time.monotonic()
         await _round(warm, names, report.phase("warm right_after"), t, control)
         await _fresh_rounds(
-            settings, entries, control, names, report.phase("fresh right_after"), 1, t
+            settings, entries, control, dead, names, report.phase("fresh right_after"), 1, t
         )
         during = report.phase("warm during")
         for _ in range(cfg.max_during):
@@ -404,7 +458,7 @@ async def _probe(
             for _ in range(cfg.rounds):
                 await _round(warm, names, report.phase(f"warm {tag}"), t, control)
             fresh = report.phase(f"fresh {tag}")
-            await _fresh_rounds(settings, entries, control, names, fresh, cfg.fresh_rounds, t)
+            await _fresh_rounds(settings, entries, control, dead, names, fresh, cfg.fresh_rounds, t)
             if report.met(tag):
                 break
             progress(f"{tag}: ratios {report.ratio('warm', tag)}, {report.ratio('fresh', tag)}")
@@ -442,6 +496,7 @@ def run_presence_churn(
         others = [start(f"node{i}", "bootstrap", *listen, *join) for i in range(1, cfg.nodes)]
         addrs = [entry] + [d.ready(cfg.ready_timeout) for d in others]
         progress(f"{len(addrs)} DHT nodes ready after {time.monotonic() - began:.1f} s")
+        addr_of = dict(zip([first, *others], addrs, strict=True))
         rng = random.Random(cfg.seed)
         if cfg.spare_entry:
             entries = [entry]
@@ -467,13 +522,16 @@ def run_presence_churn(
         report.start_s = time.monotonic() - began
         progress(f"{len(peers)} peers ready after {report.start_s:.1f} s")
 
+        dead: set[Addr] = set()
+
         def kill() -> None:
             report.killed_at = time.monotonic() - began
+            dead.update(addr_of[d] for d in doomed)
             for d in doomed:
                 d.kill()
             progress(f"killed {len(doomed)} of {cfg.nodes} DHT nodes with SIGKILL")
 
-        asyncio.run(_probe(cfg, entries, control, kill, report, progress))
+        asyncio.run(_probe(cfg, entries, control, dead, kill, report, progress))
         return report
     finally:
         for d in daemons:
