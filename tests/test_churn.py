@@ -30,6 +30,7 @@ from dhtsignal.dht.params import NodeConfig
 from dhtsignal.dht.rpc import parse_contact
 from dhtsignal.errors import DhtSignalError
 from dhtsignal.presence import resolve
+from dhtsignal.testing.presence_churn import PresenceChurnConfig, run_presence_churn
 from dhtsignal.wire.addr import Addr, parse_addr
 
 #: Short-lived peers that join and leave in each scenario.
@@ -205,54 +206,26 @@ def test_peers_killed_are_not_handed_out_after_one_refresh_interval(
     assert settled.lookup_ms <= 2 * before.lookup_ms + 50, (before, settled)
 
 
-def test_presence_lookups_all_succeed_with_a_third_of_the_nodes_killed(
-    own_launcher: Launcher,
-) -> None:
-    """12 DHT nodes and 3 peers; SIGKILL 4 nodes (a third): every presence lookup still
-    succeeds, at once and after one (shortened) refresh interval, and then no lookup waits
-    on a dead node. (bench/churn.py runs the large versions.)"""
-    lau = own_launcher
-    short = ("--refresh-interval", f"{SHORT_REFRESH:g}")
-    first = _bootstrap(lau, "n0", *short)
-    entry = first.ready()["addr"]
-    entry_addr = parse_addr(entry)
-    nodes = [_bootstrap(lau, f"n{i}", "--join", entry, *short) for i in range(1, 12)]
-    node_addrs = [_addr(n) for n in nodes]
-    names = ["p0", "p1", "p2"]
-    for name in names:
-        _peer(lau, name, entry, *short).ready()
-
-    async def lookups() -> list[float]:
-        node = DhtNode(os.urandom(20), NodeConfig(client_mode=True))
-        await node.listen_udp("127.0.0.1", 0)
-        try:
-            assert await node.bootstrap([entry_addr]) > 0
-            times = []
-            for name in names:
-                began = time.perf_counter()
-                info = await resolve(node, name)
-                times.append((time.perf_counter() - began) * 1000)
-                assert info.node_id == name
-            return times
-        finally:
-            await node.close()
-
-    before = asyncio.run(lookups())
-    dead = set(node_addrs[::3])  # 4 of 12
-    for n in nodes[::3]:
-        n.kill()
-    killed = time.monotonic()
-    right_after = asyncio.run(lookups())  # raises if any lookup fails
-    assert len(right_after) == len(names)
-    # Within one refresh interval plus a maintenance and a liveness round, the entry node
-    # hands out none of them and a fresh client's lookups wait on none (polled, bounded).
-    later = asyncio.run(_probe(entry_addr, "p0"))
-    while (later.handed_out & dead or later.waited_on) and time.monotonic() < killed + 6.0:
-        later = asyncio.run(_probe(entry_addr, "p0"))
-    assert not (later.handed_out & dead), later
-    assert later.waited_on == 0, later
-    settled = asyncio.run(lookups())
-    assert sorted(settled)[1] <= 2 * sorted(before)[1] + 50, (before, settled)
+def test_presence_lookups_all_succeed_with_30_percent_of_50_nodes_killed(tmp_path: Path) -> None:
+    """Issue 9's proof at its full scale: 50 DHT node processes and 10 peer processes;
+    SIGKILL 15 nodes (30 %): every presence lookup succeeds (right after the kill, while
+    the refresh interval runs and after it), and after one (shortened) refresh interval
+    their p50 is within 2x of the quiet figure, both for a client that stayed joined and
+    for a fresh one per round (as ``dhtsignal lookup``); a fresh client then sends
+    nothing to a killed node. (bench/presence_churn.py is the same run with its figures.)"""
+    # Up to 3 measurements of ~2 s each after the interval: the machine is shared, and a
+    # burst of other jobs' load shows in the control ping (figures["control_ratio_*"]).
+    cfg = PresenceChurnConfig(nodes=50, peers=10, kill=15, refresh=SHORT_REFRESH, after_tries=3)
+    report = run_presence_churn(cfg, tmp_path)
+    figures = report.summary()
+    print(json.dumps(figures))  # shown with -rP: the figures of a passing run
+    every = report.all_lookups()
+    assert every.lookups >= 2 * (cfg.rounds + cfg.fresh_rounds + 1) * cfg.peers, figures
+    assert every.success == 1.0, figures
+    assert report.phase("warm right_after").lookups == cfg.peers, figures
+    assert report.met_in() is not None, figures  # p50 ratios <= 2 for both probers
+    # After the interval no node hands out the killed: a fresh client sends them nothing.
+    assert report.phase("fresh after").to_dead == 0, figures
 
 
 pytestmark = pytest.mark.slow
