@@ -1,6 +1,5 @@
-"""The hot path's shortcuts decide exactly as the code they stand in for: the inlined
-host-and-prefix token buckets, find replies packed before they are measured, and the
-cached address checks."""
+"""The hot path's shortcuts decide exactly as the code they stand in for: find replies
+packed before they are measured, and the cached address checks."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dhtsignal.dht import hosts
-from dhtsignal.dht.ratelimit import HostRateLimiter, RateLimiter
 from dhtsignal.dht.routing import (
     DIALECT_DS,
     DIALECT_STOCK,
@@ -23,50 +21,6 @@ from dhtsignal.dht.rpc import Outcome, RequestHandler
 from dhtsignal.dht.storage import LegacyStore, RecordStore, StorageLimits, Subscriptions
 from dhtsignal.wire import addr as wire_addr
 from dhtsignal.wire.addr import is_ip_literal
-
-#: Source hosts: three in one /24, one in another.
-_IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.9.0.1"]
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.integers(0, len(_IPS) - 1), st.floats(0.0, 0.05)), min_size=1, max_size=120
-    ),
-    st.floats(1.0, 50.0),
-    st.floats(1.0, 5.0),
-    st.floats(1.0, 80.0),
-    st.floats(1.0, 8.0),
-)
-def test_host_rate_limiter_decides_as_its_two_tables_did(
-    steps: list[tuple[int, float]], rate: float, burst: float, prate: float, pburst: float
-) -> None:
-    """Every decision, and every bucket afterwards, equals those of a host table and a
-    prefix table asked one after the other (the code before the fast path was inlined)."""
-    fast = HostRateLimiter(rate, burst, prate, pburst, max_entries=3)
-    ref_hosts, ref_prefixes = RateLimiter(rate, burst, 3), RateLimiter(prate, pburst, 3)
-    now = 0.0
-    for i, dt in steps:
-        now += dt
-        src = (_IPS[i], 4000)
-        host, prefix = hosts.keys_of(src[0])
-        want = ref_hosts.admit(host, now) and ref_prefixes.admit(prefix, now)
-        assert fast.admit(src, now) is want
-        assert fast.hosts._table == ref_hosts._table
-        assert fast.prefixes._table == ref_prefixes._table
-
-
-def test_host_rate_limiter_fast_path_refuses_an_empty_bucket() -> None:
-    """Both sources tracked (the inlined path): a host out of tokens is refused, and a
-    host with tokens in a prefix out of tokens is refused after its own token is taken."""
-    rl = HostRateLimiter(rate=1.0, burst=2.0, prefix_rate=1.0, prefix_burst=3.0, max_entries=8)
-    a, b = ("10.0.0.1", 1), ("10.0.0.2", 1)
-    assert rl.admit(a, 0.0) and rl.admit(a, 0.0)
-    assert not rl.admit(a, 0.0)  # host a is empty
-    assert rl.admit(b, 0.0)  # the prefix's third token
-    assert not rl.admit(b, 0.0)  # the prefix is empty
-    assert rl.hosts._table["10.0.0.2"][0] == 0.0  # b's own token was taken
-    assert rl.admit(b, 1.0)  # a second later both refilled one
 
 
 def _handler(contacts: list[Contact]) -> RequestHandler:

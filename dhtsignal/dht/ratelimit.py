@@ -127,32 +127,9 @@ class HostRateLimiter:
         :param now: monotonic time, seconds.
         """
         host, prefix = keys_of(src[0])
-        # The common case inlined (both sources tracked, both with a token left): one
-        # call per request on the hot path instead of three.
-        hosts, prefixes = self.hosts, self.prefixes
-        he = hosts._table.get(host)
-        pe = prefixes._table.get(prefix)
-        if he is None or pe is None or hosts.rate <= 0 or prefixes.rate <= 0:
-            if not hosts.admit(host, now):
-                return False
-            return prefixes.admit(prefix, now)
-        tokens = he[0] + (now - he[1]) * hosts.rate
-        if tokens > hosts.burst:
-            tokens = hosts.burst
-        he[1] = now
-        if tokens < 1.0:
-            he[0] = tokens
+        if not self.hosts.admit(host, now):
             return False
-        he[0] = tokens - 1.0
-        ptokens = pe[0] + (now - pe[1]) * prefixes.rate
-        if ptokens > prefixes.burst:
-            ptokens = prefixes.burst
-        pe[1] = now
-        if ptokens < 1.0:
-            pe[0] = ptokens
-            return False
-        pe[0] = ptokens - 1.0
-        return True
+        return self.prefixes.admit(prefix, now)
 
     def prune(self, now: float) -> None:
         """Drop every entry whose bucket has refilled."""

@@ -321,7 +321,13 @@ class RequestHandler:
         if type(key) is not bytes or len(key) != _ID:
             self._stats["drop:bad-args"] += 1
             return
-        out.raw = self._packed_fit(self._neighbours(key, addr), self.limit, out, stock=True)
+        found = self._neighbours(key, addr)
+        limit = self.limit
+        out.raw = (
+            pack_stock_contacts(found)
+            if limit is None
+            else self._packed_fit(found, limit, out, stock=True)
+        )
         out.has_reply = True
 
     def _find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
@@ -348,7 +354,9 @@ class RequestHandler:
         if type(key) is not bytes or len(key) != _ID:
             self._stats["drop:bad-args"] += 1
             return
-        out.raw = self._packed_fit(self._neighbours(key, addr), self.limit, out)
+        found = self._neighbours(key, addr)
+        limit = self.limit
+        out.raw = pack_contacts(found) if limit is None else self._packed_fit(found, limit, out)
         out.has_reply = True
 
     def _ds_find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
