@@ -656,8 +656,12 @@ def breakdown(a: argparse.Namespace) -> dict[str, float]:
             node.table.add_contact(Contact(cid, HOST, FAKE_PORT_BASE + i), now)
         senders = [rng.randbytes(20) for _ in range(a.sockets)]
         src = [(HOST, 40000 + i) for i in range(a.sockets)]
+        book = getattr(node.core, "addrs", None)  # trees before address validation: none
         for s, addr in zip(senders, src, strict=True):  # senders already known, as in the bench
             node.table.add_contact(Contact(s, addr[0], addr[1]), now)
+            if book is not None:  # and validated, as once the bench's pings are answered
+                book.validate(addr)
+                book.confirm(addr, s)
         target = rng.randbytes(20)
         ds = (
             b"\x00"
@@ -700,7 +704,9 @@ def breakdown(a: argparse.Namespace) -> dict[str, float]:
         }
         transport = node.transport
         node.transport = None
-        node.core.rate.rate = 0.0  # rate.admit timed above
+        limiter = node.core.rate  # rate.admit timed above
+        for table in (limiter.hosts, limiter.prefixes) if hasattr(limiter, "hosts") else (limiter,):
+            table.rate = 0.0
         cases["core.receive_datagram(ds_find_node) total"] = lambda: node.core.receive_datagram(
             ds, src[1], now
         )

@@ -82,6 +82,16 @@ def diversity_group(ip: str, private_too: bool = False) -> str | None:
     :param ip: the contact's IP literal.
     :param private_too: limit private, loopback and link-local addresses too.
     """
-    if private_too or _is_public(ip):
-        return keys_of(ip)[1]
-    return None
+    return (prefix_if_any if private_too else public_prefix)(ip)
+
+
+def prefix_if_any(ip: str) -> str:
+    """:func:`diversity_group` with ``private_too``: the prefix of ``ip``, whatever it is."""
+    return keys_of(ip)[1]
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def public_prefix(ip: str) -> str | None:
+    """:func:`diversity_group` without ``private_too``: the prefix of a public ``ip``, or
+    None (one cached call: lookups ask for every contact they meet)."""
+    return keys_of(ip)[1] if _is_public(ip) else None

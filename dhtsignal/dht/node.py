@@ -116,7 +116,7 @@ from dhtsignal.dht.events import (
     Then,
     ignore,
 )
-from dhtsignal.dht.hosts import diversity_group
+from dhtsignal.dht.hosts import prefix_if_any, public_prefix
 from dhtsignal.dht.listen import Listening, PushBudget
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.params import NodeConfig
@@ -197,8 +197,8 @@ def _diversity(cfg: NodeConfig) -> Callable[[Contact], str | None] | None:
     """The per-prefix diversity group of a contact under ``cfg`` (None: no limit)."""
     if cfg.max_per_prefix <= 0:
         return None
-    private_too = cfg.diversity_on_private
-    return lambda c: diversity_group(c.ip, private_too)
+    prefix = prefix_if_any if cfg.diversity_on_private else public_prefix
+    return lambda c: prefix(c.ip)
 
 
 def replicas_for(cfg: NodeConfig, recs: Iterable[Record]) -> int:
@@ -317,6 +317,7 @@ class Node:
         "_next_op",
         "_pending",
         "_ping_size",
+        "_ping_sizes",
         "_pinging",
         "_pushes",
         "_recent",
@@ -395,6 +396,14 @@ class Node:
         #: allowance
         self._ping_size = codec.HEADER_BYTES + len(
             codec.pack(["ds_ping", [cfg.network, node_id, 0xFF]])
+        )
+        #: bytes of our validation ping in each dialect (stock ``ping``, ``ds_ping``)
+        self._ping_sizes = tuple(
+            codec.HEADER_BYTES + len(codec.pack(body))
+            for body in (
+                ["ping", [node_id]],
+                ["ds_ping", [cfg.network, node_id, FLAG_CLIENT if cfg.client_mode else 0]],
+            )
         )
         #: addresses a validation ping is outstanding to
         self._validating: dict[Addr, None] = {}
@@ -673,7 +682,7 @@ class Node:
         else:
             name, args = "ping", [self.id]
         book = self.addrs
-        size = codec.HEADER_BYTES + len(codec.pack([name, args]))
+        size = self._ping_sizes[dialect]
         allowance = book.allowance(addr)
         if allowance is not None and allowance < size:
             self._stats["validation-skipped"] += 1

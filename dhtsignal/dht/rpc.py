@@ -268,6 +268,20 @@ class RequestHandler:
         ):
             out.ping = table.refresh(known, addr[0], addr[1], dialect, now)
 
+    def _packed_fit(
+        self, found: list[Contact], room: int | None, out: Outcome, stock: bool = False
+    ) -> bytes:
+        """``found`` packed (in the stock form if ``stock``), cut by :meth:`_fit` when it
+        does not fit in ``room`` bytes (None: no limit). Packing is a join of cached
+        bytes, so the list is packed first and measured contact by contact only when
+        it is too large."""
+        pack = pack_stock_contacts if stock else pack_contacts
+        raw = pack(found)
+        # _fit counts the array header as 3 bytes, whatever its size: the same here.
+        if room is not None and len(raw) - len(codec.array_header(len(found))) + 3 > room:
+            raw = pack(self._fit(found, room, out, stock))
+        return raw
+
     def _fit(
         self, found: list[Contact], room: int, out: Outcome, stock: bool = False
     ) -> list[Contact]:
@@ -318,9 +332,12 @@ class RequestHandler:
             self._stats["drop:bad-args"] += 1
             return
         found = self._neighbours(key, addr)
-        if self.limit is not None:
-            found = self._fit(found, self.limit, out, stock=True)
-        out.raw = pack_stock_contacts(found)
+        limit = self.limit
+        out.raw = (
+            pack_stock_contacts(found)
+            if limit is None
+            else self._packed_fit(found, limit, out, stock=True)
+        )
         out.has_reply = True
 
     def _find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
@@ -348,9 +365,8 @@ class RequestHandler:
             self._stats["drop:bad-args"] += 1
             return
         found = self._neighbours(key, addr)
-        if self.limit is not None:
-            found = self._fit(found, self.limit, out)
-        out.raw = pack_contacts(found)
+        limit = self.limit
+        out.raw = pack_contacts(found) if limit is None else self._packed_fit(found, limit, out)
         out.has_reply = True
 
     def _ds_find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
@@ -360,7 +376,7 @@ class RequestHandler:
             return
         found = self._neighbours(key, addr) if cursor == 0 else []
         held = sorted(self.store.get(key, self.wallclock()), key=lambda r: r.raw)
-        sizes = [len(c.packed()) for c in found]
+        sizes = [len(c._packed or c.packed()) for c in found]
         # 1 + 3 + 5: the reply's array header, the page's, the cursor's int
         total = REPLY_BUDGET
         if self.limit is not None and self.limit - 9 < REPLY_BUDGET:
@@ -421,10 +437,8 @@ class RequestHandler:
         if out.has_reply:
             results, out.reply = out.reply, None
             packed = codec.pack(results)
-            found = self._neighbours(key, addr)
-            if self.limit is not None:
-                found = self._fit(found, self.limit - 1 - len(packed), out)
-            out.raw = b"\x92" + packed + pack_contacts(found)
+            room = None if self.limit is None else self.limit - 1 - len(packed)
+            out.raw = b"\x92" + packed + self._packed_fit(self._neighbours(key, addr), room, out)
 
     def _ds_listen(self, args: list[Any], addr: Addr, out: Outcome) -> None:
         key, ttl = args[3], args[4]

@@ -7,6 +7,7 @@ the configuration, the daemons' ready lines and the error messages agree.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -116,7 +117,20 @@ def is_ip_literal(host: object) -> bool:
 
     :param host: the host part of an address as received.
     """
-    if type(host) is not str or not 0 < len(host) <= 45 or "%" in host:
+    if type(host) is not str or not 0 < len(host) <= 45:
+        return False
+    return _is_ip_literal(host)
+
+
+#: Strings remembered by :func:`is_ip_literal` (every contact of every find answer is
+#: checked, and the same few addresses come again and again); at most 45 characters
+#: each, so the cache stays under about 1 MiB however many a remote party sends.
+_LITERALS_CACHED = 4_096
+
+
+@functools.lru_cache(maxsize=_LITERALS_CACHED)
+def _is_ip_literal(host: str) -> bool:
+    if "%" in host:
         return False
     try:
         ipaddress.ip_address(host)
