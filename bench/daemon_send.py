@@ -28,61 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from dhtsignal.testing.daemons import DaemonProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 30.0
 RUN_TIMEOUT = 30.0
-
-
-class Daemon:
-    """A daemon process whose ready line is read by a thread; ended by PID."""
-
-    def __init__(self, args: list[str], env: dict[str, str], err: Path) -> None:
-        self._err = open(err, "wb")  # noqa: SIM115 (closed in stop())
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "dhtsignal", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def ready(self) -> dict[str, str]:
-        line = self._lines.get(timeout=READY_TIMEOUT)
-        if line is None or not line.startswith("ready "):
-            raise SystemExit(f"daemon did not start: {line!r}")
-        return dict(w.split("=", 1) for w in line.split()[2:])
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        self._err.close()
 
 
 def _timed(args: list[str], env: dict[str, str]) -> float:
@@ -123,28 +81,28 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DHTSIGNAL_")}
         env.update(XDG_DATA_HOME=str(work / "xdg"), PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        daemons: list[Daemon] = []
+        daemons: list[DaemonProcess] = []
         try:
-            b0 = Daemon(
+            b0 = DaemonProcess(
                 ["bootstrap", "--listen", "127.0.0.1:0", "--data-dir", str(work / "b0")],
-                env,
                 work / "b0.err",
+                env,
             )
             daemons.append(b0)
-            entry = b0.ready()["addr"]
+            entry = b0.ready(READY_TIMEOUT)["addr"]
             for name in ("alice", "bob"):
-                d = Daemon(
+                d = DaemonProcess(
                     [
                         *("peer", "--node-id", name, "--bootstrap", entry),
                         *("--listen", "127.0.0.1:0", "--ice-host", "127.0.0.1"),
                         *("--data-dir", str(work / name)),
                     ],
-                    env,
                     work / f"{name}.err",
+                    env,
                 )
                 daemons.append(d)
             for d in daemons[1:]:
-                d.ready()
+                d.ready(READY_TIMEOUT)
             through = ["send", "bob", "hello", "--daemon", str(work / "alice")]
             oneshot = [
                 *("send", "bob", "hello", "--bootstrap", entry, "--listen", "127.0.0.1:0"),

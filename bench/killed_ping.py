@@ -27,16 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from dhtsignal.testing.daemons import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What the ``ping`` command imports before it dials.
@@ -57,43 +56,6 @@ def _env(tree: Path, home: Path) -> dict[str, str]:
     else:  # every process compiles the tree's modules again (no __pycache__ written)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
-
-
-class _Daemon:
-    """A daemon of this tree; its ready line is read by a thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str], err: Path) -> None:
-        self._err = open(err, "wb")  # noqa: SIM115 (closed in kill())
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "dhtsignal", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def ready(self) -> dict[str, str]:
-        line = self._lines.get(timeout=READY_TIMEOUT)
-        if line is None or not line.startswith("ready "):
-            raise SystemExit(f"daemon not ready: {line!r}")
-        return dict(w.split("=", 1) for w in line.split()[2:])
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(10)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        self._err.close()
 
 
 def _ping(tree: Path, home: Path, entry: str) -> float:
@@ -170,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         base = made = _worktree(args.base)
     trees = {"base": base.resolve(), "this": ROOT}
     samples: dict[str, dict[str, list[float]]] = {s: {} for s in trees}
-    daemons: list[_Daemon] = []
+    daemons: list[DaemonProcess] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.bytecode == "cached":
@@ -179,24 +141,24 @@ def main(argv: list[str] | None = None) -> int:
                 _import_us(tree, work / "xdg", f"import {PING_MODULES}")
         env = _env(ROOT, work / "xdg")
         try:
-            boot = _Daemon(
+            boot = DaemonProcess(
                 ["bootstrap", "--listen", "127.0.0.1:0", "--data-dir", str(work / "b0")],
-                env,
                 work / "b0.err",
+                env,
             )
             daemons.append(boot)
-            entry = boot.ready()["addr"]
-            bob = _Daemon(
+            entry = boot.ready(READY_TIMEOUT)["addr"]
+            bob = DaemonProcess(
                 [
                     *("peer", "--node-id", "bob", "--bootstrap", entry),
                     *("--listen", "127.0.0.1:0", "--data-dir", str(work / "bob")),
                     *("--ice-host", "127.0.0.1", "--presence-ttl", "600"),
                 ],
-                env,
                 work / "bob.err",
+                env,
             )
             daemons.append(bob)
-            bob.ready()
+            bob.ready(READY_TIMEOUT)
             bob.kill()  # SIGKILL: no sign-off, the presence stays
             for rnd in range(args.runs):
                 order = ["base", "this"] if rnd % 2 == 0 else ["this", "base"]

@@ -37,6 +37,7 @@ from dhtsignal import __version__
 from dhtsignal.datadir import KnownPeers
 from dhtsignal.errors import PinnedKeyChanged
 from dhtsignal.identity import self_certifying_id
+from dhtsignal.testing.daemons import DaemonProcess
 
 READY_TIMEOUT = 20.0
 RUN_TIMEOUT = 20.0
@@ -77,8 +78,10 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-class Proc:
-    """A ``dhtsignal`` daemon process whose stdout lines are read by a thread.
+class Proc(DaemonProcess):
+    """A ``dhtsignal`` daemon process whose stdout lines are read by a thread
+    (:class:`~dhtsignal.testing.daemons.DaemonProcess`), failing the test with its stderr
+    when it does not start.
 
     :param args: arguments after ``python -m dhtsignal``.
     :param workdir: where its stderr file goes.
@@ -87,30 +90,7 @@ class Proc:
 
     def __init__(self, args: list[str], workdir: Path, env: dict[str, str], name: str) -> None:
         self.name = name
-        self.args = args
-        self.err_path = workdir / f"{name}.{time.monotonic_ns()}.stderr"
-        self._err = open(self.err_path, "wb")  # noqa: SIM115 (closed in kill())
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "dhtsignal", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        self.pid = self.popen.pid
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def stderr(self) -> str:
-        """What the process wrote to stderr so far."""
-        return self.err_path.read_text(errors="replace")
+        super().__init__(args, workdir / f"{name}.{time.monotonic_ns()}.stderr", env)
 
     def ready(self, timeout: float = READY_TIMEOUT) -> dict[str, str]:
         """Wait for the ready line; returns its ``key=value`` fields (and ``kind``)."""
@@ -163,15 +143,6 @@ class Proc:
         self.popen.send_signal(sig)
         rc = self.popen.wait(timeout)
         return rc, time.monotonic() - began
-
-    def kill(self) -> None:
-        """SIGKILL by PID (if still running) and reap."""
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-        self.popen.wait(10)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        self._err.close()
 
 
 class Launcher:

@@ -10,10 +10,12 @@ mass join, ``bench/churn.py --mode massjoin``, found 53-74% of its values).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -144,16 +146,13 @@ async def _until(cond: object, timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.asyncio
-async def test_a_node_alone_joins_once_its_bootstrap_node_comes_up() -> None:
-    """Real sockets: the bootstrap address first holds a socket that never answers; a
-    node joining through it ends alone; a DHT node then binds that port, and the lone
-    node joins by itself within a few seconds: a value it puts is found from the other
-    side."""
+@contextlib.asynccontextmanager
+async def _alone_then_boot(cfg: NodeConfig) -> AsyncIterator[tuple[DhtNode, DhtNode]]:
+    """A node whose join found nobody (its bootstrap address held by a socket that never
+    answers), then a DHT node bound to that address: (the lone node, the new one)."""
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
     port = silent.getsockname()[1]
-    cfg = NodeConfig(rpc_timeout=0.2, rpc_retries=1, rejoin_delay=0.5, rejoin_max=2.0)
     lone = DhtNode(os.urandom(20), cfg)
     boot: DhtNode | None = None
     try:
@@ -162,61 +161,49 @@ async def test_a_node_alone_joins_once_its_bootstrap_node_comes_up() -> None:
         silent.close()
         boot = DhtNode(os.urandom(20), cfg)
         await boot.listen_udp("127.0.0.1", port)
-        await _until(lambda: len(lone.core.table) > 0 and len(boot.core.table) > 0, 10.0)
-        assert lone.stats["rejoin"] >= 1
-        rec = records.sign(
-            Identity.generate(),
-            RecordType.DATA,
-            records.data_key("after-rejoin"),
-            b"v",
-            seq=1,
-            expires=time.time() + 600,
-        )
-        await lone.put([rec])
-        got = await boot.get(records.data_key("after-rejoin"))
-        assert [r.payload for r in got] == [b"v"]
+        yield lone, boot
     finally:
         silent.close()
         await lone.close()
         if boot is not None:
             await boot.close()
+
+
+def _record(name: str) -> records.Record:
+    return records.sign(
+        Identity.generate(),
+        RecordType.DATA,
+        records.data_key(name),
+        b"v",
+        seq=1,
+        expires=time.time() + 600,
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_node_alone_joins_once_its_bootstrap_node_comes_up() -> None:
+    """Real sockets: the lone node joins by itself within a few seconds once a node
+    answers at its bootstrap address: a value it puts is found from the other side."""
+    cfg = NodeConfig(rpc_timeout=0.2, rpc_retries=1, rejoin_delay=0.5, rejoin_max=2.0)
+    async with _alone_then_boot(cfg) as (lone, boot):
+        await _until(lambda: len(lone.core.table) > 0 and len(boot.core.table) > 0, 10.0)
+        assert lone.stats["rejoin"] >= 1
+        await lone.put([_record("after-rejoin")])
+        got = await boot.get(records.data_key("after-rejoin"))
+        assert [r.payload for r in got] == [b"v"]
 
 
 @pytest.mark.asyncio
 async def test_a_put_on_a_lone_node_joins_first() -> None:
-    """Real sockets: a node whose join found nobody, asked to put as soon as its
-    bootstrap node is up (before its own re-join timer fires: 60 s here), joins first and
-    stores the value there instead of only in its own store."""
-    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    silent.bind(("127.0.0.1", 0))
-    port = silent.getsockname()[1]
+    """Real sockets: the lone node, asked to put as soon as its bootstrap node is up
+    (before its own re-join timer fires: 60 s here), joins first and stores the value
+    there instead of only in its own store."""
     cfg = NodeConfig(rpc_timeout=0.2, rpc_retries=1, rejoin_delay=60.0, rejoin_max=60.0)
-    lone = DhtNode(os.urandom(20), cfg)
-    boot: DhtNode | None = None
-    try:
-        await lone.listen_udp("127.0.0.1", 0)
-        assert await lone.bootstrap([("127.0.0.1", port)]) == 0
-        silent.close()
-        boot = DhtNode(os.urandom(20), cfg)
-        await boot.listen_udp("127.0.0.1", port)
-        rec = records.sign(
-            Identity.generate(),
-            RecordType.DATA,
-            records.data_key("joined-first"),
-            b"v",
-            seq=1,
-            expires=time.time() + 600,
-        )
-        async with asyncio.timeout(10):
-            res = await lone.put([rec])
+    async with _alone_then_boot(cfg) as (lone, boot), asyncio.timeout(10):
+        res = await lone.put([_record("joined-first")])
         assert lone.stats["rejoin:lookup"] == 1
         assert res.stored >= 2  # its own store and the boot node's
         assert boot.core.store.get(records.data_key("joined-first"), time.time())
-    finally:
-        silent.close()
-        await lone.close()
-        if boot is not None:
-            await boot.close()
 
 
 def test_lookups_on_an_empty_table_wait_for_the_same_joins() -> None:

@@ -143,16 +143,15 @@ class _SocketTransport(asyncio.DatagramTransport):
         return 0
 
 
-class _MappedTransport(asyncio.DatagramTransport):
-    """An IPv6 socket's transport that sends to IPv4 hosts as ``::ffff:a.b.c.d``."""
+class WrappedTransport(asyncio.DatagramTransport):
+    """A datagram transport that hands everything to ``inner``; subclasses change
+    :meth:`sendto` (an address mapping here, a test's count of datagrams elsewhere)."""
 
     def __init__(self, inner: asyncio.DatagramTransport) -> None:
         super().__init__()
         self._inner = inner
 
     def sendto(self, data: Any, addr: Any = None) -> None:
-        if addr is not None and ":" not in addr[0]:
-            addr = ("::ffff:" + addr[0], addr[1])
         self._inner.sendto(data, addr)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -169,6 +168,15 @@ class _MappedTransport(asyncio.DatagramTransport):
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+
+class _MappedTransport(WrappedTransport):
+    """An IPv6 socket's transport that sends to IPv4 hosts as ``::ffff:a.b.c.d``."""
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if addr is not None and ":" not in addr[0]:
+            addr = ("::ffff:" + addr[0], addr[1])
+        self._inner.sendto(data, addr)
 
 
 def _source(addr: Any) -> Addr:

@@ -42,22 +42,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import random
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dhtsignal.aio.node import WrappedTransport
 from dhtsignal.config import Settings
 from dhtsignal.daemon import client_node
 from dhtsignal.errors import DhtSignalError
 from dhtsignal.presence import resolve
+from dhtsignal.testing.daemons import DaemonProcess
 from dhtsignal.wire.addr import Addr, parse_addr
 
 
@@ -247,62 +244,6 @@ class PresenceChurnReport:
         }
 
 
-class Daemon:
-    """A ``dhtsignal`` daemon process whose stdout lines a thread reads.
-
-    :param args: arguments after ``python -m dhtsignal``.
-    :param err: its stderr file.
-    :param env: its environment.
-    """
-
-    def __init__(self, args: list[str], err: Path, env: dict[str, str]) -> None:
-        self.err_path = err
-        self._err = open(err, "wb")  # noqa: SIM115 (closed in kill())
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "dhtsignal", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        self.pid = self.popen.pid
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def ready(self, timeout: float) -> Addr:
-        """Wait for the ready line; returns the address it names.
-
-        :raises RuntimeError: no ready line in time, or the process exited first.
-        """
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"{self.err_path.name}: no ready line in {timeout} s") from None
-        if line is None or not line.startswith("ready "):
-            tail = self.err_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.err_path.name}: not ready ({line!r}); stderr:\n{tail}")
-        fields = dict(w.split("=", 1) for w in line.split()[2:])
-        return parse_addr(fields["addr"])
-
-    def kill(self) -> None:
-        """SIGKILL by PID (if still running) and reap."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(10)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        self._err.close()
-
-
 def _env(workdir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DHTSIGNAL_")}
     env["XDG_DATA_HOME"] = str(workdir / "xdg")
@@ -320,12 +261,11 @@ def peer_names(cfg: PresenceChurnConfig) -> list[str]:
     return [f"peer{i}" for i in range(cfg.peers)]
 
 
-class _Watch(asyncio.DatagramTransport):
+class _Watch(WrappedTransport):
     """A node's transport, counting the datagrams sent to the addresses in ``dead``."""
 
     def __init__(self, inner: asyncio.DatagramTransport, dead: set[Addr]) -> None:
-        super().__init__()
-        self._inner = inner
+        super().__init__(inner)
         self.dead = dead
         self.sent_to_dead = 0
 
@@ -333,18 +273,6 @@ class _Watch(asyncio.DatagramTransport):
         if addr is not None and (addr[0], addr[1]) in self.dead:
             self.sent_to_dead += 1
         self._inner.sendto(data, addr)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._inner.get_extra_info(name, default)
-
-    def is_closing(self) -> bool:
-        return self._inner.is_closing()
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def abort(self) -> None:
-        self._inner.abort()
 
 
 def _watch(node: Any, dead: set[Addr]) -> _Watch:
@@ -479,22 +407,26 @@ def run_presence_churn(
     """
     report = PresenceChurnReport(cfg)
     env = _env(workdir)
-    daemons: list[Daemon] = []
+    daemons: list[DaemonProcess] = []
     short = ["--refresh-interval", f"{cfg.refresh:g}"]
 
-    def start(name: str, *args: str) -> Daemon:
-        d = Daemon([*args, "--data-dir", str(workdir / name), *short], workdir / f"{name}.err", env)
+    def start(name: str, *args: str) -> DaemonProcess:
+        data = ["--data-dir", str(workdir / name)]
+        d = DaemonProcess([*args, *data, *short], workdir / f"{name}.err", env)
         daemons.append(d)
         return d
+
+    def addr_of_ready(d: DaemonProcess) -> Addr:
+        return parse_addr(d.ready(cfg.ready_timeout)["addr"])
 
     began = time.monotonic()
     try:
         listen = ("--listen", "127.0.0.1:0")
         first = start("node0", "bootstrap", *listen)
-        entry = first.ready(cfg.ready_timeout)
+        entry = addr_of_ready(first)
         join = ("--join", _show(entry))
         others = [start(f"node{i}", "bootstrap", *listen, *join) for i in range(1, cfg.nodes)]
-        addrs = [entry] + [d.ready(cfg.ready_timeout) for d in others]
+        addrs = [entry] + [addr_of_ready(d) for d in others]
         progress(f"{len(addrs)} DHT nodes ready after {time.monotonic() - began:.1f} s")
         addr_of = dict(zip([first, *others], addrs, strict=True))
         rng = random.Random(cfg.seed)
@@ -517,7 +449,7 @@ def run_presence_churn(
             )
             for name in peer_names(cfg)
         ]
-        ready = [p.ready(cfg.ready_timeout) for p in peers]
+        ready = [addr_of_ready(p) for p in peers]
         control = ready[0]
         report.start_s = time.monotonic() - began
         progress(f"{len(peers)} peers ready after {report.start_s:.1f} s")
