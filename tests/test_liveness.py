@@ -221,6 +221,29 @@ def test_a_contact_that_failed_one_lookup_is_not_asked_by_the_next() -> None:
     assert silent.addr not in {a for _, a in _sent(node)}
 
 
+def test_a_contact_past_a_lookups_soft_timeout_is_avoided_until_it_answers() -> None:
+    """Not only once its RPC's first try times out (0.4 s): right after a SIGKILL, every
+    lookup of those 0.4 s asked the same dead nodes and waited out its own soft timeout
+    on each (issue 9's presence proof at full scale: 92 queries to killed nodes in one
+    round of 10 lookups)."""
+    node = _node(NodeConfig(rpc_timeout=0.4, rpc_retries=1, peer_timeout=0.1))
+    contacts = [_contact(i) for i in range(4)]
+    for c in contacts:
+        node.table.add_contact(c, 0.0)
+    slow = contacts[0]
+    node.start_lookup(slow.id, 1.0, remember=False, want_value=True)  # strict: a get
+    first = _sent(node)
+    slow_req = next(r for r, a in first if a == slow.addr)
+    _fire(node, 1.15)  # past the soft timeout (0.1 s), before the first try's 0.4 s
+    assert node.avoided(slow.id, 1.15)
+    node.start_lookup(os.urandom(20), 1.15, remember=False)
+    second = [a for r, a in _sent(node) if r.name == "ds_find_node"]
+    assert second and slow.addr not in second
+    # A late answer ends the avoidance at once.
+    _answer(node, slow_req, slow.addr, [[], 0, []], 1.2)
+    assert not node.avoided(slow.id, 1.2)
+
+
 def _ids(n: int, target: int) -> list[Contact]:
     """``n`` contacts ordered by distance to ``target`` (nearest first)."""
     out = [Contact(os.urandom(20), "10.4.0.1", 6000 + i) for i in range(n)]

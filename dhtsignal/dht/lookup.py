@@ -65,6 +65,7 @@ class _Cand:
     state: _St = _St.NEW
     sent_at: float = 0.0
     group: str | None = None
+    overdue: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,8 @@ class Lookup:
         self._no_progress = 0
         self.stalled = False
         self.queried = 0
+        #: contacts whose query passed the soft timeout since the driver last took them
+        self.overdue: list[Contact] = []
         self._done = False
         self._add(initial, 1)
 
@@ -227,7 +230,11 @@ class Lookup:
                 if due > now:
                     active += 1
                     earliest = due if earliest is None else min(earliest, due)
-                elif strict and cand.sent_at + strict > now:
+                    continue
+                if not cand.overdue:  # past the soft timeout: the driver is told once
+                    cand.overdue = True
+                    self.overdue.append(cand.contact)
+                if strict and cand.sent_at + strict > now:
                     due = cand.sent_at + strict
                     earliest = due if earliest is None else min(earliest, due)
         waiting = 0

@@ -1361,6 +1361,13 @@ class Node:
         lk = op.lk
         for _ in range(1_000_000):  # bounded: each Query step marks candidates in flight
             step = lk.next(now)
+            if lk.overdue:
+                # Past the soft timeout: other lookups avoid it until it answers (a dead
+                # contact would otherwise cost every lookup of the next rpc_timeout its
+                # own soft timeout), or for recent_failure_ttl.
+                for c in lk.overdue:
+                    self._failed_recently(c.id, now)
+                lk.overdue.clear()
             if type(step) is Query:
                 for c in step.contacts:
                     try:
