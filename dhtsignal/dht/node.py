@@ -65,8 +65,8 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   ``liveness_pings`` every ``liveness_interval``, and evicted after ``max_failures``.
   A ``ds_leave`` hides its sender's contact at once and is confirmed by one ping before
   eviction. :meth:`Node.leave` sends our own notices when we stop.
-* Lookups avoid, for ``recent_failure_ttl``, a contact whose query just went unanswered
-  (its first try); their soft timeout follows the smoothed round-trip time
+* Lookups avoid, for ``recent_failure_ttl`` or until it answers, a contact whose query
+  just passed a lookup's soft timeout or went unanswered; their soft timeout follows the smoothed round-trip time
   (``adaptive_timeouts``); put and get lookups are strict (``strict_wait``): they end only
   once the k closest answered or failed (a get only until half of ``replicas`` storing
   nodes answered with records). A join's self-lookup is followed, within
@@ -963,7 +963,8 @@ class Node:
             self.table.remove(c.id)
 
     def _failed_recently(self, nid: bytes, now: float) -> None:
-        """A lookup query to ``nid`` went unanswered: other lookups avoid it for a while."""
+        """A lookup query to ``nid`` passed its soft timeout or went unanswered: other
+        lookups avoid it for a while (until it answers)."""
         cfg = self.config
         recent = self._recent
         recent.pop(nid, None)

@@ -108,8 +108,8 @@ class NodeConfig:
     max_suspects: int = 256
     """Questionable contacts queued for a liveness ping at most (the oldest go first)."""
     recent_failure_ttl: float = 30.0
-    """Seconds a contact that just failed a lookup query (its first try unanswered) is
-    not asked again by other lookups, unless it answers meanwhile."""
+    """Seconds a contact whose lookup query just passed the soft timeout (or whose first
+    try went unanswered) is not asked again by other lookups, unless it answers meanwhile."""
     recent_failures_size: int = 1024
     """Contacts remembered as recently failed at most (the oldest entry goes first)."""
     strict_wait: float = 0.5
