@@ -66,11 +66,12 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   A ``ds_leave`` hides its sender's contact at once and is confirmed by one ping before
   eviction. :meth:`Node.leave` sends our own notices when we stop.
 * Lookups avoid, for ``recent_failure_ttl`` or until it answers, a contact whose query
-  just passed a lookup's soft timeout or went unanswered; their soft timeout follows the smoothed round-trip time
-  (``adaptive_timeouts``); put and get lookups are strict (``strict_wait``): they end only
-  once the k closest answered or failed (a get only until half of ``replicas`` storing
-  nodes answered with records). A join's self-lookup is followed, within
-  ``join_fill_delay``, by small lookups at the distances where the table knows
+  just passed a lookup's soft timeout or went unanswered; their soft timeout follows the
+  smoothed round-trip time (``adaptive_timeouts``); put and get lookups are strict
+  (``strict_wait``): they end only once the k closest answered or failed (a get only
+  until half of ``replicas`` storing nodes answered with records). A join's self-lookup
+  is followed, within ``join_fill_delay``, by small lookups at the distances where the
+  table knows
   almost nobody (:mod:`~dhtsignal.dht.join`).
 * :meth:`Node.snapshot` / :meth:`Node.restore`: the persistent state as plain data
   (the adapter writes and reads the file).
