@@ -71,8 +71,9 @@ whose purpose has gone (an RPC answered, a lookup over) fires as a no-op.
   (``strict_wait``): they end only once the k closest answered or failed (a get only
   until half of ``replicas`` storing nodes answered with records). A join's self-lookup
   is followed, within ``join_fill_delay``, by small lookups at the distances where the
-  table knows
-  almost nobody (:mod:`~dhtsignal.dht.join`).
+  table knows almost nobody (:mod:`~dhtsignal.dht.join`). A join that found nobody is
+  tried again (``rejoin_delay`` doubling to ``rejoin_max``), and a lookup on an empty
+  table joins first (``join_first_wait``).
 * :meth:`Node.snapshot` / :meth:`Node.restore`: the persistent state as plain data
   (the adapter writes and reads the file).
 
