@@ -4,13 +4,18 @@ the sans-I/O core: a manual clock, datagrams taken from the node and answered by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
+from dhtsignal.dht import records
+from dhtsignal.dht.events import RecordsFound
 from dhtsignal.dht.lookup import Finished, Lookup, Query, Wait
 from dhtsignal.dht.node import Node
 from dhtsignal.dht.params import NodeConfig
+from dhtsignal.dht.records import RecordType
 from dhtsignal.dht.routing import DIALECT_DS, DIALECT_STOCK, Contact, RoutingTable
+from dhtsignal.identity import Identity
 from dhtsignal.wire import codec
 from dhtsignal.wire.addr import Addr
 
@@ -316,3 +321,37 @@ def test_closest_good_skips_failed_and_stale() -> None:
     good = table.closest_good(cs[0].id, 4, 6.0)
     assert {c.id for c in good} == {cs[2].id, cs[3].id}
     assert set(table.suspects) == {cs[0].id, cs[1].id}
+
+
+def test_a_get_ends_once_half_the_replicas_answered_with_records() -> None:
+    """Half of ``replicas`` storing nodes answered with the record: the get ends then,
+    without waiting on the silent rest of the closest (under churn one is often dead,
+    and each dead one cost a soft timeout); with ``get_ends_at_quorum`` off it waits."""
+    for ends in (True, False):
+        cfg = NodeConfig(rpc_timeout=0.4, rpc_retries=1, peer_timeout=0.3, replicas=4)
+        node = _node(dataclasses.replace(cfg, get_ends_at_quorum=ends))
+        rec = records.sign(
+            Identity.generate(),
+            RecordType.DATA,
+            records.data_key("q"),
+            b"v",
+            seq=1,
+            expires=WALL + 60,
+        )
+        contacts = [_contact(i) for i in range(6)]
+        for c in contacts:
+            node.table.add_contact(c, 0.0)
+        op = node.start_get(rec.key, 1.0)
+        answered = 0
+        for _ in range(4):  # the first alpha queries, then the next ones as they answer
+            for req, addr in _sent(node):
+                if req.name == "ds_find_value" and answered < 2:
+                    answered += 1
+                    _answer(node, req, addr, [[], [rec.raw], None], 1.01)
+        assert answered == 2
+        events = [e for e in iter(node.next_event, None) if getattr(e, "op_id", None) == op]
+        if ends:
+            assert len(events) == 1 and isinstance(events[0], RecordsFound)
+            assert [r.payload for r in events[0].held.records] == [b"v"]
+        else:
+            assert not events  # still waiting on the silent ones

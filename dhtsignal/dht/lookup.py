@@ -189,6 +189,11 @@ class Lookup:
                 self._order = keep
         return progressed
 
+    def end(self) -> None:
+        """End now: the next step is :class:`Finished` with the contacts that answered so
+        far (queries in flight may still answer the driver; the lookup no longer waits)."""
+        self._done = True
+
     def on_success(self, contact: Contact, closer: list[Contact]) -> None:
         """``contact`` answered and named ``closer`` contacts."""
         cand = self._cands.get(contact.id)

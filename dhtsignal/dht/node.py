@@ -1465,8 +1465,11 @@ class Node:
                     )
                 if op.holders >= max(1, self.config.replicas // 2):
                     # Enough storing nodes answered with records: a slow one among the
-                    # k closest no longer holds the get up past the soft timeout.
+                    # k closest no longer holds the get up past the soft timeout, and
+                    # with get_ends_at_quorum the get ends now.
                     op.lk.strict_wait = 0.0
+                    if self.config.get_ends_at_quorum:
+                        op.lk.end()
             # nxt 0: the first page was cut to nothing (our address not validated there
             # yet): ask for it again (validated by then, or cut again and given up).
             if nxt is not None and (nxt > 0 or not page) and op.chains < self.config.max_pages:
