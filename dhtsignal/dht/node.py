@@ -1466,9 +1466,11 @@ class Node:
                 if op.holders >= max(1, self.config.replicas // 2):
                     # Enough storing nodes answered with records: a slow one among the
                     # k closest no longer holds the get up past the soft timeout, and
-                    # with get_ends_at_quorum the get ends now.
+                    # with get_ends_at_quorum a plain get ends now. A read of a node ID
+                    # (k = name_replicas) counts every storing node's support: it
+                    # does not end early (a few Sybils near the key must not be enough).
                     op.lk.strict_wait = 0.0
-                    if self.config.get_ends_at_quorum:
+                    if self.config.get_ends_at_quorum and op.lk.k <= self.config.replicas:
                         op.lk.end()
             # nxt 0: the first page was cut to nothing (our address not validated there
             # yet): ask for it again (validated by then, or cut again and given up).

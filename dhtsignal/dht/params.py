@@ -118,9 +118,11 @@ class NodeConfig:
     ends once the k closest have answered or failed, or this passed): two nodes then
     agree on where a key lives."""
     get_ends_at_quorum: bool = True
-    """A get ends as soon as half of ``replicas`` storing nodes answered with records,
-    instead of also waiting for the rest of the k closest: under churn one of those is
-    often dead, and each dead one cost a soft timeout."""
+    """A get of ``replicas`` storing nodes ends as soon as half of them answered with
+    records, instead of also waiting for the rest of the k closest: under churn one of
+    those is often dead, and each dead one cost a soft timeout. Reads of a node ID's
+    claim and presence (``name_replicas`` storing nodes, support counted) never end
+    early."""
     join_refreshes: int = 0
     """Full bucket refreshes after a join's self-lookup at most (0: none; the paper's
     section 2.3 refreshes every bucket farther than our closest neighbour): a lookup of
