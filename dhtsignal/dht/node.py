@@ -1196,14 +1196,22 @@ class Node:
         self._schedule(now + wait * (1 + self.randbytes(1)[0] / 255) / 2, _REJOIN, None)
 
     def _rejoin(self, now: float) -> None:
-        self._rejoin_armed = False
         if len(self.table):
+            self._rejoin_armed = False
             self._rejoin_wait = 0.0
             return
         if self._join_waiters is not None:
+            self._rejoin_armed = False
             return  # a join is under way (for a lookup); if it fails it arms the next
         self._stats["rejoin"] += 1
-        self.start_bootstrap(self._boot_addrs, now, then=ignore)
+        # Still armed while this join runs: maintenance must not arm another meanwhile;
+        # when it ends, the next wait counts from then.
+        self.start_bootstrap(self._boot_addrs, now, then=self._rejoined)
+
+    def _rejoined(self, result: Any, error: DhtSignalError | None, now: float) -> None:
+        self._rejoin_armed = False
+        if not len(self.table):
+            self._arm_rejoin(now)
 
     def _after_join(self, start: Callable[[float], None], now: float) -> None:
         """Run ``start`` once the table holds a contact again: the table is empty, and a
