@@ -188,6 +188,18 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
     def live() -> list[int]:
         return [i for i, n in enumerate(nodes) if n is not None]
 
+    async def timed_get(node: Any, name: str) -> tuple[float, bool]:
+        """A get within LOOKUP_TIMEOUT: (milliseconds, found)."""
+        began = time.perf_counter()
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                ok = bool(await sys_impl.get(node, name))
+        except (Exception, asyncio.CancelledError):
+            # CancelledError: the node was replaced (closed) meanwhile.
+            _reraise_if_cancelling()
+            ok = False
+        return ((time.perf_counter() - began) * 1000, ok)
+
     async def handle(req: dict[str, Any]) -> None:
         op, rid = req["op"], req["id"]
         began = time.monotonic()
@@ -274,17 +286,10 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                 async def fetch(name: str) -> tuple[float, bool]:
                     async with sem:
                         node = nodes[rng.choice(live())]
-                        began = time.perf_counter()
-                        try:
-                            async with asyncio.timeout(LOOKUP_TIMEOUT):
-                                ok = await sys_impl.get(node, name)
-                        except (Exception, asyncio.CancelledError):
-                            # CancelledError: the node was replaced (closed) meanwhile.
-                            _reraise_if_cancelling()
-                            ok = False
+                        ms, ok = await timed_get(node, name)
                         if not ok and hasattr(node, "core"):
                             misses.append((name, len(node.core.table), node.stats["rejoin"]))
-                        return ((time.perf_counter() - began) * 1000, ok)
+                        return (ms, ok)
 
                 misses: list[tuple[str, int, int]] = []
                 res = await asyncio.gather(*(fetch(n) for n in req["names"]))
@@ -295,16 +300,7 @@ async def _worker(impl: str, refresh: float | None, overrides: dict[str, Any]) -
                 names = req["names"]
                 while time.monotonic() < end:
                     name = rng.choice(names)
-                    node = nodes[rng.choice(live())]
-                    began = time.perf_counter()
-                    try:
-                        async with asyncio.timeout(LOOKUP_TIMEOUT):
-                            ok = await sys_impl.get(node, name)
-                    except (Exception, asyncio.CancelledError):
-                        # CancelledError: the node was replaced (closed) meanwhile.
-                        _reraise_if_cancelling()
-                        ok = False
-                    ms = (time.perf_counter() - began) * 1000
+                    ms, ok = await timed_get(nodes[rng.choice(live())], name)
                     out["ms"].append(round(ms, 3))
                     out["ok"].append(ok)
                     await asyncio.sleep(max(0.0, req["interval"] - ms / 1000))

@@ -332,12 +332,7 @@ class RequestHandler:
             self._stats["drop:bad-args"] += 1
             return
         found = self._neighbours(key, addr)
-        limit = self.limit
-        out.raw = (
-            pack_stock_contacts(found)
-            if limit is None
-            else self._packed_fit(found, limit, out, stock=True)
-        )
+        out.raw = self._packed_fit(found, self.limit, out, stock=True)
         out.has_reply = True
 
     def _find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
@@ -365,8 +360,7 @@ class RequestHandler:
             self._stats["drop:bad-args"] += 1
             return
         found = self._neighbours(key, addr)
-        limit = self.limit
-        out.raw = pack_contacts(found) if limit is None else self._packed_fit(found, limit, out)
+        out.raw = self._packed_fit(found, self.limit, out)
         out.has_reply = True
 
     def _ds_find_value(self, args: list[Any], addr: Addr, out: Outcome) -> None:
